@@ -1,0 +1,118 @@
+// Where each region lives inside one rank's communication buffer.
+//
+// Every rank owns one allocation; peers write into it (NVLink peer access or
+// CUDA IPC). The layout is a pure function of the group's sizes, so every rank
+// computes the same offsets for every peer. Protocol facts (who writes which
+// word, when) are in docs/protocol.md; region names here match it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define JAX_EP_HD __host__ __device__
+#else
+#define JAX_EP_HD
+#endif
+
+namespace jax_ep {
+
+constexpr size_t kAlign = 128;
+constexpr int kFp8Group = 128;  // channels per FP8 scale
+
+JAX_EP_HD inline size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
+
+// Sizes a group was created with (upper bounds for every call).
+struct BufferSizes {
+  int num_ranks = 1;
+  int max_tokens = 1;       // tokens per rank per call (T_max)
+  int hidden = 1;           // channels per token (max)
+  int elem_bytes = 2;       // widest payload element the buffers must hold
+  int num_topk = 1;         // K (max)
+  int num_local_experts = 1;
+  int low_latency = 0;      // allocate the low-latency regions too
+};
+
+// Bytes of one token row on the wire: the raw payload, or FP8 + one float scale per
+// 128 channels, whichever is larger, padded to 16 bytes for vector copies.
+JAX_EP_HD inline size_t wire_row_bytes(const BufferSizes& s) {
+  size_t raw = size_t(s.hidden) * s.elem_bytes;
+  size_t fp8 = size_t(s.hidden) + size_t((s.hidden + kFp8Group - 1) / kFp8Group) * 4;
+  return align_up(raw > fp8 ? raw : fp8, 16);
+}
+
+// A low-latency dispatch message: 16-byte header (source token, first k) + row.
+constexpr size_t kLowLatencyHeaderBytes = 16;
+
+struct BufferLayout {
+  BufferSizes sizes;
+  size_t row_bytes = 0;          // wire_row_bytes(sizes)
+  size_t combine_row_bytes = 0;  // hidden * elem_bytes, padded to 16
+  size_t bitmap_words = 0;       // 32-bit words covering R * T_max received-token bits
+  // --- written by peers -------------------------------------------------------
+  size_t ht_dispatch_arrival = 0;  // u64 [R]: blocks of source s that finished sending
+  size_t ht_combine_arrival = 0;   // u64 [R]
+  size_t ht_dispatch_meta = 0;     // [2][R][T_max][K] int32 expert ids, then float weights
+  size_t ht_dispatch_data = 0;     // [2][R][T_max][row_bytes]
+  size_t ht_combine_data = 0;      // [2][R][T_max][combine_row_bytes]
+  size_t ll_dispatch_signal = 0;   // u64 [2][E_loc][R]: (seq << 32) | rows sent
+  size_t ll_dispatch_data = 0;     // [2][E_loc][R][T_max][ll_message_bytes]
+  size_t ll_combine_signal = 0;    // u64 [2][R]
+  size_t ll_combine_data = 0;      // [2][T_max][K][combine_row_bytes]
+  // --- private to the owning rank ---------------------------------------------
+  size_t counters = 0;   // u64 [kNumCounters]: per-op sequence numbers, abort flag
+  size_t bitmaps = 0;    // u32 [E_loc + 1][bitmap_words]
+  size_t prefixes = 0;   // u32 [E_loc + 1][bitmap_words] exclusive popcount prefix
+  size_t totals = 0;     // int32 [E_loc + 1]
+  size_t total_bytes = 0;
+
+  JAX_EP_HD size_t ll_message_bytes() const { return kLowLatencyHeaderBytes + row_bytes; }
+  JAX_EP_HD size_t meta_bytes_per_token() const { return size_t(sizes.num_topk) * 8; }
+};
+
+// Counter slots in the private region.
+enum Counter : int {
+  kHtDispatchSeq = 0,
+  kHtCombineSeq = 1,
+  kLlDispatchSendSeq = 2,
+  kLlDispatchRecvSeq = 3,
+  kLlCombineSendSeq = 4,
+  kLlCombineRecvSeq = 5,
+  kAbortFlag = 6,
+  kDoneBlocks = 7,  // blocks of the running op that finished (see finish_op)
+  kNumCounters = 8,
+};
+
+JAX_EP_HD inline BufferLayout make_layout(const BufferSizes& s) {
+  BufferLayout L;
+  L.sizes = s;
+  L.row_bytes = wire_row_bytes(s);
+  L.combine_row_bytes = align_up(size_t(s.hidden) * s.elem_bytes, 16);
+  L.bitmap_words = (size_t(s.num_ranks) * s.max_tokens + 31) / 32;
+  const size_t R = s.num_ranks, T = s.max_tokens, K = s.num_topk, E = s.num_local_experts;
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    size_t at = off;
+    off = align_up(off + bytes, kAlign);
+    return at;
+  };
+  L.ht_dispatch_arrival = take(R * 8);
+  L.ht_combine_arrival = take(R * 8);
+  L.ht_dispatch_meta = take(2 * R * T * K * 8);
+  L.ht_dispatch_data = take(2 * R * T * L.row_bytes);
+  L.ht_combine_data = take(2 * R * T * L.combine_row_bytes);
+  if (s.low_latency) {
+    L.ll_dispatch_signal = take(2 * E * R * 8);
+    L.ll_dispatch_data = take(2 * E * R * T * L.ll_message_bytes());
+    L.ll_combine_signal = take(2 * R * 8);
+    L.ll_combine_data = take(2 * T * K * L.combine_row_bytes);
+  }
+  L.counters = take(kNumCounters * 8);
+  L.bitmaps = take((E + 1) * L.bitmap_words * 4);
+  L.prefixes = take((E + 1) * L.bitmap_words * 4);
+  L.totals = take((E + 1) * 4);
+  L.total_bytes = off;
+  return L;
+}
+
+}  // namespace jax_ep

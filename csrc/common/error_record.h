@@ -1,0 +1,48 @@
+// The host-visible record a kernel fills when a wait times out or input is bad.
+//
+// It lives in pinned host memory mapped into the device (cudaHostAllocMapped),
+// one per (group, device). The first failing thread wins the `code` word with a
+// compare-and-swap and fills the rest; the host reads it without synchronising
+// the device (see docs/protocol.md, "Failure reporting").
+#pragma once
+
+#include <cstdint>
+
+namespace jax_ep {
+
+enum ErrorCode : int {
+  kErrNone = 0,
+  kErrTimeout = 1,      // a wait on a peer exceeded its budget (sticky: the group is unusable)
+  kErrBadExpert = 2,    // an expert id outside [-1, num_experts)
+  kErrTooManyTokens = 3,
+};
+
+// Which wait a timeout happened in; names are in phase_name().
+enum Phase : int {
+  kPhaseHtDispatchArrival = 1,
+  kPhaseHtCombineArrival = 2,
+  kPhaseLlDispatchSignal = 3,
+  kPhaseLlCombineSignal = 4,
+};
+
+struct ErrorRecord {
+  int code;
+  int rank;      // rank that detected the error
+  int peer;      // peer it waited for (timeouts) / token index (bad input)
+  int phase;     // Phase (timeouts) / k (bad input)
+  long long expected;
+  long long observed;
+  long long waited_ns;
+};
+
+inline const char* phase_name(int phase) {
+  switch (phase) {
+    case kPhaseHtDispatchArrival: return "high-throughput dispatch: waiting for the peer's tokens";
+    case kPhaseHtCombineArrival: return "high-throughput combine: waiting for the peer's expert outputs";
+    case kPhaseLlDispatchSignal: return "low-latency dispatch receive: waiting for the peer's token count";
+    case kPhaseLlCombineSignal: return "low-latency combine receive: waiting for the peer's expert outputs";
+    default: return "unknown phase";
+  }
+}
+
+}  // namespace jax_ep

@@ -1,0 +1,94 @@
+// Per-rank context of a launch and the cross-rank synchronisation every kernel
+// family uses: sequence numbers, arrival words, bounded waits, op completion.
+#pragma once
+
+#include "common/comm.h"
+#include "common/device.cuh"
+
+namespace jax_ep {
+
+// One local rank's view of a launch: which rank it is, its buffer, and the
+// sequence number of the op (previous ops of this type + 1). Odd/even sequence
+// numbers alternate between the two halves of each double-buffered region.
+struct RankCtx {
+  int local;     // index among the ranks of this launch
+  int rank;      // global EP rank
+  uint8_t* self; // this rank's buffer
+  uint64_t seq;
+  int parity;
+};
+
+__device__ inline uint64_t* counters_of(const CommContext& c, uint8_t* base) {
+  return reinterpret_cast<uint64_t*>(base + c.layout.counters);
+}
+
+__device__ inline RankCtx rank_ctx(const CommContext& c, int local, int counter) {
+  RankCtx r;
+  r.local = local;
+  r.rank = c.first_rank + local;
+  r.self = c.peers[r.rank];
+  r.seq = *reinterpret_cast<volatile uint64_t*>(counters_of(c, r.self) + counter) + 1;
+  r.parity = int(r.seq & 1);
+  return r;
+}
+
+__device__ inline WaitContext wait_ctx(const CommContext& c, const RankCtx& r, int phase) {
+  return WaitContext{c.err, counters_of(c, r.self) + kAbortFlag, c.timeout_ns, r.rank, phase};
+}
+
+__device__ inline bool aborted(const CommContext& c, const RankCtx& r) {
+  return *reinterpret_cast<volatile uint64_t*>(counters_of(c, r.self) + kAbortFlag) != 0;
+}
+
+// Waits (threads 0..R-1 of the block, one peer each) until every peer but `skip`
+// has added `target` to this rank's arrival word; returns false on timeout/abort.
+__device__ inline bool wait_all_peers(const CommContext& c, const RankCtx& r, size_t arrival_offset,
+                                      uint64_t target, int phase) {
+  __shared__ int failed;
+  if (threadIdx.x == 0) failed = 0;
+  __syncthreads();
+  const int p = threadIdx.x;
+  if (p < c.num_ranks && p != r.rank) {
+    const uint64_t* word = reinterpret_cast<const uint64_t*>(r.self + arrival_offset) + p;
+    if (!wait_geq(word, target, p, wait_ctx(c, r, phase))) failed = 1;
+  }
+  __syncthreads();
+  return failed == 0;
+}
+
+// Every block of a send kernel ends here: make its stores visible system-wide,
+// then add one to the arrival word of this rank in every peer's buffer.
+__device__ inline void publish_arrival(const CommContext& c, const RankCtx& r, size_t arrival_offset) {
+  __threadfence_system();
+  __syncthreads();
+  const int p = threadIdx.x;
+  if (p < c.num_ranks && p != r.rank) {
+    uint64_t* word = reinterpret_cast<uint64_t*>(c.peers[p] + arrival_offset) + r.rank;
+    add_release_sys(word, 1);
+  }
+}
+
+// The last block of a rank to finish bumps the op's sequence number (no block may
+// bump it while another still reads it at its start).
+__device__ inline void finish_op(const CommContext& c, const RankCtx& r, int counter, int blocks_per_rank) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    uint64_t* ctr = counters_of(c, r.self);
+    __threadfence();
+    unsigned long long done = atomicAdd(reinterpret_cast<unsigned long long*>(ctr + kDoneBlocks), 1ull);
+    if (done + 1 == uint64_t(blocks_per_rank)) {
+      ctr[kDoneBlocks] = 0;
+      ctr[counter] = r.seq;
+      __threadfence();
+    }
+  }
+}
+
+// Destination ranks of a token: lane k < K holds expert `e` (or -1).
+__device__ inline uint64_t dest_mask(bool valid, int dest) {
+  const uint32_t lo = __reduce_or_sync(kFullMask, valid && dest < 32 ? 1u << dest : 0u);
+  const uint32_t hi = __reduce_or_sync(kFullMask, valid && dest >= 32 ? 1u << (dest - 32) : 0u);
+  return uint64_t(lo) | (uint64_t(hi) << 32);
+}
+
+}  // namespace jax_ep

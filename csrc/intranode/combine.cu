@@ -1,0 +1,89 @@
+// High-throughput combine over NVLink peer memory (docs/protocol.md, "HT combine").
+//
+//   send  expert side: for each received token, reduce its rows over the local
+//         experts in float32 and k order (one partial per token and rank: fewer
+//         link bytes than one row per expert), cast to the payload dtype and store
+//         it in the home rank's [source rank][token] slot; add to arrival words.
+//   recv  home side: wait for every peer, then add the partials of the ranks each
+//         token went to, in ascending rank order, in float32.
+// Both orders are fixed, so results are deterministic and match the reference.
+#include "common/rows.cuh"
+#include "intranode/common.cuh"
+
+namespace jax_ep {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+
+__global__ void __launch_bounds__(kThreads) ht_combine_send(HtCombineArgs a) {
+  const CommContext& c = a.c;
+  const int local = blockIdx.x / c.send_blocks, block = blockIdx.x % c.send_blocks;
+  const RankCtx r = rank_ctx(c, local, kHtCombineSeq);
+  if (r.rank == c.fault_inject_rank) return;  // testing: a peer that never arrives
+  const int lane = lane_id();
+  const int T = a.num_tokens, R = c.num_ranks, kr = a.rows_per_token;
+  const size_t RT = size_t(R) * T;
+  const int esize = a.dtype == kF32 ? 4 : 2;
+  const size_t row_bytes = size_t(a.hidden) * esize;
+  const uint8_t* y = static_cast<const uint8_t*>(a.y) + size_t(local) * a.num_y_rows * row_bytes;
+  const int* recv_src = a.recv_src + local * RT;
+  const int* recv_rows = a.recv_rows + local * RT * kr;
+  const float* weights = a.weights ? a.weights + local * RT * kr : nullptr;
+  const int n = a.num_recv[local];
+  for (int i = block * kWarps + warp_id(); i < n; i += c.send_blocks * kWarps) {
+    const int p = recv_src[i], src = p / T, t = p % T;
+    const int row = lane < kr ? recv_rows[size_t(i) * kr + lane] : -1;
+    const float w = lane < kr ? (weights ? weights[size_t(i) * kr + lane] : 1.f) : 0.f;
+    const uint8_t* my_row = row >= 0 ? y + size_t(row) * row_bytes : nullptr;
+    uint8_t* dst = combine_row(c.layout, c.peers[src], r.parity, r.rank, t);
+    weighted_sum_rows(my_row, w, kr, false, a.dtype, a.hidden, dst);
+  }
+  publish_arrival(c, r, c.layout.ht_combine_arrival);
+}
+
+__global__ void __launch_bounds__(kThreads) ht_combine_recv(HtCombineArgs a) {
+  const CommContext& c = a.c;
+  const int local = blockIdx.x / c.copy_blocks, block = blockIdx.x % c.copy_blocks;
+  const RankCtx r = rank_ctx(c, local, kHtCombineSeq);
+  const uint64_t target = r.seq * uint64_t(c.send_blocks);
+  if (wait_all_peers(c, r, c.layout.ht_combine_arrival, target, kPhaseHtCombineArrival)) {
+    const int lane = lane_id();
+    const int T = a.num_tokens, K = a.num_topk, E = a.num_experts, e_loc = E / c.num_ranks;
+    const int esize = a.dtype == kF32 ? 4 : 2;
+    uint8_t* out = static_cast<uint8_t*>(a.out) + size_t(local) * T * a.hidden * esize;
+    for (int t = block * kWarps + warp_id(); t < T; t += c.copy_blocks * kWarps) {
+      int e = lane < K ? a.topk_idx[(size_t(local) * T + t) * K + lane] : -1;
+      const bool valid = lane < K && e >= 0 && e < E;
+      uint64_t ranks = dest_mask(valid, valid ? e / e_loc : 0);
+      // lane j holds the j-th contributing rank's partial, in ascending rank order
+      const int n = __popcll(ranks);
+      const uint8_t* my_row = nullptr;
+      for (int j = 0; j < n; ++j) {
+        const int d = __ffsll(ranks) - 1;
+        ranks &= ranks - 1;
+        if (lane == j) my_row = combine_row(c.layout, r.self, r.parity, d, t);
+      }
+      weighted_sum_rows(my_row, 1.f, n, true, a.dtype, a.hidden, out + size_t(t) * a.hidden * esize);
+    }
+  }
+  finish_op(c, r, kHtCombineSeq, c.copy_blocks);
+}
+
+}  // namespace
+
+cudaError_t prepare_ht_combine_kernels() {
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, ht_combine_send);
+  return err != cudaSuccess ? err : cudaFuncGetAttributes(&attr, ht_combine_recv);
+}
+
+cudaError_t launch_ht_combine(const HtCombineArgs& a, cudaStream_t stream) {
+  const CommContext& c = a.c;
+  const int L = c.num_local_ranks;
+  ht_combine_send<<<L * c.send_blocks, kThreads, 0, stream>>>(a);
+  ht_combine_recv<<<L * c.copy_blocks, kThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace jax_ep

@@ -1,0 +1,25 @@
+// Slot addressing shared by the high-throughput dispatch and combine kernels.
+#pragma once
+
+#include "common/rank.cuh"
+#include "intranode/params.h"
+
+namespace jax_ep {
+
+// Slot addresses inside a buffer (see common/buffer_layout.h).
+__device__ inline uint8_t* dispatch_row(const BufferLayout& L, uint8_t* base, int parity, int src, int t) {
+  return base + L.ht_dispatch_data +
+         ((size_t(parity) * L.sizes.num_ranks + src) * L.sizes.max_tokens + t) * L.row_bytes;
+}
+
+__device__ inline uint8_t* dispatch_meta(const BufferLayout& L, uint8_t* base, int parity, int src, int t) {
+  return base + L.ht_dispatch_meta +
+         ((size_t(parity) * L.sizes.num_ranks + src) * L.sizes.max_tokens + t) * L.meta_bytes_per_token();
+}
+
+__device__ inline uint8_t* combine_row(const BufferLayout& L, uint8_t* base, int parity, int src, int t) {
+  return base + L.ht_combine_data +
+         ((size_t(parity) * L.sizes.num_ranks + src) * L.sizes.max_tokens + t) * L.combine_row_bytes;
+}
+
+}  // namespace jax_ep

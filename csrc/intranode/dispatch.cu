@@ -1,0 +1,430 @@
+// High-throughput dispatch over NVLink peer memory (docs/protocol.md, "HT dispatch").
+//
+// Five launches per call, each serving all ranks of this launch (one rank, or
+// all virtual ranks in loopback):
+//   send     push routing rows to every peer and token rows to their destination
+//            ranks ([source][token] slots: no queues, no count exchange), then add
+//            one to each peer's arrival word per block;
+//   bitmap   wait for every peer, then mark per 32 received-token candidates which
+//            tokens came here (bucket 0) and which local experts they chose;
+//   scan     exclusive popcount prefix of every bucket's words;
+//   copy     token-major copy-out: read each received token once, write it to its
+//            rows (one per rank, or one per distinct local expert), fill the handle;
+//   pad      zero the rows and handle entries past the valid ones.
+// Slot of (token, expert) = number of earlier received tokens that chose the expert,
+// exactly the reference's order (jax_ep/reference.py).
+#include "common/rows.cuh"
+#include "intranode/common.cuh"
+
+namespace jax_ep {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBitmapThreads = 256;
+constexpr int kScanThreads = 1024;
+
+struct Shape {
+  int T, K, H, E, E_loc, R, esize, num_buckets, rows_out;
+};
+
+__device__ inline Shape shape_of(const HtDispatchArgs& a) {
+  Shape s;
+  s.T = a.num_tokens;
+  s.K = a.num_topk;
+  s.H = a.hidden;
+  s.E = a.num_experts;
+  s.R = a.c.num_ranks;
+  s.E_loc = s.E / s.R;
+  s.esize = a.dtype == kF32 ? 4 : 2;
+  s.num_buckets = a.layout_kind == kPerRank ? 1 : s.E_loc + 1;
+  s.rows_out = a.layout_kind == kExpertMajor ? s.E_loc * a.capacity : a.capacity;
+  return s;
+}
+
+// Expert id of (source rank, token, k) as this rank sees it; -1 when masked or out of
+// range (senders canonicalise their rows, our own input is checked here).
+__device__ inline int routing_id(const HtDispatchArgs& a, const Shape& s, const RankCtx& r, int src,
+                                 int t, int k) {
+  if (src == r.rank) {
+    int e = a.topk_idx[(size_t(r.local) * s.T + t) * s.K + k];
+    return e >= 0 && e < s.E ? e : -1;
+  }
+  const int* meta = reinterpret_cast<const int*>(dispatch_meta(a.c.layout, r.self, r.parity, src, t));
+  return __ldcg(meta + k);
+}
+
+__device__ inline float routing_weight(const HtDispatchArgs& a, const Shape& s, const RankCtx& r, int src,
+                                       int t, int k) {
+  if (src == r.rank) return a.topk_weights ? a.topk_weights[(size_t(r.local) * s.T + t) * s.K + k] : 0.f;
+  const float* meta = reinterpret_cast<const float*>(dispatch_meta(a.c.layout, r.self, r.parity, src, t));
+  return __ldcg(meta + s.K + k);
+}
+
+__device__ inline int local_id(int e, int rank, int e_loc) {
+  return e >= 0 && e / e_loc == rank ? e - rank * e_loc : -1;
+}
+
+// ---------------------------------------------------------------------------
+// send
+// ---------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kThreads) ht_dispatch_send(HtDispatchArgs a) {
+  const CommContext& c = a.c;
+  const Shape s = shape_of(a);
+  const int local = blockIdx.x / c.send_blocks, block = blockIdx.x % c.send_blocks;
+  const RankCtx r = rank_ctx(c, local, kHtDispatchSeq);
+  if (r.rank == c.fault_inject_rank) return;  // testing: a peer that never arrives
+  const int lane = lane_id();
+  const int per_block = (s.T + c.send_blocks - 1) / c.send_blocks;
+  const int t_begin = block * per_block, t_end = min(s.T, t_begin + per_block);
+  const uint8_t* x = static_cast<const uint8_t*>(a.x) + size_t(local) * s.T * s.H * s.esize;
+  const size_t raw_bytes = size_t(s.H) * s.esize;
+
+  for (int t = t_begin + warp_id(); t < t_end; t += kWarps) {
+    int e = lane < s.K ? a.topk_idx[(size_t(local) * s.T + t) * s.K + lane] : -1;
+    if (lane < s.K && (e < -1 || e >= s.E))
+      record_error(c.err, kErrBadExpert, r.rank, t, lane, s.E, e, 0);
+    const bool valid = lane < s.K && e >= 0 && e < s.E;
+    if (!valid) e = -1;
+    const uint64_t dests = dest_mask(valid, valid ? e / s.E_loc : 0);
+    const float w = valid && a.topk_weights ? a.topk_weights[(size_t(local) * s.T + t) * s.K + lane] : 0.f;
+
+    // routing rows: every peer learns which of our tokens it receives
+    for (int p = 0; p < s.R; ++p) {
+      if (p == r.rank || lane >= s.K) continue;
+      uint8_t* meta = dispatch_meta(c.layout, c.peers[p], r.parity, r.rank, t);
+      reinterpret_cast<int*>(meta)[lane] = e;
+      if ((dests >> p) & 1) reinterpret_cast<float*>(meta)[s.K + lane] = w;
+    }
+    // token rows to each destination rank but ourselves (read locally at copy-out)
+    uint64_t remote = dests & ~(1ull << r.rank);
+    const int ndst = __popcll(remote);
+    if (ndst == 0) continue;
+    uint8_t* my_dst = nullptr;
+    for (int j = 0; j < ndst; ++j) {
+      const int p = __ffsll(remote) - 1;
+      remote &= remote - 1;
+      if (lane == j) my_dst = dispatch_row(c.layout, c.peers[p], r.parity, r.rank, t);
+    }
+    const uint8_t* x_row = x + size_t(t) * raw_bytes;
+    if (a.fp8) {
+      quantize_row_multi(x_row, a.dtype, s.H, a.round_scale, my_dst,
+                         reinterpret_cast<float*>(my_dst + s.H), ndst);
+    } else {
+      copy_row_any(x_row, false, raw_bytes, my_dst, ndst);
+    }
+  }
+  publish_arrival(c, r, c.layout.ht_dispatch_arrival);
+}
+
+// ---------------------------------------------------------------------------
+// bitmap: bucket 0 = "received", bucket 1 + e = "chose local expert e"
+// ---------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kBitmapThreads) ht_dispatch_bitmap(HtDispatchArgs a) {
+  extern __shared__ uint32_t expert_words[];  // [warps][E_loc]
+  const CommContext& c = a.c;
+  const Shape s = shape_of(a);
+  const int local = blockIdx.x / c.copy_blocks, block = blockIdx.x % c.copy_blocks;
+  const RankCtx r = rank_ctx(c, local, kHtDispatchSeq);
+  const uint64_t target = r.seq * uint64_t(c.send_blocks);
+  if (!wait_all_peers(c, r, c.layout.ht_dispatch_arrival, target, kPhaseHtDispatchArrival)) return;
+
+  const int lane = lane_id(), warp = threadIdx.x / 32, warps = kBitmapThreads / 32;
+  const int num_words = (s.R * s.T + 31) / 32;
+  uint32_t* bitmaps = reinterpret_cast<uint32_t*>(r.self + c.layout.bitmaps);
+  uint32_t* mine = expert_words + warp * s.E_loc;
+  const bool experts = s.num_buckets > 1;
+  for (int w = block * warps + warp; w < num_words; w += c.copy_blocks * warps) {
+    const int p = w * 32 + lane;
+    const bool in_range = p < s.R * s.T;
+    const int src = in_range ? p / s.T : 0, t = in_range ? p % s.T : 0;
+    if (experts) {
+      for (int e = lane; e < s.E_loc; e += 32) mine[e] = 0;
+      __syncwarp();
+    }
+    bool any = false;
+    for (int k = 0; k < s.K && in_range; ++k) {
+      const int le = local_id(routing_id(a, s, r, src, t, k), r.rank, s.E_loc);
+      if (le < 0) continue;
+      any = true;
+      if (experts) atomicOr(&mine[le], 1u << lane);
+    }
+    const uint32_t word = __ballot_sync(kFullMask, any);
+    if (lane == 0) bitmaps[w] = word;
+    if (experts) {
+      __syncwarp();
+      for (int e = lane; e < s.E_loc; e += 32) bitmaps[size_t(1 + e) * c.layout.bitmap_words + w] = mine[e];
+      __syncwarp();
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// scan: prefix[b][w] = Σ_{w' < w} popc(bitmap[b][w']); totals[b]
+// ---------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kScanThreads) ht_dispatch_scan(HtDispatchArgs a) {
+  __shared__ int warp_totals[kScanThreads / 32];
+  const CommContext& c = a.c;
+  const Shape s = shape_of(a);
+  const int local = blockIdx.x / s.num_buckets, bucket = blockIdx.x % s.num_buckets;
+  const RankCtx r = rank_ctx(c, local, kHtDispatchSeq);
+  if (aborted(c, r)) return;
+  const int num_words = (s.R * s.T + 31) / 32;
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(r.self + c.layout.bitmaps) +
+                          size_t(bucket) * c.layout.bitmap_words;
+  uint32_t* prefix = reinterpret_cast<uint32_t*>(r.self + c.layout.prefixes) + size_t(bucket) * c.layout.bitmap_words;
+  const int per = (num_words + kScanThreads - 1) / kScanThreads;
+  const int w0 = threadIdx.x * per, w1 = min(num_words, w0 + per);
+  int mine = 0;
+  for (int w = w0; w < w1; ++w) mine += __popc(words[w]);
+  int warp_total;
+  int before = warp_exclusive_scan(mine, &warp_total);
+  if (lane_id() == 0) warp_totals[warp_id()] = warp_total;
+  __syncthreads();
+  if (warp_id() == 0) {
+    int v = lane_id() < kScanThreads / 32 ? warp_totals[lane_id()] : 0, all;
+    int ex = warp_exclusive_scan(v, &all);
+    if (lane_id() < kScanThreads / 32) warp_totals[lane_id()] = ex;
+    if (lane_id() == 0) reinterpret_cast<int*>(r.self + c.layout.totals)[bucket] = all;
+  }
+  __syncthreads();
+  int run = warp_totals[warp_id()] + before;
+  for (int w = w0; w < w1; ++w) {
+    prefix[w] = run;
+    run += __popc(words[w]);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// copy-out
+// ---------------------------------------------------------------------------
+
+// Rows kept per expert and ragged offsets, from the bucket totals.
+__device__ inline void expert_offsets(const HtDispatchArgs& a, const Shape& s, const int* totals, int* offsets) {
+  if (threadIdx.x == 0) {
+    int run = 0;
+    for (int e = 0; e < s.E_loc; ++e) {
+      offsets[e] = run;
+      run += totals[1 + e];
+    }
+  }
+  __syncthreads();
+}
+
+__device__ inline int kept_rows(const HtDispatchArgs& a, const Shape& s, const int* totals, const int* offsets,
+                                int e) {
+  const int n = totals[1 + e];
+  if (a.layout_kind == kExpertMajor) return min(n, a.capacity);
+  return max(0, min(n, a.capacity - offsets[e]));
+}
+
+__global__ void __launch_bounds__(kThreads) ht_dispatch_copy(HtDispatchArgs a) {
+  extern __shared__ int smem[];
+  int* offsets = smem;                                                  // [E_loc]
+  uint8_t** warp_payload = reinterpret_cast<uint8_t**>(smem + ((a.num_experts / a.c.num_ranks + 1) & ~1));
+  float** warp_scales = reinterpret_cast<float**>(warp_payload + kWarps * 32);
+  const CommContext& c = a.c;
+  const Shape s = shape_of(a);
+  const int local = blockIdx.x / c.copy_blocks, block = blockIdx.x % c.copy_blocks;
+  const RankCtx r = rank_ctx(c, local, kHtDispatchSeq);
+  if (aborted(c, r)) return;
+  const int lane = lane_id(), warp = warp_id();
+  const int* totals = reinterpret_cast<const int*>(r.self + c.layout.totals);
+  const uint32_t* bitmaps = reinterpret_cast<const uint32_t*>(r.self + c.layout.bitmaps);
+  const uint32_t* prefixes = reinterpret_cast<const uint32_t*>(r.self + c.layout.prefixes);
+  const size_t bw = c.layout.bitmap_words;
+  const bool per_rank = a.layout_kind == kPerRank;
+  if (!per_rank) expert_offsets(a, s, totals, offsets);
+
+  const size_t RT = size_t(s.R) * s.T;
+  const int kr = per_rank ? 1 : s.K;
+  int* recv_src = a.recv_src + local * RT;
+  int* recv_topk_idx = a.recv_topk_idx + local * RT * s.K;
+  float* recv_weights = a.recv_weights + local * RT * s.K;
+  int* recv_rows = a.recv_rows + local * RT * kr;
+  const size_t payload_bytes = a.fp8 ? size_t(s.H) : size_t(s.H) * s.esize;
+  const int scale_cols = s.H / kFp8Group;
+  uint8_t* out_x = static_cast<uint8_t*>(a.out_x) + size_t(local) * s.rows_out * payload_bytes;
+  float* out_scales = a.fp8 ? a.out_scales + size_t(local) * s.rows_out * scale_cols : nullptr;
+  const uint8_t* x = static_cast<const uint8_t*>(a.x) + size_t(local) * s.T * s.H * s.esize;
+
+  // summary outputs
+  if (block == 0 && threadIdx.x == 0) {
+    const int n = totals[0];
+    a.num_recv[local] = n;
+    if (per_rank) {
+      const int kept = min(n, a.capacity);
+      a.out_counts[local] = kept;
+      a.out_dropped[local] = n - kept;
+    } else {
+      int dropped = 0;
+      for (int e = 0; e < s.E_loc; ++e) {
+        const int kept = kept_rows(a, s, totals, offsets, e);
+        a.out_counts[size_t(local) * s.E_loc + e] = kept;
+        dropped += totals[1 + e] - kept;
+      }
+      a.out_dropped[local] = dropped;
+    }
+  }
+
+  const int num_words = int((RT + 31) / 32);
+  for (int w = block * kWarps + warp; w < num_words; w += c.copy_blocks * kWarps) {
+    uint32_t bits = bitmaps[w];
+    int i = prefixes[w];
+    while (bits) {
+      const int j = __ffs(bits) - 1;
+      bits &= bits - 1;
+      const int p = w * 32 + j, src = p / s.T, t = p % s.T;
+      const int e = lane < s.K ? routing_id(a, s, r, src, t, lane) : -1;
+      const int le = local_id(e, r.rank, s.E_loc);
+      const float wt = le >= 0 ? routing_weight(a, s, r, src, t, lane) : 0.f;
+      if (lane == 0) recv_src[i] = p;
+      if (lane < s.K) {
+        recv_topk_idx[size_t(i) * s.K + lane] = le;
+        recv_weights[size_t(i) * s.K + lane] = wt;
+      }
+      // destination rows: lane j of the destination list holds row j
+      int row = -1;
+      bool first = true;
+      if (per_rank) {
+        row = i < a.capacity ? i : -1;
+        if (lane == 0) recv_rows[i] = row;
+        if (row >= 0 && lane < s.K) {
+          a.out_topk_idx[(size_t(local) * a.capacity + row) * s.K + lane] = le;
+          a.out_topk_weights[(size_t(local) * a.capacity + row) * s.K + lane] = wt;
+        }
+        first = lane == 0;
+      } else if (le >= 0) {
+        const uint32_t below = (1u << j) - 1u;
+        const int slot = prefixes[(1 + le) * bw + w] + __popc(bitmaps[(1 + le) * bw + w] & below);
+        if (a.layout_kind == kExpertMajor) row = slot < a.capacity ? le * a.capacity + slot : -1;
+        else row = offsets[le] + slot < a.capacity ? offsets[le] + slot : -1;
+      }
+      if (!per_rank) {
+        for (int k2 = 0; k2 < s.K; ++k2) {  // a repeated expert keeps its first k's copy
+          const int other = __shfl_sync(kFullMask, le, k2);
+          if (k2 < lane && other == le) first = false;
+        }
+        if (lane < s.K) recv_rows[size_t(i) * s.K + lane] = row;
+      }
+      const bool writes = first && row >= 0 && (per_rank ? lane == 0 : lane < s.K);
+      const unsigned writers = __ballot_sync(kFullMask, writes);
+      const int ndst = __popc(writers);
+      if (writes) {
+        const int pos = __popc(writers & lanemask_lt());
+        warp_payload[warp * 32 + pos] = out_x + size_t(row) * payload_bytes;
+        warp_scales[warp * 32 + pos] = a.fp8 ? out_scales + size_t(row) * scale_cols : nullptr;
+      }
+      __syncwarp();
+      uint8_t* my_payload = lane < ndst ? warp_payload[warp * 32 + lane] : nullptr;
+      float* my_scales = lane < ndst ? warp_scales[warp * 32 + lane] : nullptr;
+      __syncwarp();
+      if (ndst > 0) {
+        if (src == r.rank) {
+          const uint8_t* x_row = x + size_t(t) * s.H * s.esize;
+          if (a.fp8) quantize_row_multi(x_row, a.dtype, s.H, a.round_scale, my_payload, my_scales, ndst);
+          else copy_row_any(x_row, false, payload_bytes, my_payload, ndst);
+        } else {
+          const uint8_t* wire = dispatch_row(c.layout, r.self, r.parity, src, t);
+          copy_row_any(wire, true, payload_bytes, my_payload, ndst);
+          if (a.fp8)
+            copy_row_any(wire + s.H, true, size_t(scale_cols) * 4, reinterpret_cast<uint8_t*>(my_scales), ndst);
+        }
+      }
+      ++i;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// padding
+// ---------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kThreads) ht_dispatch_pad(HtDispatchArgs a) {
+  extern __shared__ int offsets[];
+  const CommContext& c = a.c;
+  const Shape s = shape_of(a);
+  const int local = blockIdx.x / c.copy_blocks, block = blockIdx.x % c.copy_blocks;
+  const RankCtx r = rank_ctx(c, local, kHtDispatchSeq);
+  const bool per_rank = a.layout_kind == kPerRank;
+  const int* totals = reinterpret_cast<const int*>(r.self + c.layout.totals);
+  if (!aborted(c, r)) {
+    if (!per_rank) expert_offsets(a, s, totals, offsets);
+    const size_t RT = size_t(s.R) * s.T;
+    const int kr = per_rank ? 1 : s.K;
+    const int n = totals[0];
+    const int gthreads = c.copy_blocks * kThreads, gtid = block * kThreads + threadIdx.x;
+    for (size_t i = size_t(n) + gtid; i < RT; i += gthreads) {
+      a.recv_src[local * RT + i] = -1;
+      for (int k = 0; k < s.K; ++k) {
+        a.recv_topk_idx[(local * RT + i) * s.K + k] = -1;
+        a.recv_weights[(local * RT + i) * s.K + k] = 0.f;
+      }
+      for (int k = 0; k < kr; ++k) a.recv_rows[(local * RT + i) * kr + k] = -1;
+    }
+    const size_t payload_bytes = a.fp8 ? size_t(s.H) : size_t(s.H) * s.esize;
+    const int scale_cols = s.H / kFp8Group;
+    uint8_t* out_x = static_cast<uint8_t*>(a.out_x) + size_t(local) * s.rows_out * payload_bytes;
+    float* out_scales = a.fp8 ? a.out_scales + size_t(local) * s.rows_out * scale_cols : nullptr;
+    const int gwarps = c.copy_blocks * kWarps, gwarp = block * kWarps + warp_id();
+    for (int row = gwarp; row < s.rows_out; row += gwarps) {
+      bool valid;
+      if (a.layout_kind == kExpertMajor) {
+        const int e = row / a.capacity;
+        valid = row % a.capacity < kept_rows(a, s, totals, offsets, e);
+      } else if (a.layout_kind == kRagged) {
+        int kept_total = 0;  // rows [0, Σ kept) are filled
+        const int last = s.E_loc - 1;
+        kept_total = offsets[last] + kept_rows(a, s, totals, offsets, last);
+        valid = row < min(kept_total, a.capacity);
+      } else {
+        valid = row < min(n, a.capacity);
+      }
+      if (valid) continue;
+      zero_row(out_x + size_t(row) * payload_bytes, payload_bytes);
+      if (a.fp8) zero_row(reinterpret_cast<uint8_t*>(out_scales + size_t(row) * scale_cols), size_t(scale_cols) * 4);
+      if (per_rank && lane_id() < s.K) {
+        a.out_topk_idx[(size_t(local) * a.capacity + row) * s.K + lane_id()] = -1;
+        a.out_topk_weights[(size_t(local) * a.capacity + row) * s.K + lane_id()] = 0.f;
+      }
+    }
+  }
+  finish_op(c, r, kHtDispatchSeq, c.copy_blocks);
+}
+
+}  // namespace
+
+cudaError_t prepare_ht_dispatch_kernels() {
+  cudaFuncAttributes attr;
+  const void* kernels[] = {reinterpret_cast<const void*>(ht_dispatch_send),
+                           reinterpret_cast<const void*>(ht_dispatch_bitmap),
+                           reinterpret_cast<const void*>(ht_dispatch_scan),
+                           reinterpret_cast<const void*>(ht_dispatch_copy),
+                           reinterpret_cast<const void*>(ht_dispatch_pad)};
+  for (const void* k : kernels) {
+    cudaError_t err = cudaFuncGetAttributes(&attr, k);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t launch_ht_dispatch(const HtDispatchArgs& a, cudaStream_t stream) {
+  const CommContext& c = a.c;
+  const int L = c.num_local_ranks;
+  const int e_loc = a.num_experts / c.num_ranks;
+  const int num_buckets = a.layout_kind == kPerRank ? 1 : e_loc + 1;
+  const size_t bitmap_smem = a.layout_kind == kPerRank ? 0 : size_t(kBitmapThreads / 32) * e_loc * 4;
+  const size_t offsets_ints = size_t((e_loc + 1) & ~1);
+  const size_t copy_smem = offsets_ints * 4 + size_t(kWarps) * 32 * 2 * sizeof(void*);
+  ht_dispatch_send<<<L * c.send_blocks, kThreads, 0, stream>>>(a);
+  ht_dispatch_bitmap<<<L * c.copy_blocks, kBitmapThreads, bitmap_smem, stream>>>(a);
+  ht_dispatch_scan<<<L * num_buckets, kScanThreads, 0, stream>>>(a);
+  ht_dispatch_copy<<<L * c.copy_blocks, kThreads, copy_smem, stream>>>(a);
+  ht_dispatch_pad<<<L * c.copy_blocks, kThreads, size_t(e_loc) * 4, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace jax_ep

@@ -1,0 +1,61 @@
+// Parameter structs and launchers of the high-throughput (intranode) kernels.
+// Plain C++: the FFI layer fills these from XLA buffers; no XLA types here.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/comm.h"
+
+namespace jax_ep {
+
+enum LayoutKind : int { kPerRank = 0, kExpertMajor = 1, kRagged = 2 };
+
+// One dispatch call. Inputs/outputs are [num_local_ranks, ...] contiguous.
+struct HtDispatchArgs {
+  CommContext c;
+  int num_tokens = 0, hidden = 0, num_topk = 0, num_experts = 0;
+  int layout_kind = kExpertMajor;
+  int capacity = 0;
+  int dtype = 1;  // DType of x
+  int fp8 = 0, round_scale = 0;
+  const void* x = nullptr;
+  const int* topk_idx = nullptr;
+  const float* topk_weights = nullptr;  // may be null (cached token dispatch)
+  void* out_x = nullptr;
+  float* out_scales = nullptr;          // fp8 only
+  int* out_topk_idx = nullptr;          // per_rank only
+  float* out_topk_weights = nullptr;    // per_rank only
+  int* out_counts = nullptr;            // per_rank [1], else [E_loc]
+  int* out_dropped = nullptr;           // [1]
+  int* recv_src = nullptr;              // [R*T]
+  int* recv_topk_idx = nullptr;         // [R*T, K]
+  int* recv_rows = nullptr;             // [R*T, K] (per_rank: [R*T, 1])
+  float* recv_weights = nullptr;        // [R*T, K]
+  int* num_recv = nullptr;              // [1]
+};
+
+// One combine call: expert-side rows back to the tokens' home ranks.
+struct HtCombineArgs {
+  CommContext c;
+  int num_tokens = 0, hidden = 0, num_topk = 0, num_experts = 0;
+  int dtype = 1;                   // DType of y and out
+  int rows_per_token = 1;          // Kr: columns of recv_rows / weights
+  int num_y_rows = 0;              // rows of y (flattened)
+  const void* y = nullptr;         // [num_y_rows, hidden]
+  const int* recv_src = nullptr;   // [R*T]
+  const int* recv_rows = nullptr;  // [R*T, Kr]
+  const float* weights = nullptr;  // [R*T, Kr] or null (= 1)
+  const int* num_recv = nullptr;   // [1]
+  const int* topk_idx = nullptr;   // home routing [T, K]
+  void* out = nullptr;             // [T, hidden]
+};
+
+cudaError_t launch_ht_dispatch(const HtDispatchArgs& args, cudaStream_t stream);
+cudaError_t launch_ht_combine(const HtCombineArgs& args, cudaStream_t stream);
+// Loads the kernels on the current device (see runtime.h, preload_kernels).
+cudaError_t prepare_ht_dispatch_kernels();
+cudaError_t prepare_ht_combine_kernels();
+
+}  // namespace jax_ep

@@ -1,0 +1,237 @@
+#include "runtime/runtime.h"
+
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "intranode/params.h"
+#include "layout/layout.h"
+#include "low_latency/params.h"
+
+namespace jax_ep {
+namespace {
+
+// Restores the caller's current device (handlers and Python threads share devices).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+    check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+
+ private:
+  int previous_ = 0;
+};
+
+struct Registry {
+  std::mutex mu;
+  std::map<std::pair<int64_t, int>, std::unique_ptr<DeviceState>> states;
+};
+
+Registry& registry() {
+  static Registry* r = new Registry();  // never destroyed: handlers may run during exit
+  return *r;
+}
+
+void alloc_error_record(DeviceState* s) {
+  void* host = nullptr;
+  check_cuda(cudaHostAlloc(&host, sizeof(ErrorRecord), cudaHostAllocMapped | cudaHostAllocPortable),
+             "cudaHostAlloc(error record)");
+  std::memset(host, 0, sizeof(ErrorRecord));
+  s->err_host = static_cast<ErrorRecord*>(host);
+  void* dev = nullptr;
+  check_cuda(cudaHostGetDevicePointer(&dev, host, 0), "cudaHostGetDevicePointer");
+  s->err_device = static_cast<ErrorRecord*>(dev);
+}
+
+}  // namespace
+
+void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw CudaError(std::string("jax_ep: ") + what + " failed: " + cudaGetErrorString(err));
+  }
+}
+
+DeviceState::~DeviceState() {
+  if (peer_table) {
+    cudaSetDevice(device);
+    cudaFree(peer_table);
+  }
+  if (err_host) cudaFreeHost(err_host);
+}
+
+DeviceState* register_state(const DeviceStateConfig& cfg) {
+  if (int(cfg.peer_bases.size()) != cfg.sizes.num_ranks) {
+    throw std::invalid_argument("jax_ep: peer table has " + std::to_string(cfg.peer_bases.size()) +
+                                " entries for " + std::to_string(cfg.sizes.num_ranks) + " ranks");
+  }
+  if (cfg.sizes.num_ranks > kMaxRanks) {
+    throw std::invalid_argument("jax_ep: at most " + std::to_string(kMaxRanks) + " EP ranks are supported, got " +
+                                std::to_string(cfg.sizes.num_ranks));
+  }
+  DeviceGuard guard(cfg.device);
+  auto s = std::make_unique<DeviceState>();
+  s->group_id = cfg.group_id;
+  s->device = cfg.device;
+  s->layout = make_layout(cfg.sizes);
+  s->num_ranks = cfg.sizes.num_ranks;
+  s->first_rank = cfg.first_rank;
+  s->num_local_ranks = cfg.num_local_ranks;
+  s->send_blocks = cfg.send_blocks;
+  s->copy_blocks = cfg.copy_blocks;
+  s->timeout_ns = uint64_t(cfg.timeout_s * 1e9);
+  s->fault_inject_rank = cfg.fault_inject_rank;
+  for (uint64_t p : cfg.peer_bases) s->peers.push_back(reinterpret_cast<uint8_t*>(p));
+  check_cuda(cudaMalloc(&s->peer_table, sizeof(uint8_t*) * s->peers.size()), "cudaMalloc(peer table)");
+  check_cuda(cudaMemcpy(s->peer_table, s->peers.data(), sizeof(uint8_t*) * s->peers.size(),
+                        cudaMemcpyHostToDevice),
+             "cudaMemcpy(peer table)");
+  alloc_error_record(s.get());
+  preload_kernels(cfg.device);
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  auto& slot = r.states[{cfg.group_id, cfg.device}];
+  slot = std::move(s);
+  return slot.get();
+}
+
+DeviceState* find_state(int64_t group_id, int device) {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  auto it = r.states.find({group_id, device});
+  return it == r.states.end() ? nullptr : it->second.get();
+}
+
+DeviceState* default_state(int device) {
+  if (DeviceState* s = find_state(0, device)) return s;
+  DeviceGuard guard(device);
+  auto s = std::make_unique<DeviceState>();
+  s->device = device;
+  alloc_error_record(s.get());
+  preload_kernels(device);
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  auto& slot = r.states[{0, device}];
+  if (!slot) slot = std::move(s);
+  return slot.get();
+}
+
+void unregister_group(int64_t group_id) {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  for (auto it = r.states.begin(); it != r.states.end();) {
+    it = it->first.first == group_id ? r.states.erase(it) : std::next(it);
+  }
+}
+
+std::string describe_error(const ErrorRecord& rec) {
+  char buf[512];
+  switch (rec.code) {
+    case kErrNone:
+      return "";
+    case kErrTimeout:
+      std::snprintf(buf, sizeof(buf),
+                    "jax_ep: rank %d timed out after %.3f s waiting for rank %d in phase '%s' "
+                    "(counter at %lld, needed %lld). The peer never arrived: it crashed, hangs, or runs a "
+                    "different sequence of jax_ep ops. This group is unusable now; create a new "
+                    "jax_ep.Group.",
+                    rec.rank, double(rec.waited_ns) * 1e-9, rec.peer, phase_name(rec.phase), rec.observed,
+                    rec.expected);
+      return buf;
+    case kErrBadExpert:
+      std::snprintf(buf, sizeof(buf),
+                    "jax_ep: topk_idx[%d, %d] = %lld is out of range [-1, %lld) (found on device by rank %d; "
+                    "treated as masked)",
+                    rec.peer, rec.phase, rec.observed, rec.expected, rec.rank);
+      return buf;
+    default:
+      std::snprintf(buf, sizeof(buf), "jax_ep: device error code %d", rec.code);
+      return buf;
+  }
+}
+
+std::string take_error(DeviceState* state) {
+  volatile ErrorRecord* rec = state->err_host;
+  const int code = rec->code;
+  if (code <= 0) return "";  // none, or being written right now
+  ErrorRecord copy;
+  std::memcpy(&copy, const_cast<ErrorRecord*>(state->err_host), sizeof(copy));
+  copy.code = code;
+  if (code != kErrTimeout) rec->code = kErrNone;  // input errors are reported once
+  return describe_error(copy);
+}
+
+uint64_t alloc_buffer(int device, size_t bytes) {
+  DeviceGuard guard(device);
+  void* p = nullptr;
+  check_cuda(cudaMalloc(&p, bytes), "cudaMalloc(communication buffer)");
+  check_cuda(cudaMemset(p, 0, bytes), "cudaMemset(communication buffer)");
+  check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  return reinterpret_cast<uint64_t>(p);
+}
+
+void free_buffer(int device, uint64_t ptr) {
+  DeviceGuard guard(device);
+  check_cuda(cudaFree(reinterpret_cast<void*>(ptr)), "cudaFree(communication buffer)");
+}
+
+std::string ipc_handle(int device, uint64_t ptr) {
+  DeviceGuard guard(device);
+  cudaIpcMemHandle_t h;
+  check_cuda(cudaIpcGetMemHandle(&h, reinterpret_cast<void*>(ptr)), "cudaIpcGetMemHandle");
+  return std::string(reinterpret_cast<const char*>(&h), sizeof(h));
+}
+
+uint64_t ipc_open(int device, const std::string& handle) {
+  if (handle.size() != sizeof(cudaIpcMemHandle_t)) {
+    throw std::invalid_argument("jax_ep: CUDA IPC handle has " + std::to_string(handle.size()) + " bytes, expected " +
+                                std::to_string(sizeof(cudaIpcMemHandle_t)));
+  }
+  DeviceGuard guard(device);
+  cudaIpcMemHandle_t h;
+  std::memcpy(&h, handle.data(), sizeof(h));
+  void* p = nullptr;
+  check_cuda(cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle");
+  return reinterpret_cast<uint64_t>(p);
+}
+
+void ipc_close(int device, uint64_t ptr) {
+  DeviceGuard guard(device);
+  check_cuda(cudaIpcCloseMemHandle(reinterpret_cast<void*>(ptr)), "cudaIpcCloseMemHandle");
+}
+
+void enable_peer_access(int device, int peer) {
+  if (device == peer) return;
+  DeviceGuard guard(device);
+  int can = 0;
+  check_cuda(cudaDeviceCanAccessPeer(&can, device, peer), "cudaDeviceCanAccessPeer");
+  if (!can) {
+    throw CudaError("jax_ep: GPU " + std::to_string(device) + " cannot access GPU " + std::to_string(peer) +
+                    " as a peer (no NVLink/P2P path); the intranode kernels need peer access");
+  }
+  cudaError_t err = cudaDeviceEnablePeerAccess(peer, 0);
+  if (err == cudaErrorPeerAccessAlreadyEnabled) {
+    cudaGetLastError();  // clear the sticky-free status
+    return;
+  }
+  check_cuda(err, "cudaDeviceEnablePeerAccess");
+}
+
+int num_sms(int device) {
+  int n = 0;
+  check_cuda(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  return n;
+}
+
+void preload_kernels(int device) {
+  DeviceGuard guard(device);
+  check_cuda(prepare_layout_kernels(), "loading the layout kernel");
+  check_cuda(prepare_ht_dispatch_kernels(), "loading the dispatch kernels");
+  check_cuda(prepare_ht_combine_kernels(), "loading the combine kernels");
+  check_cuda(prepare_ll_kernels(), "loading the low-latency kernels");
+}
+
+}  // namespace jax_ep

@@ -1,0 +1,55 @@
+"""Small shims over JAX APIs that moved between the versions we support (0.10, 0.11).
+
+Kept in one place so the rest of the package reads as plain JAX.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+
+
+def varying_axes(x: jax.Array) -> frozenset:
+    """Mesh axes over which ``x`` varies inside ``shard_map`` (empty outside)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)  # jax 0.10: ManualAxisType
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))  # jax 0.11
+
+
+def _pvary(x: jax.Array, axes: tuple) -> jax.Array:
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, axes, to="varying")
+    return jax.lax.pvary(x, axes)
+
+
+def match_varying(*arrays: jax.Array | None) -> list[jax.Array | None]:
+    """Make every array vary over the union of the arrays' varying mesh axes.
+
+    ``jax.ffi.ffi_call`` refuses operands whose varying axes differ; a router
+    output replicated over the EP axis next to a sharded token block is normal
+    user code, so we widen instead of failing.
+    """
+    union: frozenset = frozenset()
+    for a in arrays:
+        if a is not None:
+            union |= varying_axes(a)
+    out = []
+    for a in arrays:
+        if a is None:
+            out.append(None)
+            continue
+        missing = tuple(sorted(union - varying_axes(a), key=str))
+        out.append(_pvary(a, missing) if missing else a)
+    return out
+
+
+def result_like(x: jax.Array, shape: Sequence[int], dtype) -> jax.ShapeDtypeStruct:
+    """An FFI result type with ``x``'s sharding/varying-axes metadata."""
+    return jax.typeof(x).update(shape=tuple(shape), dtype=dtype)
+
+
+def axis_size(axis_name) -> int:
+    return jax.lax.axis_size(axis_name)

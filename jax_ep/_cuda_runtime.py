@@ -1,0 +1,142 @@
+"""Communication buffers of a CUDA group: allocation, peer wiring, teardown.
+
+One buffer per EP rank (a cudaMalloc on the rank's GPU, zeroed), sized by the
+extension from the group's limits. Every device then gets a table with every
+rank's buffer address as that device sees it:
+
+* same process: the raw pointer (peer access is enabled between local GPUs;
+  in loopback all virtual ranks' buffers sit on the one device);
+* other process: a CUDA IPC handle, published in the ``jax.distributed``
+  key-value store and opened here.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import jax
+import numpy as np
+
+from jax_ep import _ext, distributed
+
+_KV_TIMEOUT_S = 300.0
+_registered_targets = False
+
+
+def register_targets() -> None:
+    """Registers every FFI handler of the extension with JAX (once per process)."""
+    global _registered_targets
+    if _registered_targets:
+        return
+    for name, capsule in _ext.require().registrations().items():
+        jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+    _registered_targets = True
+
+
+def _ep_groups(mesh: jax.sharding.Mesh, axis_name) -> list[list[jax.Device]]:
+    """Devices of each EP group (fixed coordinates on the other mesh axes), in rank order."""
+    axis = mesh.axis_names.index(axis_name)
+    devs = np.moveaxis(mesh.devices, axis, -1)
+    return [list(row) for row in devs.reshape(-1, devs.shape[-1])]
+
+
+class GroupRuntime:
+    """Buffers and device states of one :class:`jax_ep.Group` on the CUDA backend."""
+
+    def __init__(self, group):
+        ext = _ext.require()
+        register_targets()
+        self._ext = ext
+        self.group_id = group.id
+        cfg = group.config
+        self._sizes = dict(
+            num_ranks=group.num_ranks, max_tokens=group.num_max_tokens_per_rank,
+            hidden=group.hidden, elem_bytes=group.dtype.itemsize, num_topk=group.num_topk,
+            num_local_experts=group.num_local_experts, low_latency=group.low_latency)
+        self.bytes_per_rank = ext.buffer_bytes(**self._sizes)
+        self._owned: list[tuple[int, int]] = []    # (device, ptr) we allocated
+        self._opened: list[tuple[int, int]] = []   # (device, ptr) opened from IPC handles
+        self._devices: list[int] = []
+        send_blocks = cfg.resolved_num_sms(group.num_ranks)
+        common = dict(group_id=group.id, **self._sizes, timeout_s=cfg.timeout_s,
+                      fault_inject_rank=cfg.fault_inject_rank, send_blocks=send_blocks)
+        if group.loopback:
+            dev = group.devices[0]
+            ordinal = dev.local_hardware_id
+            bases = [self._alloc(ordinal) for _ in range(group.num_ranks)]
+            self._register(ordinal, 0, group.num_ranks, bases, common, cfg)
+        else:
+            for members in _ep_groups(group.mesh, group.axis_name):
+                self._wire_ep_group(members, common, cfg)
+        # runs on close(), on garbage collection, or at interpreter exit
+        self._finalizer = weakref.finalize(self, _release, ext, self.group_id, list(self._opened),
+                                           list(self._owned))
+
+    def _alloc(self, ordinal: int) -> int:
+        ptr = self._ext.alloc_buffer(ordinal, self.bytes_per_rank)
+        self._owned.append((ordinal, ptr))
+        return ptr
+
+    def _register(self, ordinal, first_rank, num_local, bases, common, cfg):
+        copy_blocks = cfg.num_copy_sms or self._ext.num_sms(ordinal)
+        self._ext.register_state(device=ordinal, first_rank=first_rank, num_local_ranks=num_local,
+                                 copy_blocks=copy_blocks, peer_bases=bases, **common)
+        self._devices.append(ordinal)
+
+    def _wire_ep_group(self, members, common, cfg):
+        me = jax.process_index()
+        local = {rank: d for rank, d in enumerate(members) if d.process_index == me}
+        if not local:
+            return
+        own = {rank: self._alloc(d.local_hardware_id) for rank, d in local.items()}
+        for a in local.values():
+            for b in local.values():
+                self._ext.enable_peer_access(a.local_hardware_id, b.local_hardware_id)
+        remote = [rank for rank, d in enumerate(members) if d.process_index != me]
+        handles = {}
+        if remote:
+            key = f"g{self.group_id}/ep{members[0].id}"
+            for rank, ptr in own.items():
+                dev = local[rank].local_hardware_id
+                distributed.publish(f"{key}/ipc{rank}", self._ext.ipc_handle(dev, ptr))
+            for rank in remote:
+                handles[rank] = distributed.fetch(f"{key}/ipc{rank}", _KV_TIMEOUT_S,
+                                                  what=f"buffer handle of EP rank {rank}")
+        for rank, d in local.items():
+            ordinal = d.local_hardware_id
+            bases = []
+            for peer in range(len(members)):
+                if peer in own:
+                    bases.append(own[peer])
+                else:
+                    ptr = self._ext.ipc_open(ordinal, handles[peer])
+                    self._opened.append((ordinal, ptr))
+                    bases.append(ptr)
+            self._register(ordinal, rank, 1, bases, common, cfg)
+        if remote:
+            # nobody may write into a peer's buffer before every peer has mapped all of them
+            distributed.barrier(f"g{self.group_id}/ep{members[0].id}/wired", _KV_TIMEOUT_S)
+
+    def check(self) -> None:
+        for ordinal in self._devices:
+            msg = self._ext.pending_error(self.group_id, ordinal)
+            if msg:
+                raise RuntimeError(msg)
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _release(ext, group_id, opened, owned):
+    """Unmaps peers' buffers, then frees ours (importers must close before exporters free)."""
+    ext.unregister_group(group_id)
+    for ordinal, ptr in opened:
+        try:
+            ext.ipc_close(ordinal, ptr)
+        except RuntimeError:
+            pass  # the process is going down with a broken context: nothing left to release
+    for ordinal, ptr in owned:
+        try:
+            ext.free_buffer(ordinal, ptr)
+        except RuntimeError:
+            pass

@@ -1,0 +1,31 @@
+"""Static description of one op call, shared by the ops layer and the backends.
+
+Hashable, so it can be a ``custom_vjp`` non-differentiable argument and part of
+jit cache keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    backend: str  # "reference" | "cuda"
+    group_id: int
+    axis_name: Any
+    num_ranks: int
+    num_experts: int
+    layout: str = "expert_major"
+    capacity: int = 0
+    fp8: bool = False
+    round_scale: bool = False
+    dequantize: bool = False
+    max_tokens_per_rank: int = 0
+    sync_errors: bool = False
+    fault_inject_rank: int = -1
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.num_experts // self.num_ranks

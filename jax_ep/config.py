@@ -1,0 +1,64 @@
+"""Tuning and safety knobs of a :class:`jax_ep.Group`, in one frozen dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+
+# H200/H100 NVLink 4: about 370 GB/s per direction with SM stores (DESIGN.md §7).
+_NVLINK_GBPS = 370.0
+# What one SM sustains with 16-byte vector loads/stores over NVLink, measured by
+# DeepEP's per-SM model (50 GB/s of writes per SM, elastic.py): 8 SMs would do,
+# the rest hides latency of the count/flag round trips and HBM copy-out.
+_GBPS_PER_SM = 50.0
+
+
+def default_num_sms(num_ranks: int) -> int:
+    """SMs per rank for the high-throughput kernels.
+
+    Model: the send phase must push ``(R-1)/R`` of the token bytes over NVLink
+    at ``_NVLINK_GBPS``; each SM issues about ``_GBPS_PER_SM``. We take 2.5x the
+    SMs that this needs (the same copy kernels also do the receiver-side copy-out,
+    which is HBM-bound), rounded up to an even count, at least 8 and at most 24
+    (the budget DeepEP uses, so training kernels keep most SMs).
+    """
+    if num_ranks <= 1:
+        return 24
+    need = _NVLINK_GBPS / _GBPS_PER_SM * 2.5
+    even = int(-(-need // 2) * 2)
+    return max(8, min(24, even))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Per-group settings. Every field has a safe default.
+
+    num_sms: thread blocks per rank of the kernels that write to peers (the NVLink
+      budget; 0 = :func:`default_num_sms`).
+    num_copy_sms: thread blocks per rank of the local copy-out/reduce kernels, which
+      are HBM-bound and short (0 = every SM of the device). Lower it when several
+      processes share one GPU (CUDA MPS), so spinning receivers leave SMs to senders.
+    timeout_s: budget of every wait on a peer inside a kernel; on expiry the
+      kernel records (rank, peer, phase, counters) and the op fails with that text.
+    sync_errors: debugging aid: the handler waits for its kernels and reports a
+      device-side error at the call that hit it. Costs a host sync per op and keeps
+      the ops out of CUDA graphs. Off: errors surface at the next jax_ep call on that
+      device, or at :meth:`jax_ep.Group.check`.
+    fault_inject_rank: testing aid: this rank skips its sends (a peer that never
+      arrives), so the others must time out with a clear error. -1 = off.
+    """
+
+    num_sms: int = 0
+    num_copy_sms: int = 0
+    timeout_s: float = 100.0
+    sync_errors: bool = False
+    fault_inject_rank: int = -1
+
+    def resolved_num_sms(self, num_ranks: int) -> int:
+        return self.num_sms if self.num_sms > 0 else default_num_sms(num_ranks)
+
+    def __post_init__(self):
+        for name in ("num_sms", "num_copy_sms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Config.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"Config.timeout_s must be > 0, got {self.timeout_s}")

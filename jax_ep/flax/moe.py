@@ -1,0 +1,494 @@
+"""``jax_ep.flax.MoE``: a routed mixture-of-experts layer (flax.nnx) on jax_ep's dispatch/combine.
+
+Per EP rank the layer does::
+
+    logits  = x @ gate.kernel                          # [T, E] float32
+    routing = route(logits, ...)                        # top-k ids and weights (routing.py)
+    rows    = dispatch(x, topk_idx, topk_weights)       # ragged: [rows, D] + group sizes [E_loc]
+    h       = SwiGLU_e(rows) via jax.lax.ragged_dot     # each row through its local expert
+    y       = combine(h) (+ shared expert(x))           # [T, D]
+
+Parameters follow MaxText's ``RoutedMoE`` (names and shapes): ``gate.kernel`` ``[D, E]``,
+``wi_0``/``wi_1`` ``[E, D, F]``, ``wo`` ``[E, F, D]``, with the expert dimension annotated
+(``nnx.with_partitioning``) on the group's EP mesh axis; the gate and the shared expert are
+replicated. With ``routing_bias=True`` the DeepSeek-V3 balancing bias is ``gate.bias`` ``[E]``,
+a :class:`RoutingBias` variable (not an ``nnx.Param``: optimisers that update ``nnx.Param``
+leave it alone), moved by :meth:`MoE.update_routing_bias`.
+
+Calling conventions (the same module works in both):
+
+* global: ``moe(x)`` with ``x`` ``[..., D]`` sharded on its leading dimension over the mesh
+  (every mesh axis by default). The layer wraps itself in ``jax.shard_map`` over the group's
+  mesh; each rank sees its token block and its ``E_loc`` experts.
+* per rank: inside a ``shard_map``/``vmap`` that binds the EP axis, ``x`` is the rank's block
+  and the expert weights are either this rank's ``[E_loc, ...]`` slices (the usual case when
+  the module's state came in through ``shard_map`` with its partition specs) or all ``[E, ...]``
+  (the rank slices its own).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_ep
+from jax_ep.flax import routing as _routing
+from jax_ep.flax.exchange import (
+    AllToAllExchange,
+    Exchange,
+    JaxEpExchange,
+    RaggedAllToAllExchange,
+)
+
+IMPLS = ("jax_ep", "reference", "ragged_all_to_all", "all_to_all")
+
+Initializer = Callable[..., jax.Array]
+
+
+class RoutingBias(nnx.Variable):
+    """DeepSeek-V3 expert bias ``[E]``: added to the scores for top-k selection only.
+
+    Not trained by gradients; :meth:`MoE.update_routing_bias` moves it from the load.
+    """
+
+
+class ExpertLoad(nnx.Variable):
+    """Tokens routed to each expert ``[E]`` float32 since the last bias update (all ranks)."""
+
+
+class MoEAux(NamedTuple):
+    """Side outputs of one :class:`MoE` call (global over the token shards).
+
+    aux_loss: ``[]`` float32, ``aux_loss_coef * balance_loss`` (0 when the coefficient is 0);
+      add it to the training loss.
+    tokens_per_expert: ``[E]`` float32 tokens that chose each expert.
+    num_dropped: ``[]`` int32 selections dropped for capacity (0 with the default capacity).
+    """
+
+    aux_loss: jax.Array
+    tokens_per_expert: jax.Array
+    num_dropped: jax.Array
+
+
+def _default_init() -> Initializer:
+    # fan-in scaling over the contracted dim (-2) of [in, out] and [E, in, out] kernels
+    return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                             in_axis=-2, out_axis=-1, batch_axis=(0,))
+
+
+def _param(init: Initializer, key: jax.Array, shape: Sequence[int], dtype, sharding: tuple,
+           mesh: jax.sharding.Mesh | None) -> nnx.Param:
+    """A Param annotated with ``sharding``; placed on ``mesh`` now when there is one."""
+    value = init(key, tuple(shape), dtype)
+    if mesh is None:  # loopback group: nothing to place on, keep the annotation
+        return nnx.Param(value, out_sharding=sharding, eager_sharding=False)
+    return nnx.Param(value, out_sharding=sharding, mesh=mesh)
+
+
+class GateLogit(nnx.Module):
+    """Router projection ``[D] → [E]`` computed in float32 (MaxText ``GateLogit`` names).
+
+    kernel: ``[D, E]`` Param. bias: ``[E]`` :class:`RoutingBias` or None.
+    """
+
+    def __init__(self, hidden: int, num_experts: int, *, routing_bias: bool,
+                 param_dtype, kernel_init: Initializer, mesh, rngs: nnx.Rngs):
+        self.kernel = _param(kernel_init, rngs.params(), (hidden, num_experts), param_dtype,
+                             (None, None), mesh)
+        self.bias = RoutingBias(jnp.zeros((num_experts,), jnp.float32)) if routing_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``[..., D]`` → ``[..., E]`` float32 logits."""
+        return jnp.dot(x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
+
+
+class SharedExpert(nnx.Module):
+    """A plain SwiGLU FFN applied to every token: ``wi_0``/``wi_1`` ``[D, F]``, ``wo`` ``[F, D]``."""
+
+    def __init__(self, hidden: int, intermediate: int, *, param_dtype, kernel_init: Initializer,
+                 mesh, rngs: nnx.Rngs):
+        self.wi_0 = _param(kernel_init, rngs.params(), (hidden, intermediate), param_dtype,
+                           (None, None), mesh)
+        self.wi_1 = _param(kernel_init, rngs.params(), (hidden, intermediate), param_dtype,
+                           (None, None), mesh)
+        self.wo = _param(kernel_init, rngs.params(), (intermediate, hidden), param_dtype,
+                         (None, None), mesh)
+
+
+class _Weights(NamedTuple):
+    """The arrays one MoE call reads (a pytree to pass through ``shard_map``)."""
+
+    gate: jax.Array
+    bias: jax.Array | None
+    wi_0: jax.Array
+    wi_1: jax.Array
+    wo: jax.Array
+    shared: tuple[jax.Array, jax.Array, jax.Array] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Router:
+    num_topk: int
+    score_func: str
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+
+    def __call__(self, logits, bias):
+        return _routing.route(logits, num_topk=self.num_topk, score_func=self.score_func,
+                              n_group=self.n_group, topk_group=self.topk_group,
+                              norm_topk_prob=self.norm_topk_prob,
+                              routed_scaling_factor=self.routed_scaling_factor, bias=bias)
+
+
+def _swiglu(x, wi_0, wi_1, wo, dtype, matmul):
+    """SwiGLU with float32 accumulation; ``matmul(a, w)`` is a dense or ragged product."""
+    h0 = matmul(x, wi_0.astype(dtype))
+    h1 = matmul(x, wi_1.astype(dtype))
+    h = (jax.nn.silu(h0) * h1).astype(dtype)
+    return matmul(h, wo.astype(dtype)).astype(dtype)
+
+
+def _dense(a, w):
+    return jnp.dot(a, w, preferred_element_type=jnp.float32)
+
+
+def _ragged(group_sizes):
+    def matmul(a, w):
+        return jax.lax.ragged_dot(a, w, group_sizes, preferred_element_type=jnp.float32)
+    return matmul
+
+
+def _batched(a, w):
+    return jnp.einsum("end,edf->enf", a, w, preferred_element_type=jnp.float32)
+
+
+def _axis_bound(axis_name) -> bool:
+    try:
+        jax.lax.axis_size(axis_name)
+    except NameError:
+        return False
+    return True
+
+
+def _same_spec(a: P, b: P) -> bool:
+    def norm(spec):
+        parts = list(spec)
+        while parts and parts[-1] is None:
+            parts.pop()
+        return tuple(parts)
+    return norm(a) == norm(b)
+
+
+def _place(a: jax.Array, mesh: jax.sharding.Mesh, spec: P) -> jax.Array:
+    """Reshard ``a`` to ``spec`` on an Explicit mesh (shard_map refuses a mismatch there);
+    Auto meshes let shard_map place inputs itself."""
+    if not mesh.are_all_axes_explicit:
+        return a
+    have = getattr(jax.typeof(a), "sharding", None)
+    if have is not None and getattr(have, "mesh", None) == mesh and _same_spec(have.spec, spec):
+        return a
+    return jax.reshard(a, NamedSharding(mesh, spec))
+
+
+class MoE(nnx.Module):
+    """Routed MoE layer with expert parallelism over a :class:`jax_ep.Group`.
+
+    Args:
+      hidden: model dim ``D``.
+      intermediate: expert FFN dim ``F``.
+      num_experts: ``E`` (the group's).
+      num_topk: ``K`` (at most the group's ``num_topk``).
+      group: the EP group: its mesh, EP axis (``"ep"`` by default) and backend. Create it
+        outside ``jit`` with ``num_max_tokens_per_rank`` >= tokens per rank per call.
+      rngs: ``nnx.Rngs`` with a ``params`` stream.
+      impl: ``"jax_ep"`` (the group's backend), ``"reference"`` (jax_ep's pure-JAX backend on
+        the same mesh), ``"ragged_all_to_all"`` (MaxText's path, :mod:`jax_ep.baselines`),
+        ``"all_to_all"`` (padded all_to_all baseline), or an :class:`Exchange` instance.
+      score_func: ``"softmax"`` or ``"sigmoid"``.
+      n_group, topk_group: DeepSeek-V3 group-limited routing (1, 1 = off).
+      norm_topk_prob: renormalise the top-k weights to sum to 1.
+      routed_scaling_factor: multiplies the routed experts' weights.
+      aux_loss_coef: coefficient of the balancing loss (:func:`routing.balance_loss`); when > 0
+        the weighted loss is also sown as ``nnx.Intermediate`` ``"aux_loss"``.
+      routing_bias: keep a DeepSeek-V3 selection bias ``gate.bias`` and count the load in
+        ``expert_load`` (an :class:`ExpertLoad` variable) for :meth:`update_routing_bias`.
+      shared_intermediate: FFN dim of a shared expert (0 = none).
+      fp8: FP8 dispatch (e4m3 on the wire, dequantised at the expert, straight-through
+        gradient); needs ``D % 128 == 0``. jax_ep impls only.
+      capacity_factor: receive buffer = factor × the balanced load (``T*K`` rows per rank);
+        None = the worst case (never drops). Overflow is counted in ``MoEAux.num_dropped``.
+      low_latency: default path for calls: :func:`jax_ep.low_latency_dispatch`/``_combine``
+        (decoding). jax_ep impls only. Overridable per call.
+      low_latency_group: group for the low-latency path (created with ``low_latency=True`` and
+        ``num_max_tokens_per_rank`` = decode tokens per rank); default ``group``.
+      token_axes: per-rank calls only: mesh axes the tokens are split over, for the global
+        balancing statistics (default: the EP axis). Global calls use every mesh axis.
+      ragged_all_to_all_emulation: for ``impl="ragged_all_to_all"``: replace
+        ``jax.lax.ragged_all_to_all`` by a dense emulation. None = only where every device is
+        a CPU (XLA:CPU lacks the op, jax-ml/jax#34755), with a warning.
+      dtype: compute dtype of the experts and of the dispatched payload (router is float32).
+      param_dtype: parameter dtype.
+      kernel_init: initializer of every kernel (fan-in over dim -2).
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        intermediate: int,
+        num_experts: int,
+        num_topk: int,
+        *,
+        group: jax_ep.Group,
+        rngs: nnx.Rngs,
+        impl: str | Exchange = "jax_ep",
+        score_func: str = "softmax",
+        n_group: int = 1,
+        topk_group: int = 1,
+        norm_topk_prob: bool = True,
+        routed_scaling_factor: float = 1.0,
+        aux_loss_coef: float = 0.0,
+        routing_bias: bool = False,
+        shared_intermediate: int = 0,
+        fp8: bool = False,
+        capacity_factor: float | None = None,
+        low_latency: bool = False,
+        low_latency_group: jax_ep.Group | None = None,
+        token_axes: Sequence[str] | None = None,
+        ragged_all_to_all_emulation: bool | None = None,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        kernel_init: Initializer | None = None,
+    ):
+        if not isinstance(group, jax_ep.Group):
+            raise TypeError(f"group must be a jax_ep.Group, got {type(group).__name__}")
+        if group.num_experts != num_experts:
+            raise ValueError(f"num_experts={num_experts} but the group was created for "
+                             f"{group.num_experts}")
+        if num_topk > group.num_topk:
+            raise ValueError(f"num_topk={num_topk} exceeds the group's num_topk={group.num_topk}")
+        if fp8 and hidden % 128:
+            raise ValueError(f"fp8 dispatch needs hidden % 128 == 0, got hidden={hidden}")
+        if score_func not in _routing.SCORE_FUNCS:
+            raise ValueError(f"score_func must be one of {_routing.SCORE_FUNCS}, got {score_func!r}")
+        self.hidden = hidden
+        self.intermediate = intermediate
+        self.num_experts = num_experts
+        self.num_topk = num_topk
+        self.group = group
+        self.axis_name = group.axis_name
+        self.num_ranks = group.num_ranks
+        self.router = _Router(num_topk, score_func, n_group, topk_group, norm_topk_prob,
+                              float(routed_scaling_factor))
+        self.aux_loss_coef = float(aux_loss_coef)
+        self.fp8 = fp8
+        self.low_latency = low_latency
+        self.token_axes = tuple(token_axes) if token_axes is not None else None
+        self.dtype = dtype
+        self.exchange = self._make_exchange(impl, capacity_factor, ragged_all_to_all_emulation)
+        self.impl = impl if isinstance(impl, str) else impl.name
+        ll_group = low_latency_group if low_latency_group is not None else group
+        if impl == "reference":
+            ll_group = _reference_twin(ll_group)
+        self.low_latency_group = ll_group
+        if low_latency and not isinstance(self.exchange, JaxEpExchange):
+            raise ValueError("low_latency=True needs impl='jax_ep' or 'reference'")
+
+        # creation may run without a mesh context: place annotated params on the group's mesh
+        mesh = group.mesh if group.loopback is None else None
+        init = kernel_init or _default_init()
+        expert_axes = (self.axis_name, None, None)
+        self.gate = GateLogit(hidden, num_experts, routing_bias=routing_bias,
+                              param_dtype=param_dtype, kernel_init=init, mesh=mesh, rngs=rngs)
+        self.wi_0 = _param(init, rngs.params(), (num_experts, hidden, intermediate), param_dtype,
+                           expert_axes, mesh)
+        self.wi_1 = _param(init, rngs.params(), (num_experts, hidden, intermediate), param_dtype,
+                           expert_axes, mesh)
+        self.wo = _param(init, rngs.params(), (num_experts, intermediate, hidden), param_dtype,
+                         expert_axes, mesh)
+        self.shared_experts = (
+            SharedExpert(hidden, shared_intermediate, param_dtype=param_dtype, kernel_init=init,
+                         mesh=mesh, rngs=rngs)
+            if shared_intermediate > 0 else None)
+        self.expert_load = (ExpertLoad(jnp.zeros((num_experts,), jnp.float32))
+                            if routing_bias else None)
+
+    # ------------------------------------------------------------------ setup
+
+    def _make_exchange(self, impl, capacity_factor, emulation) -> Exchange:
+        if isinstance(impl, Exchange):
+            return impl
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS} or an Exchange, got {impl!r}")
+        if impl in ("jax_ep", "reference"):
+            group = self.group if impl == "jax_ep" else _reference_twin(self.group)
+            return JaxEpExchange(group, capacity_factor, self.fp8)
+        if self.fp8:
+            raise ValueError(f"fp8=True needs a jax_ep impl; {impl!r} has no FP8 wire format")
+        if impl == "all_to_all":
+            return AllToAllExchange(self.axis_name, self.num_experts, capacity_factor)
+        if emulation is None:
+            emulation = all(d.platform == "cpu" for d in self.group.devices)
+            if emulation:
+                warnings.warn("impl='ragged_all_to_all' on CPU: XLA:CPU has no ragged_all_to_all "
+                              "(jax-ml/jax#34755); using a dense all_to_all emulation of it",
+                              stacklevel=3)
+        return RaggedAllToAllExchange(self.axis_name, self.num_experts, capacity_factor,
+                                      bool(emulation))
+
+    def _weights(self) -> _Weights:
+        shared = None
+        if self.shared_experts is not None:
+            s = self.shared_experts
+            shared = (s.wi_0[...], s.wi_1[...], s.wo[...])
+        bias = None if self.gate.bias is None else self.gate.bias[...]
+        return _Weights(self.gate.kernel[...], bias, self.wi_0[...], self.wi_1[...],
+                        self.wo[...], shared)
+
+    def _weight_specs(self, w: _Weights) -> _Weights:
+        expert = P(self.axis_name, None, None)
+        shared = None if w.shared is None else (P(), P(), P())
+        return _Weights(P(), None if w.bias is None else P(), expert, expert, expert, shared)
+
+    # ------------------------------------------------------------------ calls
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        low_latency: bool | None = None,
+        return_aux: bool = False,
+    ) -> jax.Array | tuple[jax.Array, MoEAux]:
+        """Apply the layer.
+
+        Args:
+          x: ``[..., D]`` tokens: the global batch (sharded over the mesh on its leading dim)
+            or, inside ``shard_map``/``vmap`` over the EP axis, this rank's block.
+          low_latency: use the low-latency ops (decoding); default: the module's setting.
+          return_aux: also return :class:`MoEAux`.
+        Returns:
+          ``[..., D]`` in ``dtype`` (and :class:`MoEAux` with ``return_aux``).
+        """
+        if x.shape[-1] != self.hidden:
+            raise ValueError(f"x has {x.shape[-1]} features, the layer was built for {self.hidden}")
+        use_ll = self.low_latency if low_latency is None else low_latency
+        if use_ll and not isinstance(self.exchange, JaxEpExchange):
+            raise ValueError(f"low_latency needs impl='jax_ep' or 'reference', not {self.impl!r}")
+        w = self._weights()
+        if _axis_bound(self.axis_name):
+            y, aux = self._per_rank(w, x, use_ll, self.token_axes or (self.axis_name,))
+        else:
+            y, aux = self._global(w, x, use_ll)
+        if self.expert_load is not None:
+            self.expert_load[...] = self.expert_load[...] + aux.tokens_per_expert
+        if self.aux_loss_coef > 0:
+            self.sow(nnx.Intermediate, "aux_loss", aux.aux_loss)
+        return (y, aux) if return_aux else y
+
+    def update_routing_bias(self, rate: float) -> None:
+        """DeepSeek-V3 balancing step: ``gate.bias += rate * sign(mean_load - load)`` from the
+        load counted since the last update, then reset the count. Call after the optimiser
+        step (it is no gradient update)."""
+        if self.gate.bias is None or self.expert_load is None:
+            raise ValueError("update_routing_bias needs MoE(..., routing_bias=True)")
+        self.gate.bias[...] = _routing.routing_bias_update(self.gate.bias[...],
+                                                           self.expert_load[...], rate)
+        self.expert_load[...] = jnp.zeros_like(self.expert_load[...])
+
+    def _global(self, w: _Weights, x: jax.Array, use_ll: bool):
+        mesh = self.group.mesh
+        if mesh is None or self.group.loopback is not None:
+            raise ValueError("a loopback group has no mesh: call the MoE per rank inside "
+                             f"jax.vmap(..., axis_name={self.axis_name!r})")
+        token_axes = tuple(mesh.axis_names)
+        x_spec = P(token_axes, *([None] * (x.ndim - 1)))
+        w_specs = self._weight_specs(w)
+        x = _place(x, mesh, x_spec)
+        w = jax.tree.map(lambda a, s: _place(a, mesh, s), w, w_specs)
+
+        def body(w, x):
+            return self._per_rank(w, x, use_ll, token_axes)
+
+        aux_specs = MoEAux(P(), P(), P())
+        return jax.shard_map(body, mesh=mesh, in_specs=(w_specs, x_spec),
+                             out_specs=(x_spec, aux_specs))(w, x)
+
+    def _per_rank(self, w: _Weights, x: jax.Array, use_ll: bool, token_axes: tuple):
+        """One rank's computation; ``x`` ``[..., D]`` is this rank's token block."""
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.hidden).astype(self.dtype)
+        w = self._local_experts(w)
+        # the router runs in float32 whatever the compute dtype (top-k is sensitive to rounding)
+        logits = jnp.dot(x.astype(jnp.float32), w.gate.astype(jnp.float32))
+        route = self.router(logits, w.bias)
+        if use_ll:
+            y, dropped = self._experts_low_latency(w, x, route)
+        else:
+            y, dropped = self._experts_ragged(w, x, route)
+        if w.shared is not None:
+            y = (y.astype(jnp.float32) + _swiglu(x, *w.shared, self.dtype, _dense)).astype(
+                self.dtype)
+        tokens_per_expert, score_sum = _routing.balance_statistics(route, self.num_experts)
+        stats = (tokens_per_expert, score_sum, jnp.float32(x.shape[0]), dropped)
+        tokens_per_expert, score_sum, num_tokens, dropped = jax.lax.psum(stats, token_axes)
+        loss = jnp.float32(0.0)
+        if self.aux_loss_coef > 0:
+            loss = self.aux_loss_coef * _routing.balance_loss(tokens_per_expert, score_sum,
+                                                              num_tokens, self.num_topk)
+        return y.reshape(lead + (self.hidden,)), MoEAux(loss, tokens_per_expert, dropped)
+
+    def _local_experts(self, w: _Weights) -> _Weights:
+        """This rank's ``[E_loc, ...]`` expert weights (sliced here if given all ``E``)."""
+        e_loc = self.num_experts // self.num_ranks
+        if w.wi_0.shape[0] == e_loc:
+            return w
+        if w.wi_0.shape[0] != self.num_experts:
+            raise ValueError(f"expert weights have {w.wi_0.shape[0]} experts; expected "
+                             f"{e_loc} (this rank's) or {self.num_experts}")
+        start = jax.lax.axis_index(self.axis_name) * e_loc
+
+        def take(a):
+            return jax.lax.dynamic_slice_in_dim(a, start, e_loc, axis=0)
+
+        return w._replace(wi_0=take(w.wi_0), wi_1=take(w.wi_1), wo=take(w.wo))
+
+    def _experts_ragged(self, w: _Weights, x: jax.Array, route: _routing.Routing):
+        rows = self.exchange.dispatch(x, route.topk_idx, route.topk_weights)
+        y = _swiglu(rows.x.astype(self.dtype), w.wi_0, w.wi_1, w.wo, self.dtype,
+                    _ragged(rows.group_sizes))
+        return self.exchange.combine(y, route.topk_weights, rows), rows.num_dropped
+
+    def _experts_low_latency(self, w: _Weights, x: jax.Array, route: _routing.Routing):
+        group = self.low_latency_group
+        out = jax_ep.low_latency_dispatch(x, route.topk_idx, group=group, fp8=self.fp8)
+        rows = out.x
+        if out.scales is not None:
+            rows = jax_ep.dequantize_fp8(rows, out.scales, self.dtype)
+        # only the first counts[e] rows of expert e are defined; the rest may hold anything
+        # (NaN included), so select rather than multiply
+        valid = jnp.arange(rows.shape[1])[None, :] < out.counts[:, None]
+        rows = jnp.where(valid[..., None], rows.astype(self.dtype), jnp.zeros((), self.dtype))
+        y = _swiglu(rows, w.wi_0, w.wi_1, w.wo, self.dtype, _batched)
+        y = jax_ep.low_latency_combine(y, route.topk_idx, route.topk_weights, out.handle,
+                                       group=group)
+        return y, out.num_dropped
+
+
+def _reference_twin(group: jax_ep.Group) -> jax_ep.Group:
+    """``group`` itself if it runs the reference backend, else a reference group like it."""
+    if group.backend == "reference":
+        return group
+    return jax_ep.Group(group.mesh, group.axis_name, num_experts=group.num_experts,
+                        num_topk=group.num_topk, hidden=group.hidden,
+                        num_max_tokens_per_rank=group.num_max_tokens_per_rank,
+                        dtype=group.dtype, backend="reference", loopback=group.loopback,
+                        low_latency=group.low_latency, config=group.config)

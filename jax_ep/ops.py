@@ -1,0 +1,473 @@
+"""The public ops: validation, backend choice and custom VJPs.
+
+Backends (:mod:`jax_ep._reference_backend`, :mod:`jax_ep._cuda`) implement the
+forward halves only; the gradients are written once here in terms of them:
+
+* dispatch's backward is a combine of the output cotangent (for the expert
+  layouts with weight 1 per delivered row), plus a token combine that returns
+  the router-weight cotangents to their home rank;
+* combine's backward is a cached token dispatch of the output cotangent,
+  followed by local work on the expert side: scaling by the router weights
+  (cotangent of the expert outputs) and row dot products (cotangent of the
+  router weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from jax_ep import _compat, validation
+from jax_ep import fp8 as _fp8
+from jax_ep._spec import OpSpec
+from jax_ep.reference import _pad_rows, _take
+from jax_ep.types import DispatchLayout, DispatchOut, Handle, LowLatencyHandle, LowLatencyOut
+
+
+def _backend(spec_or_name):
+    name = spec_or_name if isinstance(spec_or_name, str) else spec_or_name.backend
+    if name == "cuda":
+        from jax_ep import _cuda
+
+        return _cuda
+    from jax_ep import _reference_backend
+
+    return _reference_backend
+
+
+def _resolve_layout_backend(group) -> str:
+    if group is not None:
+        return group.backend
+    from jax_ep.group import default_backend
+
+    return default_backend()
+
+
+# ----------------------------------------------------------------------------
+# get_dispatch_layout
+# ----------------------------------------------------------------------------
+
+
+def get_dispatch_layout(
+    topk_idx: jax.Array,
+    num_experts: int | None = None,
+    *,
+    num_ranks: int | None = None,
+    group=None,
+) -> DispatchLayout:
+    """Tokens per rank, tokens per expert and the token-in-rank mask of ``topk_idx``.
+
+    Args:
+      topk_idx: ``[num_tokens, num_topk]`` integer expert ids, -1 = masked.
+      num_experts, num_ranks: taken from ``group`` when given.
+    Returns:
+      :class:`DispatchLayout`: ``[R]`` and ``[E]`` int32 counts (a token counts
+      once per rank and once per distinct expert) and a ``[T, R]`` bool mask.
+      Local to each rank: no communication.
+    """
+    if group is not None:
+        num_experts, num_ranks = group.num_experts, group.num_ranks
+    if num_experts is None or num_ranks is None:
+        raise ValueError("get_dispatch_layout needs num_experts and num_ranks (or group=)")
+    validation.check_num_experts(num_experts, num_ranks)
+    topk_idx, _ = validation.check_routing(topk_idx, None, None)
+    return _backend(_resolve_layout_backend(group)).layout(topk_idx, num_experts, num_ranks)
+
+
+# ----------------------------------------------------------------------------
+# high-throughput dispatch
+# ----------------------------------------------------------------------------
+
+
+def _default_capacity(layout: str, num_ranks: int, num_tokens: int, num_topk: int, e_loc: int) -> int:
+    """The worst case: nothing is ever dropped (one row per distinct token/expert pair)."""
+    if layout == "ragged":
+        return num_ranks * num_tokens * min(num_topk, e_loc)
+    return num_ranks * num_tokens
+
+
+def _check_group_axis(group, op: str) -> int:
+    num_ranks = validation.axis_size_or_raise(group.axis_name, op)
+    if num_ranks != group.num_ranks:
+        raise ValueError(f"jax_ep.{op}: axis {group.axis_name!r} has size {num_ranks} here but the "
+                         f"group was created for {group.num_ranks} ranks")
+    return num_ranks
+
+
+def dispatch(
+    x: jax.Array,
+    topk_idx: jax.Array,
+    topk_weights: jax.Array,
+    *,
+    group,
+    layout: str = "expert_major",
+    capacity: int | None = None,
+    fp8: bool = False,
+    round_scale: bool = False,
+    dequantize: bool = False,
+    on_overflow: str = "report",
+) -> DispatchOut:
+    """Send each token to the ranks that hold its top-k experts.
+
+    Runs per rank inside ``shard_map``/``vmap`` over ``group.axis_name``.
+
+    Args:
+      x: ``[num_tokens, hidden]`` bf16/f16/f32 tokens of this rank.
+      topk_idx: ``[num_tokens, num_topk]`` int expert ids in ``[0, num_experts)``, -1 = masked.
+      topk_weights: ``[num_tokens, num_topk]`` router weights (float32 on the wire).
+      layout: ``"expert_major"`` (``[E_loc, capacity, H]``), ``"ragged"`` (``[capacity, H]``
+        grouped by expert: feed ``x`` and ``counts`` to ``jax.lax.ragged_dot``) or
+        ``"per_rank"`` (DeepEP normal mode: one row per received token).
+      capacity: static rows (per expert for expert_major). Default: the worst case, never drops.
+      fp8: quantise to float8_e4m3fn with one float32 scale per 128 channels before sending.
+      round_scale: power-of-two scales (UE8M0-compatible).
+      dequantize: with ``fp8``, return ``x`` dequantised to the input dtype (FP8 on the wire
+        only); then the op is differentiable with a straight-through gradient.
+      on_overflow: ``"report"`` (``num_dropped`` tells) or ``"error"`` (the step fails with a
+        message giving the count; costs a device-to-host check).
+    Returns:
+      :class:`DispatchOut`. Its ``handle`` feeds :func:`combine`.
+    """
+    validation.check_tokens(x)
+    topk_idx, topk_weights = validation.check_routing(topk_idx, topk_weights, x.shape[0])
+    validation.check_layout(layout)
+    validation.check_fp8(x.shape[1], fp8)
+    validation.check_on_overflow(on_overflow)
+    if dequantize and not fp8:
+        raise ValueError("dequantize=True only makes sense with fp8=True")
+    num_ranks = _check_group_axis(group, "dispatch")
+    num_tokens, num_topk = topk_idx.shape
+    e_loc = group.num_experts // num_ranks
+    if capacity is None:
+        capacity = _default_capacity(layout, num_ranks, num_tokens, num_topk, e_loc)
+    capacity = validation.check_capacity(capacity)
+    group.check_fits(x.shape[1], x.dtype, num_tokens, num_topk, "dispatch")
+    spec = group.spec(layout=layout, capacity=capacity, fp8=fp8, round_scale=round_scale,
+                      dequantize=dequantize)
+    x, topk_idx, topk_weights = _compat.match_varying(x, topk_idx, topk_weights)
+    ox, oscales, oidx, ow, counts, dropped, handle = _dispatch(spec, x, topk_idx, topk_weights)
+    if on_overflow == "error":
+        counts = counts + _overflow_guard(dropped, f"dispatch(layout={layout!r}, capacity={capacity})")
+    return DispatchOut(ox, oscales, oidx, ow, counts, dropped, handle)
+
+
+def _raise_if_dropped(num_dropped, what):
+    n = int(np.asarray(num_dropped))
+    if n > 0:
+        raise ValueError(f"jax_ep.{what}: {n} rows did not fit and were dropped "
+                         f"(on_overflow='error'); raise capacity or use the default worst case")
+    return np.int32(0)
+
+
+def _overflow_guard(num_dropped: jax.Array, what: str) -> jax.Array:
+    """A zero whose computation fails the step when ``num_dropped > 0``."""
+    return io_callback(functools.partial(_raise_if_dropped, what=what),
+                       jax.ShapeDtypeStruct((), jnp.int32), num_dropped)
+
+
+def _dispatch_impl(spec: OpSpec, x, topk_idx, topk_weights):
+    out = _backend(spec).dispatch(x, topk_idx, topk_weights, spec)
+    if spec.fp8 and spec.dequantize:
+        out = (_fp8.dequantize(out[0], out[1], x.dtype), None) + tuple(out[2:])
+    return tuple(out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dispatch(spec: OpSpec, x, topk_idx, topk_weights):
+    return _dispatch_impl(spec, x, topk_idx, topk_weights)
+
+
+def _dispatch_fwd(spec, x, topk_idx, topk_weights):
+    out = _dispatch_impl(spec, x, topk_idx, topk_weights)
+    return out, (out[-1], jnp.zeros((0,), x.dtype))
+
+
+def _first_occurrence_weights(rows: jax.Array) -> jax.Array:
+    """``[RT, K]`` rows → 1.0 at the first k of each delivered row, else 0 (dedups a token's copies)."""
+    k = rows.shape[1]
+    same = rows[:, :, None] == rows[:, None, :]
+    earlier = jnp.tril(jnp.ones((k, k), bool), -1)  # [k, k'] k' < k
+    dup = jnp.any(same & earlier[None], axis=2)
+    return jnp.where((rows >= 0) & ~dup, 1.0, 0.0).astype(jnp.float32)
+
+
+def _dispatch_bwd(spec: OpSpec, res, ct):
+    handle, x_like = res
+    ct_x, _, _, ct_w, _, _, ct_handle = ct
+    b = _backend(spec)
+    rt = handle.recv_src.shape[0]
+    if spec.fp8 and not spec.dequantize:
+        # quantised payloads have no gradient; dequantize=True gives straight-through
+        dx = jnp.zeros((handle.num_tokens, ct_x.shape[-1]), x_like.dtype)
+    elif spec.layout == "per_rank":
+        dx = b.token_combine(_pad_rows(ct_x, rt), handle, spec)
+    else:
+        dx = b.combine(ct_x, handle, _first_occurrence_weights(handle.recv_rows), spec)
+    g = ct_handle.recv_weights
+    if spec.layout == "per_rank":
+        g = g + _pad_rows(ct_w, rt)
+    g = jnp.where(handle.recv_topk_idx >= 0, g, 0.0)
+    dw = b.token_combine(g, handle, spec)
+    return dx.astype(x_like.dtype), None, dw
+
+
+_dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+# ----------------------------------------------------------------------------
+# high-throughput combine
+# ----------------------------------------------------------------------------
+
+
+def combine(
+    y: jax.Array,
+    handle: Handle,
+    topk_weights: jax.Array | None = None,
+    *,
+    group,
+) -> jax.Array:
+    """Bring expert outputs back to their tokens' home ranks and reduce them.
+
+    Args:
+      y: expert outputs in the dispatch layout of ``handle`` (``DispatchOut.x``'s shape,
+        bf16/f16/f32).
+      handle: ``DispatchOut.handle``.
+      topk_weights: ``[num_tokens, num_topk]`` home-side weights to use instead of the
+        ones given to dispatch (expert layouts only; costs one small extra exchange).
+    Returns:
+      ``[num_tokens, hidden]`` in ``y``'s dtype. expert layouts:
+      ``out[t] = Σ_k w[t,k] * y[expert_k, slot(t, k)]``; per_rank: ``out[t] = Σ_ranks y[row]``
+      (unweighted, DeepEP semantics). Masked and dropped selections contribute nothing.
+    """
+    if not isinstance(handle, Handle):
+        raise TypeError(f"handle must be DispatchOut.handle (a jax_ep.Handle), got {type(handle).__name__}")
+    validation.check_tokens(y.reshape(-1, y.shape[-1]) if y.ndim == 3 else y, "y")
+    expected = (handle.num_local_experts, handle.capacity) if handle.layout == "expert_major" \
+        else (handle.capacity,)
+    if y.shape[:-1] != expected:
+        raise ValueError(f"y has shape {y.shape} but the {handle.layout} dispatch produced rows of "
+                         f"shape {expected + (y.shape[-1],)}")
+    _check_group_axis(group, "combine")
+    group.check_fits(y.shape[-1], y.dtype, handle.num_tokens, handle.topk_idx.shape[1], "combine")
+    spec = group.spec(layout=handle.layout, capacity=handle.capacity)
+    weights = handle.recv_weights
+    if topk_weights is not None:
+        if handle.layout == "per_rank":
+            raise ValueError("per_rank combine is an unweighted sum (DeepEP semantics); "
+                             "weight the rows before combine instead of passing topk_weights")
+        _, topk_weights = validation.check_routing(handle.topk_idx, topk_weights, None)
+        recv = _token_dispatch(spec, topk_weights, handle)
+        weights = jnp.where(handle.recv_topk_idx >= 0, recv, 0.0)
+    y, weights = _compat.match_varying(y, weights)
+    return _combine(spec, y, weights, handle)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _combine(spec: OpSpec, y, weights, handle):
+    return _backend(spec).combine(y, handle, weights, spec)
+
+
+def _combine_fwd(spec, y, weights, handle):
+    return _combine(spec, y, weights, handle), (y, weights, handle)
+
+
+def _expand_to_rows(d_tok: jax.Array, rows: jax.Array, weights: jax.Array, num_rows: int, dtype):
+    """``dy[row] = Σ_{(i,k) → row} w[i,k] * d[i]`` (each row belongs to one token)."""
+    rt, k = rows.shape
+    target = jnp.where(rows >= 0, rows, num_rows).reshape(-1)
+    tok = jnp.broadcast_to(jnp.arange(rt, dtype=jnp.int32)[:, None], rows.shape).reshape(-1)
+    row_token = jnp.full((num_rows + 1,), -1, jnp.int32).at[target].set(tok, mode="drop")[:num_rows]
+    row_w = jnp.zeros((num_rows + 1,), jnp.float32).at[target].add(weights.reshape(-1), mode="drop")
+    got = _take(d_tok, row_token).astype(jnp.float32) * row_w[:num_rows, None]
+    return got.astype(dtype)
+
+
+def _row_dots(d_tok: jax.Array, y_rows: jax.Array, rows: jax.Array) -> jax.Array:
+    """``g[i, k] = <d[i], y[rows[i, k]]>`` in float32 (0 where the row does not exist)."""
+    cols = []
+    for k in range(rows.shape[1]):
+        y_k = _take(y_rows, rows[:, k]).astype(jnp.float32)
+        cols.append(jnp.sum(d_tok.astype(jnp.float32) * y_k, axis=-1))
+    return jnp.where(rows >= 0, jnp.stack(cols, axis=1), 0.0)
+
+
+def _combine_bwd(spec: OpSpec, res, ct):
+    y, weights, handle = res
+    d_tok = _backend(spec).token_dispatch(ct, handle, spec)  # [RT, H] output cotangent per token
+    if spec.layout == "per_rank":
+        return _pad_rows(d_tok, handle.capacity).astype(y.dtype), None, None
+    hidden = y.shape[-1]
+    y_rows = y.reshape(-1, hidden)
+    dy = _expand_to_rows(d_tok, handle.recv_rows, weights, y_rows.shape[0], y.dtype).reshape(y.shape)
+    dw = _row_dots(d_tok, y_rows, handle.recv_rows)
+    return dy, dw, None
+
+
+_combine.defvjp(_combine_fwd, _combine_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _token_dispatch(spec: OpSpec, x, handle):
+    return _backend(spec).token_dispatch(x, handle, spec)
+
+
+def _token_dispatch_fwd(spec, x, handle):
+    return _token_dispatch(spec, x, handle), handle
+
+
+def _token_dispatch_bwd(spec, handle, ct):
+    return _backend(spec).token_combine(ct, handle, spec), None
+
+
+_token_dispatch.defvjp(_token_dispatch_fwd, _token_dispatch_bwd)
+
+
+# ----------------------------------------------------------------------------
+# low latency
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LowLatencyTicket:
+    """What a ``*_send`` half hands to its ``*_recv`` half (opaque; pass it on unchanged).
+
+    Holding it orders the receive after the send; XLA may schedule other work between.
+    """
+
+    payload: Any
+    spec: OpSpec = dataclasses.field(metadata=dict(static=True))
+
+
+jax.tree_util.register_dataclass(LowLatencyTicket)
+
+
+def _check_ll(x, topk_idx, group, op):
+    num_ranks = _check_group_axis(group, op)
+    t_max = group.num_max_tokens_per_rank
+    if x.shape[0] > t_max:
+        raise ValueError(f"jax_ep.{op}: {x.shape[0]} tokens exceed the group's "
+                         f"num_max_tokens_per_rank={t_max}")
+    return num_ranks
+
+
+def _active(active_ranks, num_ranks):
+    if active_ranks is None:
+        return jnp.ones((num_ranks,), jnp.int32)
+    if active_ranks.shape != (num_ranks,):
+        raise ValueError(f"active_ranks must have shape ({num_ranks},), got {active_ranks.shape}")
+    return active_ranks.astype(jnp.int32)
+
+
+def low_latency_dispatch_send(
+    x: jax.Array,
+    topk_idx: jax.Array,
+    *,
+    group,
+    fp8: bool = True,
+    round_scale: bool = False,
+    active_ranks: jax.Array | None = None,
+) -> LowLatencyTicket:
+    """Send half of :func:`low_latency_dispatch`; finish it with :func:`low_latency_dispatch_recv`.
+
+    At most two sends may be outstanding (the receive buffers are double-buffered).
+    """
+    validation.check_tokens(x)
+    topk_idx, _ = validation.check_routing(topk_idx, None, x.shape[0])
+    validation.check_fp8(x.shape[1], fp8)
+    num_ranks = _check_ll(x, topk_idx, group, "low_latency_dispatch")
+    group.check_fits(x.shape[1], x.dtype, x.shape[0], topk_idx.shape[1], "low_latency_dispatch",
+                     low_latency=True)
+    spec = group.spec(layout="expert_major", capacity=num_ranks * group.num_max_tokens_per_rank,
+                      fp8=fp8, round_scale=round_scale,
+                      max_tokens_per_rank=group.num_max_tokens_per_rank)
+    active = _active(active_ranks, num_ranks)
+    x, topk_idx, active = _compat.match_varying(x, topk_idx, active)
+    return LowLatencyTicket(_backend(spec).ll_dispatch_send(x, topk_idx, active, spec), spec)
+
+
+def low_latency_dispatch_recv(ticket: LowLatencyTicket) -> LowLatencyOut:
+    """Receive half of :func:`low_latency_dispatch`."""
+    spec = ticket.spec
+    ox, oscales, counts, dropped, handle = _backend(spec).ll_dispatch_recv(ticket.payload, spec)
+    return LowLatencyOut(ox, oscales, counts, dropped, handle)
+
+
+def low_latency_dispatch(
+    x: jax.Array,
+    topk_idx: jax.Array,
+    *,
+    group,
+    fp8: bool = True,
+    round_scale: bool = False,
+    active_ranks: jax.Array | None = None,
+) -> LowLatencyOut:
+    """Decode-time dispatch into fixed per-expert buffers (DeepEP low-latency semantics).
+
+    Args:
+      x: ``[num_tokens, hidden]`` with ``num_tokens <= group.num_max_tokens_per_rank``.
+      topk_idx: ``[num_tokens, num_topk]`` expert ids, -1 = masked.
+      fp8: FP8 payload with per-128-channel float32 scales (quantised in the send).
+      active_ranks: ``[R]`` (1 = alive, 0 = failed), the same on every rank: selections
+        of failed ranks are dropped and counted, failed sources are not waited for.
+    Returns:
+      :class:`LowLatencyOut` with ``x`` of shape ``[E_loc, R * num_max_tokens_per_rank, H]``.
+    """
+    return low_latency_dispatch_recv(low_latency_dispatch_send(
+        x, topk_idx, group=group, fp8=fp8, round_scale=round_scale, active_ranks=active_ranks))
+
+
+def _check_ll_combine(y, topk_idx, topk_weights, handle, group):
+    if not isinstance(handle, LowLatencyHandle):
+        raise TypeError("handle must be LowLatencyOut.handle")
+    expected = (handle.num_experts // handle.num_ranks, handle.num_ranks * handle.max_tokens_per_rank)
+    if y.ndim != 3 or y.shape[:2] != expected:
+        raise ValueError(f"y must have shape {expected + ('hidden',)}, got {y.shape}")
+    if y.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        raise TypeError(f"y must be bf16/f16/f32, got {np.dtype(y.dtype).name}")
+    topk_idx, topk_weights = validation.check_routing(topk_idx, topk_weights, None)
+    if topk_weights is None:
+        raise ValueError("low_latency_combine needs topk_weights")
+    _check_group_axis(group, "low_latency_combine")
+    group.check_fits(y.shape[-1], y.dtype, topk_idx.shape[0], topk_idx.shape[1],
+                     "low_latency_combine", low_latency=True)
+    return topk_idx, topk_weights
+
+
+def low_latency_combine_send(
+    y: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array, handle: LowLatencyHandle, *, group
+) -> LowLatencyTicket:
+    """Send half of :func:`low_latency_combine` (expert side pushes its rows home)."""
+    topk_idx, topk_weights = _check_ll_combine(y, topk_idx, topk_weights, handle, group)
+    spec = group.spec(max_tokens_per_rank=handle.max_tokens_per_rank)
+    y, topk_idx, topk_weights = _compat.match_varying(y, topk_idx, topk_weights)
+    return LowLatencyTicket(_backend(spec).ll_combine_send(y, handle, topk_idx, topk_weights, spec),
+                            spec)
+
+
+def low_latency_combine_recv(
+    ticket: LowLatencyTicket, topk_idx: jax.Array, topk_weights: jax.Array, handle: LowLatencyHandle
+) -> jax.Array:
+    """Receive half of :func:`low_latency_combine`: the weighted sum at the home rank."""
+    topk_idx, topk_weights = validation.check_routing(topk_idx, topk_weights, None)
+    spec = ticket.spec
+    return _backend(spec).ll_combine_recv(ticket.payload, handle, topk_idx, topk_weights, spec)
+
+
+def low_latency_combine(
+    y: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array, handle: LowLatencyHandle, *, group
+) -> jax.Array:
+    """``out[t] = Σ_k w[t,k] * y[e_k, row(t, e_k)]`` in float32, cast to ``y``'s dtype.
+
+    Args:
+      y: ``[E_loc, R*T_max, H]`` expert outputs in the low-latency dispatch layout.
+      topk_idx, topk_weights: ``[num_tokens, num_topk]``, the routing given to dispatch.
+      handle: ``LowLatencyOut.handle``.
+    """
+    ticket = low_latency_combine_send(y, topk_idx, topk_weights, handle, group=group)
+    return low_latency_combine_recv(ticket, topk_idx, topk_weights, handle)
