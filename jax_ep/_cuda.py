@@ -15,13 +15,27 @@ import jax.numpy as jnp
 
 from jax_ep import _compat, _ext
 from jax_ep import fp8 as _fp8
-from jax_ep._cuda_low_latency import ll_combine_recv, ll_combine_send, ll_dispatch_recv, ll_dispatch_send
+from jax_ep._cuda_low_latency import (
+    ll_combine_recv,
+    ll_combine_send,
+    ll_dispatch_recv,
+    ll_dispatch_send,
+)
 from jax_ep._cuda_runtime import register_targets
 from jax_ep._spec import OpSpec
 from jax_ep.types import DispatchLayout, Handle
 
-__all__ = ["layout", "dispatch", "combine", "token_dispatch", "token_combine", "ll_dispatch_send",
-           "ll_dispatch_recv", "ll_combine_send", "ll_combine_recv"]
+__all__ = [
+    "layout",
+    "dispatch",
+    "combine",
+    "token_dispatch",
+    "token_combine",
+    "ll_dispatch_send",
+    "ll_dispatch_recv",
+    "ll_combine_send",
+    "ll_combine_recv",
+]
 
 _LAYOUT_KIND = {"per_rank": 0, "expert_major": 1, "ragged": 2}
 
@@ -35,7 +49,9 @@ def call(name: str, spec: OpSpec | None, results, *operands, **attrs):
     """``ffi_call`` with operands made to vary alike (arrays built inside shard_map do not)."""
     operands = _compat.match_varying(*operands)
     results = [_compat.result_like(operands[0], shape, dtype) for shape, dtype in results]
-    return jax.ffi.ffi_call(target(name, spec), results, vmap_method="expand_dims")(*operands, **attrs)
+    return jax.ffi.ffi_call(target(name, spec), results, vmap_method="expand_dims")(
+        *operands, **attrs
+    )
 
 
 @functools.cache
@@ -51,14 +67,31 @@ def layout(topk_idx: jax.Array, num_experts: int, num_ranks: int) -> DispatchLay
     _init_local_devices()
     num_tokens = topk_idx.shape[0]
     per_rank, per_expert, in_rank = call(
-        "dispatch_layout", None,
-        [((num_ranks,), jnp.int32), ((num_experts,), jnp.int32), ((num_tokens, num_ranks), jnp.bool_)],
-        topk_idx, group_id=0, num_experts=num_experts, num_ranks=num_ranks)
+        "dispatch_layout",
+        None,
+        [
+            ((num_ranks,), jnp.int32),
+            ((num_experts,), jnp.int32),
+            ((num_tokens, num_ranks), jnp.bool_),
+        ],
+        topk_idx,
+        group_id=0,
+        num_experts=num_experts,
+        num_ranks=num_ranks,
+    )
     return DispatchLayout(per_rank, per_expert, in_rank)
 
 
-def _dispatch_call(x, topk_idx, topk_weights, spec: OpSpec, layout: str, capacity: int,
-                   fp8: bool, round_scale: bool):
+def _dispatch_call(
+    x,
+    topk_idx,
+    topk_weights,
+    spec: OpSpec,
+    layout: str,
+    capacity: int,
+    fp8: bool,
+    round_scale: bool,
+):
     num_tokens, hidden = x.shape
     num_topk = topk_idx.shape[1]
     e_loc = spec.num_local_experts
@@ -79,27 +112,67 @@ def _dispatch_call(x, topk_idx, topk_weights, spec: OpSpec, layout: str, capacit
         ((rt, num_topk), jnp.float32),
         ((), jnp.int32),
     ]
-    return call("ht_dispatch", spec, results, x, topk_idx, topk_weights,
-                group_id=spec.group_id, layout_kind=_LAYOUT_KIND[layout], capacity=capacity,
-                num_experts=spec.num_experts, fp8=int(fp8), round_scale=int(round_scale))
+    return call(
+        "ht_dispatch",
+        spec,
+        results,
+        x,
+        topk_idx,
+        topk_weights,
+        group_id=spec.group_id,
+        layout_kind=_LAYOUT_KIND[layout],
+        capacity=capacity,
+        num_experts=spec.num_experts,
+        fp8=int(fp8),
+        round_scale=int(round_scale),
+    )
 
 
 def dispatch(x, topk_idx, topk_weights, spec: OpSpec):
-    (ox, oscales, oidx, ow, counts, dropped, recv_src, recv_idx, recv_rows, recv_w,
-     num_recv) = _dispatch_call(x, topk_idx, topk_weights, spec, spec.layout, spec.capacity,
-                                spec.fp8, spec.round_scale)
+    (ox, oscales, oidx, ow, counts, dropped, recv_src, recv_idx, recv_rows, recv_w, num_recv) = (
+        _dispatch_call(
+            x, topk_idx, topk_weights, spec, spec.layout, spec.capacity, spec.fp8, spec.round_scale
+        )
+    )
     per_rank = spec.layout == "per_rank"
-    handle = Handle(topk_idx, recv_src, recv_idx, recv_rows, recv_w, num_recv, spec.layout,
-                    spec.num_experts, spec.num_ranks, spec.capacity)
-    return (ox, oscales if spec.fp8 else None, oidx if per_rank else None,
-            ow if per_rank else None, counts, dropped, handle)
+    handle = Handle(
+        topk_idx,
+        recv_src,
+        recv_idx,
+        recv_rows,
+        recv_w,
+        num_recv,
+        spec.layout,
+        spec.num_experts,
+        spec.num_ranks,
+        spec.capacity,
+    )
+    return (
+        ox,
+        oscales if spec.fp8 else None,
+        oidx if per_rank else None,
+        ow if per_rank else None,
+        counts,
+        dropped,
+        handle,
+    )
 
 
 def _combine_call(y_rows, handle: Handle, rows, weights, spec: OpSpec):
     num_tokens = handle.num_tokens
-    return call("ht_combine", spec, [((num_tokens, y_rows.shape[-1]), y_rows.dtype)],
-                y_rows, handle.recv_src, rows, weights, handle.num_recv, handle.topk_idx,
-                group_id=spec.group_id, num_experts=spec.num_experts)
+    return call(
+        "ht_combine",
+        spec,
+        [((num_tokens, y_rows.shape[-1]), y_rows.dtype)],
+        y_rows,
+        handle.recv_src,
+        rows,
+        weights,
+        handle.num_recv,
+        handle.topk_idx,
+        group_id=spec.group_id,
+        num_experts=spec.num_experts,
+    )
 
 
 def combine(y, handle: Handle, weights, spec: OpSpec):

@@ -50,16 +50,26 @@ class GroupRuntime:
         self.group_id = group.id
         cfg = group.config
         self._sizes = dict(
-            num_ranks=group.num_ranks, max_tokens=group.num_max_tokens_per_rank,
-            hidden=group.hidden, elem_bytes=group.dtype.itemsize, num_topk=group.num_topk,
-            num_local_experts=group.num_local_experts, low_latency=group.low_latency)
+            num_ranks=group.num_ranks,
+            max_tokens=group.num_max_tokens_per_rank,
+            hidden=group.hidden,
+            elem_bytes=group.dtype.itemsize,
+            num_topk=group.num_topk,
+            num_local_experts=group.num_local_experts,
+            low_latency=group.low_latency,
+        )
         self.bytes_per_rank = ext.buffer_bytes(**self._sizes)
-        self._owned: list[tuple[int, int]] = []    # (device, ptr) we allocated
-        self._opened: list[tuple[int, int]] = []   # (device, ptr) opened from IPC handles
+        self._owned: list[tuple[int, int]] = []  # (device, ptr) we allocated
+        self._opened: list[tuple[int, int]] = []  # (device, ptr) opened from IPC handles
         self._devices: list[int] = []
         send_blocks = cfg.resolved_num_sms(group.num_ranks)
-        common = dict(group_id=group.id, **self._sizes, timeout_s=cfg.timeout_s,
-                      fault_inject_rank=cfg.fault_inject_rank, send_blocks=send_blocks)
+        common = dict(
+            group_id=group.id,
+            **self._sizes,
+            timeout_s=cfg.timeout_s,
+            fault_inject_rank=cfg.fault_inject_rank,
+            send_blocks=send_blocks,
+        )
         if group.loopback:
             dev = group.devices[0]
             ordinal = dev.local_hardware_id
@@ -69,8 +79,9 @@ class GroupRuntime:
             for members in _ep_groups(group.mesh, group.axis_name):
                 self._wire_ep_group(members, common, cfg)
         # runs on close(), on garbage collection, or at interpreter exit
-        self._finalizer = weakref.finalize(self, _release, ext, self.group_id, list(self._opened),
-                                           list(self._owned))
+        self._finalizer = weakref.finalize(
+            self, _release, ext, self.group_id, list(self._opened), list(self._owned)
+        )
 
     def _alloc(self, ordinal: int) -> int:
         ptr = self._ext.alloc_buffer(ordinal, self.bytes_per_rank)
@@ -79,8 +90,14 @@ class GroupRuntime:
 
     def _register(self, ordinal, first_rank, num_local, bases, common, cfg):
         copy_blocks = cfg.num_copy_sms or self._ext.num_sms(ordinal)
-        self._ext.register_state(device=ordinal, first_rank=first_rank, num_local_ranks=num_local,
-                                 copy_blocks=copy_blocks, peer_bases=bases, **common)
+        self._ext.register_state(
+            device=ordinal,
+            first_rank=first_rank,
+            num_local_ranks=num_local,
+            copy_blocks=copy_blocks,
+            peer_bases=bases,
+            **common,
+        )
         self._devices.append(ordinal)
 
     def _wire_ep_group(self, members, common, cfg):
@@ -100,8 +117,9 @@ class GroupRuntime:
                 dev = local[rank].local_hardware_id
                 distributed.publish(f"{key}/ipc{rank}", self._ext.ipc_handle(dev, ptr))
             for rank in remote:
-                handles[rank] = distributed.fetch(f"{key}/ipc{rank}", _KV_TIMEOUT_S,
-                                                  what=f"buffer handle of EP rank {rank}")
+                handles[rank] = distributed.fetch(
+                    f"{key}/ipc{rank}", _KV_TIMEOUT_S, what=f"buffer handle of EP rank {rank}"
+                )
         for rank, d in local.items():
             ordinal = d.local_hardware_id
             bases = []

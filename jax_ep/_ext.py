@@ -17,7 +17,8 @@ def _load() -> tuple[ModuleType | None, str]:
     except ImportError as e:
         return None, (
             "the jax_ep CUDA extension is not built or failed to load "
-            f"({e}); reinstall with a CUDA compiler on PATH (nvcc) to get the kernels")
+            f"({e}); reinstall with a CUDA compiler on PATH (nvcc) to get the kernels"
+        )
     return _jax_ep_cuda, ""
 
 

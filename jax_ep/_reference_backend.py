@@ -21,8 +21,16 @@ def layout(topk_idx: jax.Array, num_experts: int, num_ranks: int):
 
 def dispatch(x, topk_idx, topk_weights, spec: OpSpec):
     return reference.dispatch(
-        x, topk_idx, topk_weights, axis_name=spec.axis_name, num_experts=spec.num_experts,
-        layout=spec.layout, capacity=spec.capacity, fp8=spec.fp8, round_scale=spec.round_scale)
+        x,
+        topk_idx,
+        topk_weights,
+        axis_name=spec.axis_name,
+        num_experts=spec.num_experts,
+        layout=spec.layout,
+        capacity=spec.capacity,
+        fp8=spec.fp8,
+        round_scale=spec.round_scale,
+    )
 
 
 def combine(y, handle: Handle, weights, spec: OpSpec):
@@ -43,9 +51,15 @@ def token_combine(rows, handle: Handle, spec: OpSpec):
 
 def ll_dispatch_send(x, topk_idx, active_ranks, spec: OpSpec):
     return reference.low_latency_dispatch(
-        x, topk_idx, axis_name=spec.axis_name, num_experts=spec.num_experts,
-        max_tokens_per_rank=spec.max_tokens_per_rank, active_ranks=active_ranks,
-        fp8=spec.fp8, round_scale=spec.round_scale)
+        x,
+        topk_idx,
+        axis_name=spec.axis_name,
+        num_experts=spec.num_experts,
+        max_tokens_per_rank=spec.max_tokens_per_rank,
+        active_ranks=active_ranks,
+        fp8=spec.fp8,
+        round_scale=spec.round_scale,
+    )
 
 
 def ll_dispatch_recv(ticket, spec: OpSpec):
@@ -53,7 +67,9 @@ def ll_dispatch_recv(ticket, spec: OpSpec):
 
 
 def ll_combine_send(y, handle: LowLatencyHandle, topk_idx, topk_weights, spec: OpSpec):
-    return reference.low_latency_combine(y, topk_idx, topk_weights, handle, axis_name=spec.axis_name)
+    return reference.low_latency_combine(
+        y, topk_idx, topk_weights, handle, axis_name=spec.axis_name
+    )
 
 
 def ll_combine_recv(ticket, handle: LowLatencyHandle, topk_idx, topk_weights, spec: OpSpec):

@@ -21,7 +21,8 @@ def _client():
     if client is None:
         raise RuntimeError(
             "jax_ep: this group spans several processes but jax.distributed is not initialised; "
-            "call jax.distributed.initialize() before creating the jax_ep.Group")
+            "call jax.distributed.initialize() before creating the jax_ep.Group"
+        )
     return client
 
 
@@ -36,9 +37,11 @@ def fetch(key: str, timeout_s: float, *, what: str = "") -> bytes:
         return _client().blocking_key_value_get_bytes(f"{KEY_PREFIX}/{key}", int(timeout_s * 1000))
     except Exception as e:  # the client raises a generic XlaRuntimeError on deadline
         raise TimeoutError(
-            f"jax_ep: process {jax.process_index()} waited {timeout_s:.1f} s for '{KEY_PREFIX}/{key}'"
+            f"jax_ep: process {jax.process_index()} waited {timeout_s:.1f} s for "
+            f"'{KEY_PREFIX}/{key}'"
             f"{' (' + what + ')' if what else ''} and it never arrived: is every process creating "
-            f"the same jax_ep.Group in the same order? ({e})") from e
+            f"the same jax_ep.Group in the same order? ({e})"
+        ) from e
 
 
 def barrier(name: str, timeout_s: float) -> None:
@@ -46,5 +49,7 @@ def barrier(name: str, timeout_s: float) -> None:
     try:
         _client().wait_at_barrier(f"{KEY_PREFIX}/{name}", int(timeout_s * 1000))
     except Exception as e:
-        raise TimeoutError(f"jax_ep: process {jax.process_index()}: barrier '{name}' not reached by "
-                           f"every process within {timeout_s:.1f} s ({e})") from e
+        raise TimeoutError(
+            f"jax_ep: process {jax.process_index()}: barrier '{name}' not reached by "
+            f"every process within {timeout_s:.1f} s ({e})"
+        ) from e

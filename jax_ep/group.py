@@ -29,7 +29,7 @@ BACKENDS = ("auto", "cuda", "reference")
 
 
 def default_backend(devices=None) -> str:
-    """``"cuda"`` when the extension is loaded and the devices are NVIDIA GPUs, else ``"reference"``."""
+    """``"cuda"`` with the extension loaded and NVIDIA GPUs as devices, else ``"reference"``."""
     devices = devices if devices is not None else jax.devices()
     on_gpu = all(d.platform == "gpu" for d in devices)
     return "cuda" if on_gpu and _ext.extension() is not None else "reference"
@@ -74,19 +74,28 @@ class Group:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if loopback is not None:
             if not isinstance(loopback, int) or loopback < 1:
-                raise ValueError(f"loopback must be a positive int (virtual ranks), got {loopback!r}")
+                raise ValueError(
+                    f"loopback must be a positive int (virtual ranks), got {loopback!r}"
+                )
             devices = [mesh.devices.flat[0]] if mesh is not None else [jax.devices()[0]]
             num_ranks = loopback
         else:
             if mesh is None:
-                raise ValueError("Group needs a mesh (or loopback=N for virtual ranks on one device)")
+                raise ValueError(
+                    "Group needs a mesh (or loopback=N for virtual ranks on one device)"
+                )
             if axis_name not in mesh.axis_names:
-                raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
+                raise ValueError(
+                    f"axis_name {axis_name!r} is not an axis of the mesh {mesh.axis_names}"
+                )
             devices = list(mesh.devices.flat)
             num_ranks = mesh.shape[axis_name]
         validation.check_num_experts(num_experts, num_ranks)
-        for name, value in (("num_topk", num_topk), ("hidden", hidden),
-                            ("num_max_tokens_per_rank", num_max_tokens_per_rank)):
+        for name, value in (
+            ("num_topk", num_topk),
+            ("hidden", hidden),
+            ("num_max_tokens_per_rank", num_max_tokens_per_rank),
+        ):
             if not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.mesh = mesh
@@ -124,25 +133,35 @@ class Group:
 
     def spec(self, **fields) -> OpSpec:
         """The static description of one op call on this group."""
-        return OpSpec(backend=self.backend, group_id=self.id, axis_name=self.axis_name,
-                      num_ranks=self.num_ranks, num_experts=self.num_experts,
-                      sync_errors=self.config.sync_errors,
-                      fault_inject_rank=self.config.fault_inject_rank, **fields)
+        return OpSpec(
+            backend=self.backend,
+            group_id=self.id,
+            axis_name=self.axis_name,
+            num_ranks=self.num_ranks,
+            num_experts=self.num_experts,
+            sync_errors=self.config.sync_errors,
+            fault_inject_rank=self.config.fault_inject_rank,
+            **fields,
+        )
 
-    def check_fits(self, hidden: int, dtype, num_tokens: int, num_topk: int, op: str,
-                   low_latency: bool = False) -> None:
+    def check_fits(
+        self, hidden: int, dtype, num_tokens: int, num_topk: int, op: str, low_latency: bool = False
+    ) -> None:
         """Raise a clear error when a call exceeds what the group's buffers were sized for."""
         if self.backend != "cuda":
             return
         problems = []
         if num_tokens > self.num_max_tokens_per_rank:
-            problems.append(f"{num_tokens} tokens > num_max_tokens_per_rank="
-                            f"{self.num_max_tokens_per_rank}")
+            problems.append(
+                f"{num_tokens} tokens > num_max_tokens_per_rank={self.num_max_tokens_per_rank}"
+            )
         if num_topk > self.num_topk:
             problems.append(f"top-k {num_topk} > num_topk={self.num_topk}")
         if hidden * np.dtype(dtype).itemsize > self.hidden * self.dtype.itemsize:
-            problems.append(f"rows of {hidden} x {np.dtype(dtype).name} exceed the "
-                            f"{self.hidden} x {self.dtype.name} the buffers hold")
+            problems.append(
+                f"rows of {hidden} x {np.dtype(dtype).name} exceed the "
+                f"{self.hidden} x {self.dtype.name} the buffers hold"
+            )
         if low_latency and not self.low_latency:
             problems.append("the group was created without low_latency=True")
         if problems:
@@ -171,5 +190,7 @@ class Group:
 
     def __repr__(self) -> str:
         mode = f"loopback={self.loopback}" if self.loopback else f"axis={self.axis_name!r}"
-        return (f"Group({mode}, ranks={self.num_ranks}, experts={self.num_experts}, "
-                f"backend={self.backend!r})")
+        return (
+            f"Group({mode}, ranks={self.num_ranks}, experts={self.num_experts}, "
+            f"backend={self.backend!r})"
+        )

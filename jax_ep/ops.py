@@ -85,7 +85,9 @@ def get_dispatch_layout(
 # ----------------------------------------------------------------------------
 
 
-def _default_capacity(layout: str, num_ranks: int, num_tokens: int, num_topk: int, e_loc: int) -> int:
+def _default_capacity(
+    layout: str, num_ranks: int, num_tokens: int, num_topk: int, e_loc: int
+) -> int:
     """The worst case: nothing is ever dropped (one row per distinct token/expert pair)."""
     if layout == "ragged":
         return num_ranks * num_tokens * min(num_topk, e_loc)
@@ -95,8 +97,10 @@ def _default_capacity(layout: str, num_ranks: int, num_tokens: int, num_topk: in
 def _check_group_axis(group, op: str) -> int:
     num_ranks = validation.axis_size_or_raise(group.axis_name, op)
     if num_ranks != group.num_ranks:
-        raise ValueError(f"jax_ep.{op}: axis {group.axis_name!r} has size {num_ranks} here but the "
-                         f"group was created for {group.num_ranks} ranks")
+        raise ValueError(
+            f"jax_ep.{op}: axis {group.axis_name!r} has size {num_ranks} here but the "
+            f"group was created for {group.num_ranks} ranks"
+        )
     return num_ranks
 
 
@@ -148,27 +152,35 @@ def dispatch(
         capacity = _default_capacity(layout, num_ranks, num_tokens, num_topk, e_loc)
     capacity = validation.check_capacity(capacity)
     group.check_fits(x.shape[1], x.dtype, num_tokens, num_topk, "dispatch")
-    spec = group.spec(layout=layout, capacity=capacity, fp8=fp8, round_scale=round_scale,
-                      dequantize=dequantize)
+    spec = group.spec(
+        layout=layout, capacity=capacity, fp8=fp8, round_scale=round_scale, dequantize=dequantize
+    )
     x, topk_idx, topk_weights = _compat.match_varying(x, topk_idx, topk_weights)
     ox, oscales, oidx, ow, counts, dropped, handle = _dispatch(spec, x, topk_idx, topk_weights)
     if on_overflow == "error":
-        counts = counts + _overflow_guard(dropped, f"dispatch(layout={layout!r}, capacity={capacity})")
+        counts = counts + _overflow_guard(
+            dropped, f"dispatch(layout={layout!r}, capacity={capacity})"
+        )
     return DispatchOut(ox, oscales, oidx, ow, counts, dropped, handle)
 
 
 def _raise_if_dropped(num_dropped, what):
     n = int(np.asarray(num_dropped))
     if n > 0:
-        raise ValueError(f"jax_ep.{what}: {n} rows did not fit and were dropped "
-                         f"(on_overflow='error'); raise capacity or use the default worst case")
+        raise ValueError(
+            f"jax_ep.{what}: {n} rows did not fit and were dropped "
+            f"(on_overflow='error'); raise capacity or use the default worst case"
+        )
     return np.int32(0)
 
 
 def _overflow_guard(num_dropped: jax.Array, what: str) -> jax.Array:
     """A zero whose computation fails the step when ``num_dropped > 0``."""
-    return io_callback(functools.partial(_raise_if_dropped, what=what),
-                       jax.ShapeDtypeStruct((), jnp.int32), num_dropped)
+    return io_callback(
+        functools.partial(_raise_if_dropped, what=what),
+        jax.ShapeDtypeStruct((), jnp.int32),
+        num_dropped,
+    )
 
 
 def _dispatch_impl(spec: OpSpec, x, topk_idx, topk_weights):
@@ -189,7 +201,7 @@ def _dispatch_fwd(spec, x, topk_idx, topk_weights):
 
 
 def _first_occurrence_weights(rows: jax.Array) -> jax.Array:
-    """``[RT, K]`` rows → 1.0 at the first k of each delivered row, else 0 (dedups a token's copies)."""
+    """``[RT, K]`` rows → 1.0 at the first k of each delivered row, else 0 (a token's copy once)."""
     k = rows.shape[1]
     same = rows[:, :, None] == rows[:, None, :]
     earlier = jnp.tril(jnp.ones((k, k), bool), -1)  # [k, k'] k' < k
@@ -246,21 +258,30 @@ def combine(
       (unweighted, DeepEP semantics). Masked and dropped selections contribute nothing.
     """
     if not isinstance(handle, Handle):
-        raise TypeError(f"handle must be DispatchOut.handle (a jax_ep.Handle), got {type(handle).__name__}")
+        raise TypeError(
+            f"handle must be DispatchOut.handle (a jax_ep.Handle), got {type(handle).__name__}"
+        )
     validation.check_tokens(y.reshape(-1, y.shape[-1]) if y.ndim == 3 else y, "y")
-    expected = (handle.num_local_experts, handle.capacity) if handle.layout == "expert_major" \
+    expected = (
+        (handle.num_local_experts, handle.capacity)
+        if handle.layout == "expert_major"
         else (handle.capacity,)
+    )
     if y.shape[:-1] != expected:
-        raise ValueError(f"y has shape {y.shape} but the {handle.layout} dispatch produced rows of "
-                         f"shape {expected + (y.shape[-1],)}")
+        raise ValueError(
+            f"y has shape {y.shape} but the {handle.layout} dispatch produced rows of "
+            f"shape {expected + (y.shape[-1],)}"
+        )
     _check_group_axis(group, "combine")
     group.check_fits(y.shape[-1], y.dtype, handle.num_tokens, handle.topk_idx.shape[1], "combine")
     spec = group.spec(layout=handle.layout, capacity=handle.capacity)
     weights = handle.recv_weights
     if topk_weights is not None:
         if handle.layout == "per_rank":
-            raise ValueError("per_rank combine is an unweighted sum (DeepEP semantics); "
-                             "weight the rows before combine instead of passing topk_weights")
+            raise ValueError(
+                "per_rank combine is an unweighted sum (DeepEP semantics); "
+                "weight the rows before combine instead of passing topk_weights"
+            )
         _, topk_weights = validation.check_routing(handle.topk_idx, topk_weights, None)
         recv = _token_dispatch(spec, topk_weights, handle)
         weights = jnp.where(handle.recv_topk_idx >= 0, recv, 0.0)
@@ -304,7 +325,9 @@ def _combine_bwd(spec: OpSpec, res, ct):
         return _pad_rows(d_tok, handle.capacity).astype(y.dtype), None, None
     hidden = y.shape[-1]
     y_rows = y.reshape(-1, hidden)
-    dy = _expand_to_rows(d_tok, handle.recv_rows, weights, y_rows.shape[0], y.dtype).reshape(y.shape)
+    dy = _expand_to_rows(d_tok, handle.recv_rows, weights, y_rows.shape[0], y.dtype).reshape(
+        y.shape
+    )
     dw = _row_dots(d_tok, y_rows, handle.recv_rows)
     return dy, dw, None
 
@@ -351,8 +374,9 @@ def _check_ll(x, topk_idx, group, op):
     num_ranks = _check_group_axis(group, op)
     t_max = group.num_max_tokens_per_rank
     if x.shape[0] > t_max:
-        raise ValueError(f"jax_ep.{op}: {x.shape[0]} tokens exceed the group's "
-                         f"num_max_tokens_per_rank={t_max}")
+        raise ValueError(
+            f"jax_ep.{op}: {x.shape[0]} tokens exceed the group's num_max_tokens_per_rank={t_max}"
+        )
     return num_ranks
 
 
@@ -381,11 +405,16 @@ def low_latency_dispatch_send(
     topk_idx, _ = validation.check_routing(topk_idx, None, x.shape[0])
     validation.check_fp8(x.shape[1], fp8)
     num_ranks = _check_ll(x, topk_idx, group, "low_latency_dispatch")
-    group.check_fits(x.shape[1], x.dtype, x.shape[0], topk_idx.shape[1], "low_latency_dispatch",
-                     low_latency=True)
-    spec = group.spec(layout="expert_major", capacity=num_ranks * group.num_max_tokens_per_rank,
-                      fp8=fp8, round_scale=round_scale,
-                      max_tokens_per_rank=group.num_max_tokens_per_rank)
+    group.check_fits(
+        x.shape[1], x.dtype, x.shape[0], topk_idx.shape[1], "low_latency_dispatch", low_latency=True
+    )
+    spec = group.spec(
+        layout="expert_major",
+        capacity=num_ranks * group.num_max_tokens_per_rank,
+        fp8=fp8,
+        round_scale=round_scale,
+        max_tokens_per_rank=group.num_max_tokens_per_rank,
+    )
     active = _active(active_ranks, num_ranks)
     x, topk_idx, active = _compat.match_varying(x, topk_idx, active)
     return LowLatencyTicket(_backend(spec).ll_dispatch_send(x, topk_idx, active, spec), spec)
@@ -418,14 +447,20 @@ def low_latency_dispatch(
     Returns:
       :class:`LowLatencyOut` with ``x`` of shape ``[E_loc, R * num_max_tokens_per_rank, H]``.
     """
-    return low_latency_dispatch_recv(low_latency_dispatch_send(
-        x, topk_idx, group=group, fp8=fp8, round_scale=round_scale, active_ranks=active_ranks))
+    return low_latency_dispatch_recv(
+        low_latency_dispatch_send(
+            x, topk_idx, group=group, fp8=fp8, round_scale=round_scale, active_ranks=active_ranks
+        )
+    )
 
 
 def _check_ll_combine(y, topk_idx, topk_weights, handle, group):
     if not isinstance(handle, LowLatencyHandle):
         raise TypeError("handle must be LowLatencyOut.handle")
-    expected = (handle.num_experts // handle.num_ranks, handle.num_ranks * handle.max_tokens_per_rank)
+    expected = (
+        handle.num_experts // handle.num_ranks,
+        handle.num_ranks * handle.max_tokens_per_rank,
+    )
     if y.ndim != 3 or y.shape[:2] != expected:
         raise ValueError(f"y must have shape {expected + ('hidden',)}, got {y.shape}")
     if y.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
@@ -434,8 +469,14 @@ def _check_ll_combine(y, topk_idx, topk_weights, handle, group):
     if topk_weights is None:
         raise ValueError("low_latency_combine needs topk_weights")
     _check_group_axis(group, "low_latency_combine")
-    group.check_fits(y.shape[-1], y.dtype, topk_idx.shape[0], topk_idx.shape[1],
-                     "low_latency_combine", low_latency=True)
+    group.check_fits(
+        y.shape[-1],
+        y.dtype,
+        topk_idx.shape[0],
+        topk_idx.shape[1],
+        "low_latency_combine",
+        low_latency=True,
+    )
     return topk_idx, topk_weights
 
 
@@ -446,8 +487,9 @@ def low_latency_combine_send(
     topk_idx, topk_weights = _check_ll_combine(y, topk_idx, topk_weights, handle, group)
     spec = group.spec(max_tokens_per_rank=handle.max_tokens_per_rank)
     y, topk_idx, topk_weights = _compat.match_varying(y, topk_idx, topk_weights)
-    return LowLatencyTicket(_backend(spec).ll_combine_send(y, handle, topk_idx, topk_weights, spec),
-                            spec)
+    return LowLatencyTicket(
+        _backend(spec).ll_combine_send(y, handle, topk_idx, topk_weights, spec), spec
+    )
 
 
 def low_latency_combine_recv(

@@ -98,7 +98,7 @@ def _return(rows: jax.Array, recv_src: jax.Array, num_ranks: int, num_tokens: in
 
 
 def _token_list(recv_idx: jax.Array, me: jax.Array, num_local_experts: int):
-    """Received tokens of ``[R, T, K]`` routing, as (recv_src ``[RT]``, count, local ids ``[RT, K]``)."""
+    """Received tokens of ``[R, T, K]`` routing: (recv_src, count, local ids ``[RT, K]``)."""
     num_ranks, num_tokens, k = recv_idx.shape
     local = _local_ids(recv_idx.reshape(-1, k), me, num_local_experts)
     received = jnp.any(local >= 0, axis=1)
@@ -112,7 +112,8 @@ def _expert_slots(token_local: jax.Array, num_local_experts: int):
     """Per received token and local expert: (selected ``[RT, E_loc]``, slot, per-expert count)."""
     valid = token_local >= 0
     selected = jnp.any(
-        (token_local[:, :, None] == jnp.arange(num_local_experts, dtype=jnp.int32)) & valid[:, :, None],
+        (token_local[:, :, None] == jnp.arange(num_local_experts, dtype=jnp.int32))
+        & valid[:, :, None],
         axis=1,
     )
     slot = jnp.cumsum(selected, axis=0, dtype=jnp.int32) - 1
@@ -136,8 +137,11 @@ def dispatch(
     fp8: bool = False,
     round_scale: bool = False,
 ):
-    """Reference dispatch. Returns ``(x, scales, topk_idx, topk_weights, counts, num_dropped, handle)``
-    with the meaning of :class:`jax_ep.DispatchOut`."""
+    """Reference dispatch.
+
+    Returns ``(x, scales, topk_idx, topk_weights, counts, num_dropped, handle)`` with the
+    meaning of :class:`jax_ep.DispatchOut`.
+    """
     num_ranks = jax.lax.axis_size(axis_name)
     me = jax.lax.axis_index(axis_name)
     num_tokens, hidden = x.shape
@@ -164,21 +168,38 @@ def dispatch(
 
     if layout == "per_rank":
         row = jnp.where((index < num_recv) & (index < capacity), index, -1)
-        keep = jnp.where(jnp.arange(capacity) < jnp.minimum(num_recv, capacity),
-                         jnp.arange(capacity, dtype=jnp.int32), -1)
+        keep = jnp.where(
+            jnp.arange(capacity) < jnp.minimum(num_recv, capacity),
+            jnp.arange(capacity, dtype=jnp.int32),
+            -1,
+        )
         out_x = _take(_pad_rows(token_x, capacity), keep)
-        out_scales = None if token_scales is None else _take(_pad_rows(token_scales, capacity), keep)
+        out_scales = (
+            None if token_scales is None else _take(_pad_rows(token_scales, capacity), keep)
+        )
         out_idx = jnp.where(keep[:, None] >= 0, _pad_rows(token_local, capacity, -1), -1)
         out_w = jnp.where(out_idx >= 0, _pad_rows(token_weights, capacity), 0.0)
         kept = jnp.minimum(num_recv, capacity).astype(jnp.int32)
-        handle = Handle(topk_idx, recv_src, token_local, row[:, None], token_weights, num_recv,
-                        "per_rank", num_experts, num_ranks, capacity)
+        handle = Handle(
+            topk_idx,
+            recv_src,
+            token_local,
+            row[:, None],
+            token_weights,
+            num_recv,
+            "per_rank",
+            num_experts,
+            num_ranks,
+            capacity,
+        )
         return out_x, out_scales, out_idx, out_w, kept, num_recv - kept, handle
 
     selected, slot, count = _expert_slots(token_local, e_loc)
     if layout == "expert_major":
         kept_counts = jnp.minimum(count, capacity)
-        row_of = jnp.where(slot < capacity, jnp.arange(e_loc, dtype=jnp.int32) * capacity + slot, -1)
+        row_of = jnp.where(
+            slot < capacity, jnp.arange(e_loc, dtype=jnp.int32) * capacity + slot, -1
+        )
         num_rows = e_loc * capacity
     elif layout == "ragged":
         offset = jnp.cumsum(count, dtype=jnp.int32) - count
@@ -196,7 +217,8 @@ def dispatch(
     # which received token fills each output row (gather formulation: deterministic)
     row_token = jnp.full((num_rows + 1,), -1, jnp.int32)
     row_token = row_token.at[jnp.where(row_of >= 0, row_of, num_rows)].set(
-        jnp.broadcast_to(index[:, None], row_of.shape), mode="drop")[:num_rows]
+        jnp.broadcast_to(index[:, None], row_of.shape), mode="drop"
+    )[:num_rows]
     out_x = _take(token_x, row_token)
     out_scales = None if token_scales is None else _take(token_scales, row_token)
     if layout == "expert_major":
@@ -204,8 +226,18 @@ def dispatch(
         if out_scales is not None:
             out_scales = out_scales.reshape(e_loc, capacity, -1)
     dropped = jnp.sum(count - kept_counts, dtype=jnp.int32)
-    handle = Handle(topk_idx, recv_src, token_local, rows, token_weights, num_recv,
-                    layout, num_experts, num_ranks, capacity)
+    handle = Handle(
+        topk_idx,
+        recv_src,
+        token_local,
+        rows,
+        token_weights,
+        num_recv,
+        layout,
+        num_experts,
+        num_ranks,
+        capacity,
+    )
     return out_x, out_scales, None, None, kept_counts, dropped, handle
 
 
@@ -222,7 +254,9 @@ def expert_partials(y_rows: jax.Array, rows: jax.Array, weights: jax.Array) -> j
     acc = jnp.zeros((rows.shape[0], y_rows.shape[-1]), jnp.float32)
     for k in range(rows.shape[1]):
         valid = (rows[:, k] >= 0)[:, None]
-        term = weights[:, k, None].astype(jnp.float32) * _take(y_rows, rows[:, k]).astype(jnp.float32)
+        term = weights[:, k, None].astype(jnp.float32) * _take(y_rows, rows[:, k]).astype(
+            jnp.float32
+        )
         acc = jnp.where(valid, acc + term, acc)
     return acc.astype(y_rows.dtype)
 
@@ -303,8 +337,16 @@ def low_latency_dispatch(
     x_pad = _pad_rows(x, t_max)
     weights = jnp.zeros(routed.shape, jnp.float32)
     out_x, out_scales, _, _, counts, _, h = dispatch(
-        x_pad, routed, weights, axis_name=axis_name, num_experts=num_experts,
-        layout="expert_major", capacity=num_ranks * t_max, fp8=fp8, round_scale=round_scale)
+        x_pad,
+        routed,
+        weights,
+        axis_name=axis_name,
+        num_experts=num_experts,
+        layout="expert_major",
+        capacity=num_ranks * t_max,
+        fp8=fp8,
+        round_scale=round_scale,
+    )
     rows_total = num_ranks * t_max
     # per output row: source token id and first k that chose the row's expert
     # (capacity is the worst case, so every selection has a row and row // capacity is its expert)
@@ -318,11 +360,20 @@ def low_latency_dispatch(
     expert_ids = jnp.arange(e_loc, dtype=jnp.int32)[:, None]
     topk_slot = jnp.where(row_token >= 0, first_k[jnp.maximum(row_token, 0), expert_ids], -1)
     src_rank = jnp.where(src_info >= 0, src_info // t_max, -1)
-    per_source = jnp.sum(src_rank[:, None, :] == jnp.arange(num_ranks)[None, :, None], axis=2,
-                         dtype=jnp.int32)  # [E_loc, R]
+    per_source = jnp.sum(
+        src_rank[:, None, :] == jnp.arange(num_ranks)[None, :, None], axis=2, dtype=jnp.int32
+    )  # [E_loc, R]
     begin = jnp.cumsum(per_source, axis=1, dtype=jnp.int32) - per_source
-    handle = LowLatencyHandle(src_info, topk_slot, jnp.stack([begin, per_source], axis=-1), counts,
-                              active_ranks.astype(jnp.int32), num_experts, num_ranks, t_max)
+    handle = LowLatencyHandle(
+        src_info,
+        topk_slot,
+        jnp.stack([begin, per_source], axis=-1),
+        counts,
+        active_ranks.astype(jnp.int32),
+        num_experts,
+        num_ranks,
+        t_max,
+    )
     return out_x, out_scales, counts, dropped, handle
 
 

@@ -105,8 +105,10 @@ class DispatchOut(NamedTuple):
 class LowLatencyHandle:
     """Routing state of one low-latency dispatch.
 
-    recv_src_info: ``[E_loc, R*T_max]`` int32, ``s * T_max + t`` of each received row, -1 past the count.
-    recv_topk_slot: ``[E_loc, R*T_max]`` int32, the first k at which the source token chose the expert.
+    recv_src_info: ``[E_loc, R*T_max]`` int32, ``s * T_max + t`` of each received row
+      (-1 past the count).
+    recv_topk_slot: ``[E_loc, R*T_max]`` int32, the first k at which the source token chose
+      the expert.
     layout_range: ``[E_loc, R, 2]`` int32, (first row, row count) of each source rank's block.
     recv_count: ``[E_loc]`` int32 rows per local expert.
     active_ranks: ``[R]`` int32 (1 active, 0 failed) that the dispatch used.

@@ -32,8 +32,10 @@ def check_routing(
     if topk_idx.ndim != 2:
         raise ValueError(f"topk_idx must be [num_tokens, num_topk], got shape {topk_idx.shape}")
     if not jnp.issubdtype(topk_idx.dtype, jnp.integer):
-        raise TypeError(f"topk_idx must be an integer array (expert ids, -1 = masked), "
-                        f"got {_dtype_name(topk_idx.dtype)}")
+        raise TypeError(
+            f"topk_idx must be an integer array (expert ids, -1 = masked), "
+            f"got {_dtype_name(topk_idx.dtype)}"
+        )
     if num_tokens is not None and topk_idx.shape[0] != num_tokens:
         raise ValueError(f"topk_idx has {topk_idx.shape[0]} tokens but x has {num_tokens}")
     if topk_idx.shape[1] < 1:
@@ -41,10 +43,14 @@ def check_routing(
     topk_idx = topk_idx.astype(jnp.int32)
     if topk_weights is not None:
         if topk_weights.shape != topk_idx.shape:
-            raise ValueError(f"topk_weights shape {topk_weights.shape} must equal "
-                             f"topk_idx shape {topk_idx.shape}")
+            raise ValueError(
+                f"topk_weights shape {topk_weights.shape} must equal "
+                f"topk_idx shape {topk_idx.shape}"
+            )
         if not jnp.issubdtype(topk_weights.dtype, jnp.floating):
-            raise TypeError(f"topk_weights must be floating point, got {_dtype_name(topk_weights.dtype)}")
+            raise TypeError(
+                f"topk_weights must be floating point, got {_dtype_name(topk_weights.dtype)}"
+            )
         topk_weights = topk_weights.astype(jnp.float32)
     return topk_idx, topk_weights
 
@@ -53,7 +59,9 @@ def check_num_experts(num_experts: int, num_ranks: int) -> None:
     if not isinstance(num_experts, (int, np.integer)) or num_experts <= 0:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
     if num_experts % num_ranks:
-        raise ValueError(f"num_experts={num_experts} is not divisible by the EP axis size {num_ranks}")
+        raise ValueError(
+            f"num_experts={num_experts} is not divisible by the EP axis size {num_ranks}"
+        )
 
 
 def check_layout(layout: str) -> None:
@@ -61,7 +69,10 @@ def check_layout(layout: str) -> None:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
-def check_capacity(capacity, name: str = "capacity") -> int:
+def check_capacity(capacity, name: str = "capacity"):
+    """A positive static int, or a symbolic dimension (``jax.export`` with symbolic tokens)."""
+    if jax.export.is_symbolic_dim(capacity):
+        return capacity
     if not isinstance(capacity, (int, np.integer)) or isinstance(capacity, bool) or capacity <= 0:
         raise ValueError(f"{name} must be a positive int (static), got {capacity!r}")
     return int(capacity)
@@ -69,8 +80,10 @@ def check_capacity(capacity, name: str = "capacity") -> int:
 
 def check_fp8(hidden: int, fp8: bool) -> None:
     if fp8 and hidden % 128:
-        raise ValueError(f"fp8 dispatch needs hidden % 128 == 0 (one scale per 128 channels), "
-                         f"got hidden={hidden}")
+        raise ValueError(
+            f"fp8 dispatch needs hidden % 128 == 0 (one scale per 128 channels), "
+            f"got hidden={hidden}"
+        )
 
 
 def check_on_overflow(on_overflow: str) -> None:
@@ -85,4 +98,5 @@ def axis_size_or_raise(axis_name, op: str) -> int:
     except NameError as e:
         raise ValueError(
             f"jax_ep.{op} must run per rank inside jax.shard_map (or jax.vmap) that binds the EP "
-            f"axis {axis_name!r}; no such axis is bound here") from e
+            f"axis {axis_name!r}; no such axis is bound here"
+        ) from e

@@ -16,7 +16,9 @@ namespace jax_ep::ffi_layer {
 
 namespace ffi = xla::ffi;
 
-inline ffi::Error invalid(const std::string& msg) { return ffi::Error::InvalidArgument("jax_ep: " + msg); }
+inline ffi::Error invalid(const std::string& msg) {
+  return ffi::Error::InvalidArgument("jax_ep: " + msg);
+}
 
 inline ffi::Error cuda_error(cudaError_t err, const char* what) {
   return ffi::Error::Internal(std::string("jax_ep: ") + what + ": " + cudaGetErrorString(err));
@@ -65,20 +67,27 @@ inline CommContext comm_of(const DeviceState* s) {
 // Payload dtype code for kernels; -1 when unsupported.
 inline int dtype_code(ffi::DataType t) {
   switch (t) {
-    case ffi::DataType::F32: return kF32;
-    case ffi::DataType::BF16: return kBF16;
-    case ffi::DataType::F16: return kF16;
-    default: return -1;
+    case ffi::DataType::F32:
+      return kF32;
+    case ffi::DataType::BF16:
+      return kBF16;
+    case ffi::DataType::F16:
+      return kF16;
+    default:
+      return -1;
   }
 }
 
 inline int element_bytes(ffi::DataType t) {
   switch (t) {
     case ffi::DataType::F32:
-    case ffi::DataType::S32: return 4;
+    case ffi::DataType::S32:
+      return 4;
     case ffi::DataType::BF16:
-    case ffi::DataType::F16: return 2;
-    default: return 1;
+    case ffi::DataType::F16:
+      return 2;
+    default:
+      return 1;
   }
 }
 

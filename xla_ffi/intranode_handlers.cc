@@ -14,8 +14,8 @@ namespace {
 ffi::Error check_fits(const DeviceState* s, int64_t T, int64_t K, int64_t H, int esize, bool fp8, int64_t E) {
   const BufferSizes& z = s->layout.sizes;
   if (T > z.max_tokens)
-    return invalid("num_tokens=" + std::to_string(T) + " exceeds the group's num_max_tokens_per_rank=" +
-                   std::to_string(z.max_tokens));
+    return invalid("num_tokens=" + std::to_string(T) +
+                   " exceeds the group's num_max_tokens_per_rank=" + std::to_string(z.max_tokens));
   if (K > z.num_topk || K > kMaxTopk)
     return invalid("num_topk=" + std::to_string(K) + " exceeds the group's num_topk=" + std::to_string(z.num_topk));
   const size_t wire = fp8 ? size_t(H) + size_t(H / kFp8Group) * 4 : size_t(H) * esize;
@@ -94,8 +94,8 @@ ffi::Error HtDispatch(cudaStream_t stream, int32_t device, int64_t group_id, int
 
 template <bool kSync>
 ffi::Error HtCombine(cudaStream_t stream, int32_t device, int64_t group_id, int64_t num_experts, ffi::AnyBuffer y,
-                     ffi::AnyBuffer recv_src, ffi::AnyBuffer recv_rows, ffi::AnyBuffer weights,
-                     ffi::AnyBuffer num_recv, ffi::AnyBuffer topk_idx, ffi::Result<ffi::AnyBuffer> out) {
+                     ffi::AnyBuffer recv_src, ffi::AnyBuffer recv_rows, ffi::AnyBuffer weights, ffi::AnyBuffer num_recv,
+                     ffi::AnyBuffer topk_idx, ffi::Result<ffi::AnyBuffer> out) {
   DeviceState* s = nullptr;
   if (ffi::Error e = lookup(group_id, device, &s); e.failure()) return e;
   const int L = s->num_local_ranks;
@@ -113,8 +113,7 @@ ffi::Error HtCombine(cudaStream_t stream, int32_t device, int64_t group_id, int6
   if (RT != int64_t(s->num_ranks) * T) return invalid("recv_src must have num_ranks * num_tokens entries");
   if (rd[0] != RT || wd[0] != RT || wd[1] != rd[1] || rd[1] > kMaxTopk)
     return invalid("recv_rows / weights must be [num_ranks * num_tokens, <=32]");
-  if (ffi::Error e = check_fits(s, T, K, H, element_bytes(y.element_type()), false, num_experts); e.failure())
-    return e;
+  if (ffi::Error e = check_fits(s, T, K, H, element_bytes(y.element_type()), false, num_experts); e.failure()) return e;
   HtCombineArgs a;
   a.c = comm_of(s);
   a.num_tokens = int(T);

@@ -8,15 +8,16 @@ namespace jax_ep::ffi_layer {
 namespace {
 
 template <bool kSync>
-ffi::Error DispatchLayout(cudaStream_t stream, int32_t device, int64_t group_id, int64_t num_experts,
-                          int64_t num_ranks, ffi::AnyBuffer topk_idx, ffi::Result<ffi::AnyBuffer> per_rank,
+ffi::Error DispatchLayout(cudaStream_t stream, int32_t device, int64_t group_id, int64_t num_experts, int64_t num_ranks,
+                          ffi::AnyBuffer topk_idx, ffi::Result<ffi::AnyBuffer> per_rank,
                           ffi::Result<ffi::AnyBuffer> per_expert, ffi::Result<ffi::AnyBuffer> in_rank) {
   DeviceState* s = nullptr;
   if (ffi::Error e = lookup(group_id, device, &s); e.failure()) return e;
   auto dims = topk_idx.dimensions();
   if (dims.size() < 2) return invalid("topk_idx must be [num_tokens, num_topk]");
   if (topk_idx.element_type() != ffi::DataType::S32) return invalid("topk_idx must be int32");
-  if (num_ranks < 1 || num_ranks > kMaxRanks) return invalid("num_ranks=" + std::to_string(num_ranks) + " not in [1, 64]");
+  if (num_ranks < 1 || num_ranks > kMaxRanks)
+    return invalid("num_ranks=" + std::to_string(num_ranks) + " not in [1, 64]");
   if (num_experts % num_ranks) return invalid("num_experts not divisible by num_ranks");
   if (num_experts > kLayoutMaxExperts)
     return invalid("num_experts=" + std::to_string(num_experts) + " > " + std::to_string(kLayoutMaxExperts));

@@ -37,13 +37,13 @@ NB_MODULE(_jax_ep_cuda, m) {
   m.def(
       "register_state",
       [](int64_t group_id, int device, int num_ranks, int max_tokens, int hidden, int elem_bytes, int num_topk,
-         int num_local_experts, bool low_latency, int first_rank, int num_local_ranks, int send_blocks,
-         int copy_blocks, double timeout_s, int fault_inject_rank, std::vector<uint64_t> peer_bases) {
+         int num_local_experts, bool low_latency, int first_rank, int num_local_ranks, int send_blocks, int copy_blocks,
+         double timeout_s, int fault_inject_rank, std::vector<uint64_t> peer_bases) {
         DeviceStateConfig cfg;
         cfg.group_id = group_id;
         cfg.device = device;
-        cfg.sizes = BufferSizes{num_ranks, max_tokens, hidden, elem_bytes, num_topk, num_local_experts,
-                                low_latency ? 1 : 0};
+        cfg.sizes =
+            BufferSizes{num_ranks, max_tokens, hidden, elem_bytes, num_topk, num_local_experts, low_latency ? 1 : 0};
         cfg.first_rank = first_rank;
         cfg.num_local_ranks = num_local_ranks;
         cfg.send_blocks = send_blocks;
@@ -75,13 +75,15 @@ NB_MODULE(_jax_ep_cuda, m) {
   m.def("alloc_buffer", &alloc_buffer, nb::arg("device"), nb::arg("bytes"));
   m.def("free_buffer", &free_buffer, nb::arg("device"), nb::arg("ptr"));
   m.def(
-      "ipc_handle", [](int device, uint64_t ptr) {
+      "ipc_handle",
+      [](int device, uint64_t ptr) {
         std::string h = ipc_handle(device, ptr);
         return nb::bytes(h.data(), h.size());
       },
       nb::arg("device"), nb::arg("ptr"));
   m.def(
-      "ipc_open", [](int device, nb::bytes handle) {
+      "ipc_open",
+      [](int device, nb::bytes handle) {
         return ipc_open(device, std::string(static_cast<const char*>(handle.data()), handle.size()));
       },
       nb::arg("device"), nb::arg("handle"));

@@ -20,17 +20,19 @@ namespace jax_ep {
 constexpr size_t kAlign = 128;
 constexpr int kFp8Group = 128;  // channels per FP8 scale
 
-JAX_EP_HD inline size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
+JAX_EP_HD inline size_t align_up(size_t v, size_t a) {
+  return (v + a - 1) / a * a;
+}
 
 // Sizes a group was created with (upper bounds for every call).
 struct BufferSizes {
   int num_ranks = 1;
-  int max_tokens = 1;       // tokens per rank per call (T_max)
-  int hidden = 1;           // channels per token (max)
-  int elem_bytes = 2;       // widest payload element the buffers must hold
-  int num_topk = 1;         // K (max)
+  int max_tokens = 1;  // tokens per rank per call (T_max)
+  int hidden = 1;      // channels per token (max)
+  int elem_bytes = 2;  // widest payload element the buffers must hold
+  int num_topk = 1;    // K (max)
   int num_local_experts = 1;
-  int low_latency = 0;      // allocate the low-latency regions too
+  int low_latency = 0;  // allocate the low-latency regions too
 };
 
 // Bytes of one token row on the wire: the raw payload, or FP8 + one float scale per
@@ -60,10 +62,10 @@ struct BufferLayout {
   size_t ll_combine_signal = 0;    // u64 [2][R]
   size_t ll_combine_data = 0;      // [2][T_max][K][combine_row_bytes]
   // --- private to the owning rank ---------------------------------------------
-  size_t counters = 0;   // u64 [kNumCounters]: per-op sequence numbers, abort flag
-  size_t bitmaps = 0;    // u32 [E_loc + 1][bitmap_words]
-  size_t prefixes = 0;   // u32 [E_loc + 1][bitmap_words] exclusive popcount prefix
-  size_t totals = 0;     // int32 [E_loc + 1]
+  size_t counters = 0;  // u64 [kNumCounters]: per-op sequence numbers, abort flag
+  size_t bitmaps = 0;   // u32 [E_loc + 1][bitmap_words]
+  size_t prefixes = 0;  // u32 [E_loc + 1][bitmap_words] exclusive popcount prefix
+  size_t totals = 0;    // int32 [E_loc + 1]
   size_t total_bytes = 0;
 
   JAX_EP_HD size_t ll_message_bytes() const { return kLowLatencyHeaderBytes + row_bytes; }

@@ -16,14 +16,14 @@ constexpr int kMaxTopk = 32;   // one lane per top-k slot
 struct CommContext {
   uint8_t* const* peers = nullptr;  // device array [num_ranks]: base of each rank's buffer
   BufferLayout layout;
-  ErrorRecord* err = nullptr;       // device pointer to the host-mapped record
+  ErrorRecord* err = nullptr;  // device pointer to the host-mapped record
   uint64_t timeout_ns = 0;
   int num_ranks = 1;
-  int first_rank = 0;               // ranks [first_rank, first_rank + num_local_ranks) run here
-  int num_local_ranks = 1;          // > 1 only in loopback
-  int send_blocks = 1;              // blocks per rank of the send kernels (constant per group)
-  int copy_blocks = 1;              // blocks per rank of the local copy kernels
-  int fault_inject_rank = -1;       // testing: this rank never sends
+  int first_rank = 0;          // ranks [first_rank, first_rank + num_local_ranks) run here
+  int num_local_ranks = 1;     // > 1 only in loopback
+  int send_blocks = 1;         // blocks per rank of the send kernels (constant per group)
+  int copy_blocks = 1;         // blocks per rank of the local copy kernels
+  int fault_inject_rank = -1;  // testing: this rank never sends
 };
 
 }  // namespace jax_ep

@@ -44,8 +44,8 @@ __device__ __forceinline__ void add_release_sys(uint64_t* p, uint64_t v) {
 // ---------------------------------------------------------------------------
 
 // Publishes an error: the first writer of `code` fills the record.
-__device__ inline void record_error(ErrorRecord* err, int code, int rank, int peer, int phase,
-                                    long long expected, long long observed, long long waited) {
+__device__ inline void record_error(ErrorRecord* err, int code, int rank, int peer, int phase, long long expected,
+                                    long long observed, long long waited) {
   if (atomicCAS(&err->code, 0, -1) != 0) return;  // someone else reports
   err->rank = rank;
   err->peer = peer;
@@ -68,8 +68,7 @@ struct WaitContext {
 
 // Spins until *word >= target. Returns false (after recording who waited for whom)
 // when the budget runs out or another block of this rank already gave up.
-__device__ inline bool wait_geq(const uint64_t* word, uint64_t target, int peer,
-                                const WaitContext& ctx) {
+__device__ inline bool wait_geq(const uint64_t* word, uint64_t target, int peer, const WaitContext& ctx) {
   if (ld_acquire_sys(word) >= target) return true;
   const uint64_t start = global_timer_ns();
   while (true) {
@@ -78,8 +77,8 @@ __device__ inline bool wait_geq(const uint64_t* word, uint64_t target, int peer,
     if (*(volatile uint64_t*)ctx.abort_flag) return false;
     uint64_t waited = global_timer_ns() - start;
     if (waited > ctx.timeout_ns) {
-      record_error(ctx.err, kErrTimeout, ctx.rank, peer, ctx.phase, (long long)target,
-                   (long long)seen, (long long)waited);
+      record_error(ctx.err, kErrTimeout, ctx.rank, peer, ctx.phase, (long long)target, (long long)seen,
+                   (long long)waited);
       atomicExch((unsigned long long*)ctx.abort_flag, 1ull);
       return false;
     }
@@ -88,8 +87,7 @@ __device__ inline bool wait_geq(const uint64_t* word, uint64_t target, int peer,
 }
 
 // Same, for a word that must carry tag `tag` in its high 32 bits.
-__device__ inline bool wait_tag(const uint64_t* word, uint32_t tag, int peer,
-                                const WaitContext& ctx, uint64_t* value) {
+__device__ inline bool wait_tag(const uint64_t* word, uint32_t tag, int peer, const WaitContext& ctx, uint64_t* value) {
   const uint64_t start = global_timer_ns();
   while (true) {
     uint64_t seen = ld_acquire_sys(word);
@@ -100,8 +98,8 @@ __device__ inline bool wait_tag(const uint64_t* word, uint32_t tag, int peer,
     if (*(volatile uint64_t*)ctx.abort_flag) return false;
     uint64_t waited = global_timer_ns() - start;
     if (waited > ctx.timeout_ns) {
-      record_error(ctx.err, kErrTimeout, ctx.rank, peer, ctx.phase, (long long)tag,
-                   (long long)(seen >> 32), (long long)waited);
+      record_error(ctx.err, kErrTimeout, ctx.rank, peer, ctx.phase, (long long)tag, (long long)(seen >> 32),
+                   (long long)waited);
       atomicExch((unsigned long long*)ctx.abort_flag, 1ull);
       return false;
     }
@@ -115,9 +113,15 @@ __device__ inline bool wait_tag(const uint64_t* word, uint32_t tag, int peer,
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
-__device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
-__device__ __forceinline__ int warp_id() { return threadIdx.x >> 5; }
-__device__ __forceinline__ unsigned lanemask_lt() { return (1u << lane_id()) - 1u; }
+__device__ __forceinline__ int lane_id() {
+  return threadIdx.x & 31;
+}
+__device__ __forceinline__ int warp_id() {
+  return threadIdx.x >> 5;
+}
+__device__ __forceinline__ unsigned lanemask_lt() {
+  return (1u << lane_id()) - 1u;
+}
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -142,26 +146,38 @@ __device__ __forceinline__ int warp_exclusive_scan(int v, int* total) {
 
 __device__ __forceinline__ float to_f32(const void* p, int dtype, size_t i) {
   switch (dtype) {
-    case kBF16: return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p)[i]);
-    case kF16: return __half2float(reinterpret_cast<const __half*>(p)[i]);
-    default: return reinterpret_cast<const float*>(p)[i];
+    case kBF16:
+      return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p)[i]);
+    case kF16:
+      return __half2float(reinterpret_cast<const __half*>(p)[i]);
+    default:
+      return reinterpret_cast<const float*>(p)[i];
   }
 }
 
 __device__ __forceinline__ void from_f32(void* p, int dtype, size_t i, float v) {
   switch (dtype) {
-    case kBF16: reinterpret_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
-    case kF16: reinterpret_cast<__half*>(p)[i] = __float2half_rn(v); break;
-    default: reinterpret_cast<float*>(p)[i] = v;
+    case kBF16:
+      reinterpret_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+      break;
+    case kF16:
+      reinterpret_cast<__half*>(p)[i] = __float2half_rn(v);
+      break;
+    default:
+      reinterpret_cast<float*>(p)[i] = v;
   }
 }
 
 // Loads 16 bytes from an input buffer XLA owns (read-only for the kernel's life).
-__device__ __forceinline__ int4 ld_input16(const void* p) { return __ldg(reinterpret_cast<const int4*>(p)); }
+__device__ __forceinline__ int4 ld_input16(const void* p) {
+  return __ldg(reinterpret_cast<const int4*>(p));
+}
 
 // Loads 16 bytes a peer wrote into our buffer: bypass L1, which may hold the line
 // from an earlier call.
-__device__ __forceinline__ int4 ld_peer16(const void* p) { return __ldcg(reinterpret_cast<const int4*>(p)); }
+__device__ __forceinline__ int4 ld_peer16(const void* p) {
+  return __ldcg(reinterpret_cast<const int4*>(p));
+}
 
 // Unpacks 16 bytes of `dtype` elements to floats (8 for 16-bit types, 4 for f32).
 __device__ __forceinline__ int unpack16(int4 v, int dtype, float* out) {
@@ -189,8 +205,8 @@ __device__ __forceinline__ int unpack16(int4 v, int dtype, float* out) {
 
 // Packs floats into 16 bytes of `dtype` (round to nearest even).
 __device__ __forceinline__ int4 pack16(const float* in, int dtype) {
-  if (dtype == kF32) return make_int4(__float_as_int(in[0]), __float_as_int(in[1]),
-                                      __float_as_int(in[2]), __float_as_int(in[3]));
+  if (dtype == kF32)
+    return make_int4(__float_as_int(in[0]), __float_as_int(in[1]), __float_as_int(in[2]), __float_as_int(in[3]));
   uint32_t w[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -212,6 +228,7 @@ __device__ __forceinline__ int4 pack16(const float* in, int dtype) {
 // ---------------------------------------------------------------------------
 
 constexpr float kFp8Max = 448.0f;
+constexpr float kFp8InvMax = 1.0f / 448.0f;  // the reference multiplies by this rounded reciprocal
 constexpr float kAmaxFloor = 1e-4f;
 
 // Smallest power of two >= v (v positive and normal): from the float's bits.
@@ -226,10 +243,10 @@ __device__ __forceinline__ float pow2_ceil(float v) {
 __device__ __forceinline__ void fp8_scales(float amax, bool round_scale, float* scale, float* inv) {
   amax = fmaxf(amax, kAmaxFloor);
   if (round_scale) {
-    *scale = pow2_ceil(__fdiv_rn(amax, kFp8Max));
+    *scale = pow2_ceil(__fmul_rn(amax, kFp8InvMax));
     *inv = __fdiv_rn(1.0f, *scale);
   } else {
-    *scale = __fdiv_rn(amax, kFp8Max);
+    *scale = __fmul_rn(amax, kFp8InvMax);
     *inv = __fdiv_rn(kFp8Max, amax);
   }
 }

@@ -12,8 +12,8 @@ namespace jax_ep {
 
 enum ErrorCode : int {
   kErrNone = 0,
-  kErrTimeout = 1,      // a wait on a peer exceeded its budget (sticky: the group is unusable)
-  kErrBadExpert = 2,    // an expert id outside [-1, num_experts)
+  kErrTimeout = 1,    // a wait on a peer exceeded its budget (sticky: the group is unusable)
+  kErrBadExpert = 2,  // an expert id outside [-1, num_experts)
   kErrTooManyTokens = 3,
 };
 
@@ -27,9 +27,9 @@ enum Phase : int {
 
 struct ErrorRecord {
   int code;
-  int rank;      // rank that detected the error
-  int peer;      // peer it waited for (timeouts) / token index (bad input)
-  int phase;     // Phase (timeouts) / k (bad input)
+  int rank;   // rank that detected the error
+  int peer;   // peer it waited for (timeouts) / token index (bad input)
+  int phase;  // Phase (timeouts) / k (bad input)
   long long expected;
   long long observed;
   long long waited_ns;
@@ -37,11 +37,16 @@ struct ErrorRecord {
 
 inline const char* phase_name(int phase) {
   switch (phase) {
-    case kPhaseHtDispatchArrival: return "high-throughput dispatch: waiting for the peer's tokens";
-    case kPhaseHtCombineArrival: return "high-throughput combine: waiting for the peer's expert outputs";
-    case kPhaseLlDispatchSignal: return "low-latency dispatch receive: waiting for the peer's token count";
-    case kPhaseLlCombineSignal: return "low-latency combine receive: waiting for the peer's expert outputs";
-    default: return "unknown phase";
+    case kPhaseHtDispatchArrival:
+      return "high-throughput dispatch: waiting for the peer's tokens";
+    case kPhaseHtCombineArrival:
+      return "high-throughput combine: waiting for the peer's expert outputs";
+    case kPhaseLlDispatchSignal:
+      return "low-latency dispatch receive: waiting for the peer's token count";
+    case kPhaseLlCombineSignal:
+      return "low-latency combine receive: waiting for the peer's expert outputs";
+    default:
+      return "unknown phase";
   }
 }
 

@@ -11,9 +11,9 @@ namespace jax_ep {
 // sequence number of the op (previous ops of this type + 1). Odd/even sequence
 // numbers alternate between the two halves of each double-buffered region.
 struct RankCtx {
-  int local;     // index among the ranks of this launch
-  int rank;      // global EP rank
-  uint8_t* self; // this rank's buffer
+  int local;      // index among the ranks of this launch
+  int rank;       // global EP rank
+  uint8_t* self;  // this rank's buffer
   uint64_t seq;
   int parity;
 };
@@ -42,8 +42,8 @@ __device__ inline bool aborted(const CommContext& c, const RankCtx& r) {
 
 // Waits (threads 0..R-1 of the block, one peer each) until every peer but `skip`
 // has added `target` to this rank's arrival word; returns false on timeout/abort.
-__device__ inline bool wait_all_peers(const CommContext& c, const RankCtx& r, size_t arrival_offset,
-                                      uint64_t target, int phase) {
+__device__ inline bool wait_all_peers(const CommContext& c, const RankCtx& r, size_t arrival_offset, uint64_t target,
+                                      int phase) {
   __shared__ int failed;
   if (threadIdx.x == 0) failed = 0;
   __syncthreads();

@@ -26,8 +26,7 @@ __device__ __forceinline__ V load_vec(const uint8_t* p, bool from_peer) {
 
 // Copies `bytes` from `src` to the ndst destinations (lane j holds destination j).
 template <typename V>
-__device__ inline void copy_row_multi(const uint8_t* src, bool from_peer, size_t bytes,
-                                      uint8_t* my_dst, int ndst) {
+__device__ inline void copy_row_multi(const uint8_t* src, bool from_peer, size_t bytes, uint8_t* my_dst, int ndst) {
   constexpr int kUnroll = 4;
   const size_t nvec = bytes / sizeof(V);
   const int lane = lane_id();
@@ -49,13 +48,20 @@ __device__ inline void copy_row_multi(const uint8_t* src, bool from_peer, size_t
   }
 }
 
-__device__ inline void copy_row_any(const uint8_t* src, bool from_peer, size_t bytes,
-                                    uint8_t* my_dst, int ndst) {
+__device__ inline void copy_row_any(const uint8_t* src, bool from_peer, size_t bytes, uint8_t* my_dst, int ndst) {
   switch (row_vector_bytes(bytes)) {
-    case 16: copy_row_multi<int4>(src, from_peer, bytes, my_dst, ndst); break;
-    case 8: copy_row_multi<int2>(src, from_peer, bytes, my_dst, ndst); break;
-    case 4: copy_row_multi<int>(src, from_peer, bytes, my_dst, ndst); break;
-    default: copy_row_multi<short>(src, from_peer, bytes, my_dst, ndst); break;
+    case 16:
+      copy_row_multi<int4>(src, from_peer, bytes, my_dst, ndst);
+      break;
+    case 8:
+      copy_row_multi<int2>(src, from_peer, bytes, my_dst, ndst);
+      break;
+    case 4:
+      copy_row_multi<int>(src, from_peer, bytes, my_dst, ndst);
+      break;
+    default:
+      copy_row_multi<short>(src, from_peer, bytes, my_dst, ndst);
+      break;
   }
 }
 
@@ -124,8 +130,8 @@ __device__ __forceinline__ float load_peer_f32(const uint8_t* row, int dtype, in
 //   out = cast(Σ_j w_j * rows_j) in float32, j ascending, skipping null rows.
 // Lane j (< n) holds row pointer j (null = absent) and weight j. `from_peer` marks
 // rows peers wrote. No fused multiply-add, to match the reference bit for bit.
-__device__ inline void weighted_sum_rows(const uint8_t* my_row, float my_w, int n, bool from_peer,
-                                         int dtype, int hidden, uint8_t* out) {
+__device__ inline void weighted_sum_rows(const uint8_t* my_row, float my_w, int n, bool from_peer, int dtype,
+                                         int hidden, uint8_t* out) {
   const int lane = lane_id();
   const int esize = dtype == kF32 ? 4 : 2;
   const size_t bytes = size_t(hidden) * esize;
@@ -134,8 +140,8 @@ __device__ inline void weighted_sum_rows(const uint8_t* my_row, float my_w, int 
     for (size_t c = lane; c < bytes / 16; c += 32) {
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       for (int j = 0; j < n; ++j) {
-        const uint8_t* r = reinterpret_cast<const uint8_t*>(
-            __shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_row), j));
+        const uint8_t* r =
+            reinterpret_cast<const uint8_t*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_row), j));
         const float w = __shfl_sync(kFullMask, my_w, j);
         if (r == nullptr) continue;
         float v[8];
@@ -152,8 +158,8 @@ __device__ inline void weighted_sum_rows(const uint8_t* my_row, float my_w, int 
   for (int h = lane; h < hidden; h += 32) {
     float acc = 0.f;
     for (int j = 0; j < n; ++j) {
-      const uint8_t* r = reinterpret_cast<const uint8_t*>(
-          __shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_row), j));
+      const uint8_t* r =
+          reinterpret_cast<const uint8_t*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_row), j));
       const float w = __shfl_sync(kFullMask, my_w, j);
       if (r == nullptr) continue;
       float v = from_peer ? load_peer_f32(r, dtype, h) : to_f32(r, dtype, h);

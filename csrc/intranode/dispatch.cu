@@ -44,8 +44,7 @@ __device__ inline Shape shape_of(const HtDispatchArgs& a) {
 
 // Expert id of (source rank, token, k) as this rank sees it; -1 when masked or out of
 // range (senders canonicalise their rows, our own input is checked here).
-__device__ inline int routing_id(const HtDispatchArgs& a, const Shape& s, const RankCtx& r, int src,
-                                 int t, int k) {
+__device__ inline int routing_id(const HtDispatchArgs& a, const Shape& s, const RankCtx& r, int src, int t, int k) {
   if (src == r.rank) {
     int e = a.topk_idx[(size_t(r.local) * s.T + t) * s.K + k];
     return e >= 0 && e < s.E ? e : -1;
@@ -54,8 +53,8 @@ __device__ inline int routing_id(const HtDispatchArgs& a, const Shape& s, const 
   return __ldcg(meta + k);
 }
 
-__device__ inline float routing_weight(const HtDispatchArgs& a, const Shape& s, const RankCtx& r, int src,
-                                       int t, int k) {
+__device__ inline float routing_weight(const HtDispatchArgs& a, const Shape& s, const RankCtx& r, int src, int t,
+                                       int k) {
   if (src == r.rank) return a.topk_weights ? a.topk_weights[(size_t(r.local) * s.T + t) * s.K + k] : 0.f;
   const float* meta = reinterpret_cast<const float*>(dispatch_meta(a.c.layout, r.self, r.parity, src, t));
   return __ldcg(meta + s.K + k);
@@ -83,8 +82,7 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_send(HtDispatchArgs a) {
 
   for (int t = t_begin + warp_id(); t < t_end; t += kWarps) {
     int e = lane < s.K ? a.topk_idx[(size_t(local) * s.T + t) * s.K + lane] : -1;
-    if (lane < s.K && (e < -1 || e >= s.E))
-      record_error(c.err, kErrBadExpert, r.rank, t, lane, s.E, e, 0);
+    if (lane < s.K && (e < -1 || e >= s.E)) record_error(c.err, kErrBadExpert, r.rank, t, lane, s.E, e, 0);
     const bool valid = lane < s.K && e >= 0 && e < s.E;
     if (!valid) e = -1;
     const uint64_t dests = dest_mask(valid, valid ? e / s.E_loc : 0);
@@ -109,8 +107,7 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_send(HtDispatchArgs a) {
     }
     const uint8_t* x_row = x + size_t(t) * raw_bytes;
     if (a.fp8) {
-      quantize_row_multi(x_row, a.dtype, s.H, a.round_scale, my_dst,
-                         reinterpret_cast<float*>(my_dst + s.H), ndst);
+      quantize_row_multi(x_row, a.dtype, s.H, a.round_scale, my_dst, reinterpret_cast<float*>(my_dst + s.H), ndst);
     } else {
       copy_row_any(x_row, false, raw_bytes, my_dst, ndst);
     }
@@ -173,8 +170,8 @@ __global__ void __launch_bounds__(kScanThreads) ht_dispatch_scan(HtDispatchArgs 
   const RankCtx r = rank_ctx(c, local, kHtDispatchSeq);
   if (aborted(c, r)) return;
   const int num_words = (s.R * s.T + 31) / 32;
-  const uint32_t* words = reinterpret_cast<const uint32_t*>(r.self + c.layout.bitmaps) +
-                          size_t(bucket) * c.layout.bitmap_words;
+  const uint32_t* words =
+      reinterpret_cast<const uint32_t*>(r.self + c.layout.bitmaps) + size_t(bucket) * c.layout.bitmap_words;
   uint32_t* prefix = reinterpret_cast<uint32_t*>(r.self + c.layout.prefixes) + size_t(bucket) * c.layout.bitmap_words;
   const int per = (num_words + kScanThreads - 1) / kScanThreads;
   const int w0 = threadIdx.x * per, w1 = min(num_words, w0 + per);
@@ -214,8 +211,7 @@ __device__ inline void expert_offsets(const HtDispatchArgs& a, const Shape& s, c
   __syncthreads();
 }
 
-__device__ inline int kept_rows(const HtDispatchArgs& a, const Shape& s, const int* totals, const int* offsets,
-                                int e) {
+__device__ inline int kept_rows(const HtDispatchArgs& a, const Shape& s, const int* totals, const int* offsets, int e) {
   const int n = totals[1 + e];
   if (a.layout_kind == kExpertMajor) return min(n, a.capacity);
   return max(0, min(n, a.capacity - offsets[e]));
@@ -223,7 +219,7 @@ __device__ inline int kept_rows(const HtDispatchArgs& a, const Shape& s, const i
 
 __global__ void __launch_bounds__(kThreads) ht_dispatch_copy(HtDispatchArgs a) {
   extern __shared__ int smem[];
-  int* offsets = smem;                                                  // [E_loc]
+  int* offsets = smem;  // [E_loc]
   uint8_t** warp_payload = reinterpret_cast<uint8_t**>(smem + ((a.num_experts / a.c.num_ranks + 1) & ~1));
   float** warp_scales = reinterpret_cast<float**>(warp_payload + kWarps * 32);
   const CommContext& c = a.c;
@@ -300,8 +296,10 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_copy(HtDispatchArgs a) {
       } else if (le >= 0) {
         const uint32_t below = (1u << j) - 1u;
         const int slot = prefixes[(1 + le) * bw + w] + __popc(bitmaps[(1 + le) * bw + w] & below);
-        if (a.layout_kind == kExpertMajor) row = slot < a.capacity ? le * a.capacity + slot : -1;
-        else row = offsets[le] + slot < a.capacity ? offsets[le] + slot : -1;
+        if (a.layout_kind == kExpertMajor)
+          row = slot < a.capacity ? le * a.capacity + slot : -1;
+        else
+          row = offsets[le] + slot < a.capacity ? offsets[le] + slot : -1;
       }
       if (!per_rank) {
         for (int k2 = 0; k2 < s.K; ++k2) {  // a repeated expert keeps its first k's copy
@@ -325,8 +323,10 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_copy(HtDispatchArgs a) {
       if (ndst > 0) {
         if (src == r.rank) {
           const uint8_t* x_row = x + size_t(t) * s.H * s.esize;
-          if (a.fp8) quantize_row_multi(x_row, a.dtype, s.H, a.round_scale, my_payload, my_scales, ndst);
-          else copy_row_any(x_row, false, payload_bytes, my_payload, ndst);
+          if (a.fp8)
+            quantize_row_multi(x_row, a.dtype, s.H, a.round_scale, my_payload, my_scales, ndst);
+          else
+            copy_row_any(x_row, false, payload_bytes, my_payload, ndst);
         } else {
           const uint8_t* wire = dispatch_row(c.layout, r.self, r.parity, src, t);
           copy_row_any(wire, true, payload_bytes, my_payload, ndst);
@@ -399,11 +399,10 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_pad(HtDispatchArgs a) {
 
 cudaError_t prepare_ht_dispatch_kernels() {
   cudaFuncAttributes attr;
-  const void* kernels[] = {reinterpret_cast<const void*>(ht_dispatch_send),
-                           reinterpret_cast<const void*>(ht_dispatch_bitmap),
-                           reinterpret_cast<const void*>(ht_dispatch_scan),
-                           reinterpret_cast<const void*>(ht_dispatch_copy),
-                           reinterpret_cast<const void*>(ht_dispatch_pad)};
+  const void* kernels[] = {
+      reinterpret_cast<const void*>(ht_dispatch_send), reinterpret_cast<const void*>(ht_dispatch_bitmap),
+      reinterpret_cast<const void*>(ht_dispatch_scan), reinterpret_cast<const void*>(ht_dispatch_copy),
+      reinterpret_cast<const void*>(ht_dispatch_pad)};
   for (const void* k : kernels) {
     cudaError_t err = cudaFuncGetAttributes(&attr, k);
     if (err != cudaSuccess) return err;

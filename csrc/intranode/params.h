@@ -24,16 +24,16 @@ struct HtDispatchArgs {
   const int* topk_idx = nullptr;
   const float* topk_weights = nullptr;  // may be null (cached token dispatch)
   void* out_x = nullptr;
-  float* out_scales = nullptr;          // fp8 only
-  int* out_topk_idx = nullptr;          // per_rank only
-  float* out_topk_weights = nullptr;    // per_rank only
-  int* out_counts = nullptr;            // per_rank [1], else [E_loc]
-  int* out_dropped = nullptr;           // [1]
-  int* recv_src = nullptr;              // [R*T]
-  int* recv_topk_idx = nullptr;         // [R*T, K]
-  int* recv_rows = nullptr;             // [R*T, K] (per_rank: [R*T, 1])
-  float* recv_weights = nullptr;        // [R*T, K]
-  int* num_recv = nullptr;              // [1]
+  float* out_scales = nullptr;        // fp8 only
+  int* out_topk_idx = nullptr;        // per_rank only
+  float* out_topk_weights = nullptr;  // per_rank only
+  int* out_counts = nullptr;          // per_rank [1], else [E_loc]
+  int* out_dropped = nullptr;         // [1]
+  int* recv_src = nullptr;            // [R*T]
+  int* recv_topk_idx = nullptr;       // [R*T, K]
+  int* recv_rows = nullptr;           // [R*T, K] (per_rank: [R*T, 1])
+  float* recv_weights = nullptr;      // [R*T, K]
+  int* num_recv = nullptr;            // [1]
 };
 
 // One combine call: expert-side rows back to the tokens' home ranks.

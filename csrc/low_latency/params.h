@@ -9,6 +9,9 @@
 
 namespace jax_ep {
 
+// Largest expert count: the send kernel keeps two per-expert counters in shared memory.
+constexpr int kLlMaxExperts = 4096;
+
 // Send half of a dispatch: quantise (optionally) and write each (token, distinct
 // expert) message into the destination's fixed slot, then signal per-expert counts.
 struct LlDispatchSendArgs {
@@ -20,6 +23,7 @@ struct LlDispatchSendArgs {
   const int* topk_idx = nullptr;      // [L, T, K]
   const int* active_ranks = nullptr;  // [L, R] (1 alive, 0 failed)
   int* num_dropped = nullptr;         // [L] selections not sent: destination marked failed
+  int* ticket = nullptr;              // [L] the op's sequence number (XLA orders the receive after it)
 };
 
 // Receive half: wait for every live source's counts, then copy the messages into the
@@ -49,6 +53,7 @@ struct LlCombineSendArgs {
   const int* topk_slot = nullptr;     // [L, E_loc, R*T_max]
   const int* recv_count = nullptr;    // [L, E_loc]
   const int* active_ranks = nullptr;  // [L, R]
+  int* ticket = nullptr;              // [L] the op's sequence number (XLA orders the receive after it)
 };
 
 // Receive half: wait for every live rank, then out[t] = Σ_k w[t,k] * row(t, k) in k order.
@@ -56,7 +61,7 @@ struct LlCombineRecvArgs {
   CommContext c;
   int num_tokens = 0, hidden = 0, num_topk = 0, num_experts = 0;
   int dtype = 1;
-  const int* topk_idx = nullptr;      // [L, T, K]
+  const int* topk_idx = nullptr;  // [L, T, K]
   const float* topk_weights = nullptr;
   const int* active_ranks = nullptr;  // [L, R]
   void* out = nullptr;                // [L, T, H]

@@ -65,8 +65,8 @@ DeviceState::~DeviceState() {
 
 DeviceState* register_state(const DeviceStateConfig& cfg) {
   if (int(cfg.peer_bases.size()) != cfg.sizes.num_ranks) {
-    throw std::invalid_argument("jax_ep: peer table has " + std::to_string(cfg.peer_bases.size()) +
-                                " entries for " + std::to_string(cfg.sizes.num_ranks) + " ranks");
+    throw std::invalid_argument("jax_ep: peer table has " + std::to_string(cfg.peer_bases.size()) + " entries for " +
+                                std::to_string(cfg.sizes.num_ranks) + " ranks");
   }
   if (cfg.sizes.num_ranks > kMaxRanks) {
     throw std::invalid_argument("jax_ep: at most " + std::to_string(kMaxRanks) + " EP ranks are supported, got " +
@@ -86,8 +86,7 @@ DeviceState* register_state(const DeviceStateConfig& cfg) {
   s->fault_inject_rank = cfg.fault_inject_rank;
   for (uint64_t p : cfg.peer_bases) s->peers.push_back(reinterpret_cast<uint8_t*>(p));
   check_cuda(cudaMalloc(&s->peer_table, sizeof(uint8_t*) * s->peers.size()), "cudaMalloc(peer table)");
-  check_cuda(cudaMemcpy(s->peer_table, s->peers.data(), sizeof(uint8_t*) * s->peers.size(),
-                        cudaMemcpyHostToDevice),
+  check_cuda(cudaMemcpy(s->peer_table, s->peers.data(), sizeof(uint8_t*) * s->peers.size(), cudaMemcpyHostToDevice),
              "cudaMemcpy(peer table)");
   alloc_error_record(s.get());
   preload_kernels(cfg.device);

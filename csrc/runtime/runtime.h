@@ -37,10 +37,10 @@ struct DeviceState {
   int copy_blocks = 1;
   uint64_t timeout_ns = 0;
   int fault_inject_rank = -1;
-  std::vector<uint8_t*> peers;         // host copy of the table
-  uint8_t** peer_table = nullptr;      // device copy, [num_ranks]
-  ErrorRecord* err_host = nullptr;     // pinned, mapped
-  ErrorRecord* err_device = nullptr;   // its device alias
+  std::vector<uint8_t*> peers;        // host copy of the table
+  uint8_t** peer_table = nullptr;     // device copy, [num_ranks]
+  ErrorRecord* err_host = nullptr;    // pinned, mapped
+  ErrorRecord* err_device = nullptr;  // its device alias
 
   ~DeviceState();
 };

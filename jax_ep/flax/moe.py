@@ -29,6 +29,7 @@ Calling conventions (the same module works in both):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -78,10 +79,12 @@ class MoEAux(NamedTuple):
     num_dropped: jax.Array
 
 
-def _default_init() -> Initializer:
-    # fan-in scaling over the contracted dim (-2) of [in, out] and [E, in, out] kernels
-    return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                             in_axis=-2, out_axis=-1, batch_axis=(0,))
+def default_kernel_init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+    """Truncated normal with variance 1/fan_in, fan_in = ``shape[-2]`` (the contracted dim of
+    ``[in, out]`` and ``[E, in, out]`` kernels; leading dims are batch dims)."""
+    init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2,
+                                             out_axis=-1, batch_axis=tuple(range(len(shape) - 2)))
+    return init(key, shape, dtype)
 
 
 def _param(init: Initializer, key: jax.Array, shape: Sequence[int], dtype, sharding: tuple,
@@ -111,7 +114,7 @@ class GateLogit(nnx.Module):
 
 
 class SharedExpert(nnx.Module):
-    """A plain SwiGLU FFN applied to every token: ``wi_0``/``wi_1`` ``[D, F]``, ``wo`` ``[F, D]``."""
+    """A plain SwiGLU FFN on every token: ``wi_0``/``wi_1`` ``[D, F]``, ``wo`` ``[F, D]``."""
 
     def __init__(self, hidden: int, intermediate: int, *, param_dtype, kernel_init: Initializer,
                  mesh, rngs: nnx.Rngs):
@@ -218,8 +221,9 @@ class MoE(nnx.Module):
       n_group, topk_group: DeepSeek-V3 group-limited routing (1, 1 = off).
       norm_topk_prob: renormalise the top-k weights to sum to 1.
       routed_scaling_factor: multiplies the routed experts' weights.
-      aux_loss_coef: coefficient of the balancing loss (:func:`routing.balance_loss`); when > 0
-        the weighted loss is also sown as ``nnx.Intermediate`` ``"aux_loss"``.
+      aux_loss_coef: coefficient of the balancing loss (:func:`routing.balance_loss`). The
+        weighted loss is in ``MoEAux.aux_loss`` (``return_aux=True``) and, when > 0 and the call
+        runs under ``nnx.capture(..., nnx.Intermediate)``, sown as ``"aux_loss"``.
       routing_bias: keep a DeepSeek-V3 selection bias ``gate.bias`` and count the load in
         ``expert_load`` (an :class:`ExpertLoad` variable) for :meth:`update_routing_bias`.
       shared_intermediate: FFN dim of a shared expert (0 = none).
@@ -279,33 +283,35 @@ class MoE(nnx.Module):
         if fp8 and hidden % 128:
             raise ValueError(f"fp8 dispatch needs hidden % 128 == 0, got hidden={hidden}")
         if score_func not in _routing.SCORE_FUNCS:
-            raise ValueError(f"score_func must be one of {_routing.SCORE_FUNCS}, got {score_func!r}")
+            raise ValueError(f"score_func must be one of {_routing.SCORE_FUNCS}, "
+                             f"got {score_func!r}")
         self.hidden = hidden
         self.intermediate = intermediate
         self.num_experts = num_experts
         self.num_topk = num_topk
         self.group = group
         self.axis_name = group.axis_name
-        self.num_ranks = group.num_ranks
-        self.router = _Router(num_topk, score_func, n_group, topk_group, norm_topk_prob,
-                              float(routed_scaling_factor))
         self.aux_loss_coef = float(aux_loss_coef)
         self.fp8 = fp8
         self.low_latency = low_latency
         self.token_axes = tuple(token_axes) if token_axes is not None else None
         self.dtype = dtype
-        self.exchange = self._make_exchange(impl, capacity_factor, ragged_all_to_all_emulation)
-        self.impl = impl if isinstance(impl, str) else impl.name
+        exchange = _make_exchange(impl, group, num_experts, fp8, capacity_factor,
+                                  ragged_all_to_all_emulation)
+        self.impl = impl if isinstance(impl, str) else exchange.name
         ll_group = low_latency_group if low_latency_group is not None else group
         if impl == "reference":
             ll_group = _reference_twin(ll_group)
-        self.low_latency_group = ll_group
-        if low_latency and not isinstance(self.exchange, JaxEpExchange):
+        if low_latency and not isinstance(exchange, JaxEpExchange):
             raise ValueError("low_latency=True needs impl='jax_ep' or 'reference'")
+        router = _Router(num_topk, score_func, n_group, topk_group, norm_topk_prob,
+                         float(routed_scaling_factor))
+        self.plan = _Plan(hidden, num_experts, num_topk, group.num_ranks, group.axis_name, router,
+                          self.aux_loss_coef, fp8, jnp.dtype(dtype), exchange, ll_group)
 
         # creation may run without a mesh context: place annotated params on the group's mesh
         mesh = group.mesh if group.loopback is None else None
-        init = kernel_init or _default_init()
+        init = kernel_init or default_kernel_init
         expert_axes = (self.axis_name, None, None)
         self.gate = GateLogit(hidden, num_experts, routing_bias=routing_bias,
                               param_dtype=param_dtype, kernel_init=init, mesh=mesh, rngs=rngs)
@@ -322,28 +328,10 @@ class MoE(nnx.Module):
         self.expert_load = (ExpertLoad(jnp.zeros((num_experts,), jnp.float32))
                             if routing_bias else None)
 
-    # ------------------------------------------------------------------ setup
-
-    def _make_exchange(self, impl, capacity_factor, emulation) -> Exchange:
-        if isinstance(impl, Exchange):
-            return impl
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS} or an Exchange, got {impl!r}")
-        if impl in ("jax_ep", "reference"):
-            group = self.group if impl == "jax_ep" else _reference_twin(self.group)
-            return JaxEpExchange(group, capacity_factor, self.fp8)
-        if self.fp8:
-            raise ValueError(f"fp8=True needs a jax_ep impl; {impl!r} has no FP8 wire format")
-        if impl == "all_to_all":
-            return AllToAllExchange(self.axis_name, self.num_experts, capacity_factor)
-        if emulation is None:
-            emulation = all(d.platform == "cpu" for d in self.group.devices)
-            if emulation:
-                warnings.warn("impl='ragged_all_to_all' on CPU: XLA:CPU has no ragged_all_to_all "
-                              "(jax-ml/jax#34755); using a dense all_to_all emulation of it",
-                              stacklevel=3)
-        return RaggedAllToAllExchange(self.axis_name, self.num_experts, capacity_factor,
-                                      bool(emulation))
+    @property
+    def exchange(self) -> Exchange:
+        """The token exchange that ``impl`` selected."""
+        return self.plan.exchange
 
     def _weights(self) -> _Weights:
         shared = None
@@ -353,13 +341,6 @@ class MoE(nnx.Module):
         bias = None if self.gate.bias is None else self.gate.bias[...]
         return _Weights(self.gate.kernel[...], bias, self.wi_0[...], self.wi_1[...],
                         self.wo[...], shared)
-
-    def _weight_specs(self, w: _Weights) -> _Weights:
-        expert = P(self.axis_name, None, None)
-        shared = None if w.shared is None else (P(), P(), P())
-        return _Weights(P(), None if w.bias is None else P(), expert, expert, expert, shared)
-
-    # ------------------------------------------------------------------ calls
 
     def __call__(
         self,
@@ -371,8 +352,9 @@ class MoE(nnx.Module):
         """Apply the layer.
 
         Args:
-          x: ``[..., D]`` tokens: the global batch (sharded over the mesh on its leading dim)
-            or, inside ``shard_map``/``vmap`` over the EP axis, this rank's block.
+          x: ``[..., D]`` tokens: the global batch (sharded over the mesh on its leading dim;
+            other placements are resharded first) or, inside ``shard_map``/``vmap`` over the
+            EP axis, this rank's block.
           low_latency: use the low-latency ops (decoding); default: the module's setting.
           return_aux: also return :class:`MoEAux`.
         Returns:
@@ -381,16 +363,18 @@ class MoE(nnx.Module):
         if x.shape[-1] != self.hidden:
             raise ValueError(f"x has {x.shape[-1]} features, the layer was built for {self.hidden}")
         use_ll = self.low_latency if low_latency is None else low_latency
-        if use_ll and not isinstance(self.exchange, JaxEpExchange):
+        if use_ll and not isinstance(self.plan.exchange, JaxEpExchange):
             raise ValueError(f"low_latency needs impl='jax_ep' or 'reference', not {self.impl!r}")
         w = self._weights()
         if _axis_bound(self.axis_name):
-            y, aux = self._per_rank(w, x, use_ll, self.token_axes or (self.axis_name,))
+            y, aux = self.plan.per_rank(w, x, use_ll, self.token_axes or (self.axis_name,))
         else:
             y, aux = self._global(w, x, use_ll)
         if self.expert_load is not None:
             self.expert_load[...] = self.expert_load[...] + aux.tokens_per_expert
-        if self.aux_loss_coef > 0:
+        if self.aux_loss_coef > 0 and hasattr(self, "__captures__"):
+            # only inside nnx.capture (which sets __captures__): flax 0.12 deprecates sow
+            # outside it, where it would also grow a tuple attribute on every call
             self.sow(nnx.Intermediate, "aux_loss", aux.aux_loss)
         return (y, aux) if return_aux else y
 
@@ -409,34 +393,47 @@ class MoE(nnx.Module):
         if mesh is None or self.group.loopback is not None:
             raise ValueError("a loopback group has no mesh: call the MoE per rank inside "
                              f"jax.vmap(..., axis_name={self.axis_name!r})")
-        token_axes = tuple(mesh.axis_names)
-        x_spec = P(token_axes, *([None] * (x.ndim - 1)))
-        w_specs = self._weight_specs(w)
+        fn, x_spec, w_specs = _global_call(self.plan, mesh, use_ll, x.ndim,
+                                           w.bias is not None, w.shared is not None)
         x = _place(x, mesh, x_spec)
-        w = jax.tree.map(lambda a, s: _place(a, mesh, s), w, w_specs)
+        w = jax.tree.map(lambda a, spec: _place(a, mesh, spec), w, w_specs)
+        return fn(w, x)
 
-        def body(w, x):
-            return self._per_rank(w, x, use_ll, token_axes)
 
-        aux_specs = MoEAux(P(), P(), P())
-        return jax.shard_map(body, mesh=mesh, in_specs=(w_specs, x_spec),
-                             out_specs=(x_spec, aux_specs))(w, x)
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything static about one MoE layer: what a trace depends on besides the arrays.
 
-    def _per_rank(self, w: _Weights, x: jax.Array, use_ll: bool, token_axes: tuple):
-        """One rank's computation; ``x`` ``[..., D]`` is this rank's token block."""
+    Hashable (the exchange and groups by identity), so a jitted global call is cached per plan.
+    """
+
+    hidden: int
+    num_experts: int
+    num_topk: int
+    num_ranks: int
+    axis_name: Any
+    router: _Router
+    aux_loss_coef: float
+    fp8: bool
+    dtype: Any
+    exchange: Exchange
+    low_latency_group: jax_ep.Group
+
+    def per_rank(self, w: _Weights, x: jax.Array, use_ll: bool, token_axes: tuple):
+        """One rank's layer; ``x`` ``[..., D]`` is this rank's token block. Returns (y, aux)."""
         lead = x.shape[:-1]
         x = x.reshape(-1, self.hidden).astype(self.dtype)
-        w = self._local_experts(w)
+        w = self.local_experts(w)
         # the router runs in float32 whatever the compute dtype (top-k is sensitive to rounding)
         logits = jnp.dot(x.astype(jnp.float32), w.gate.astype(jnp.float32))
         route = self.router(logits, w.bias)
         if use_ll:
-            y, dropped = self._experts_low_latency(w, x, route)
+            y, dropped = self.experts_low_latency(w, x, route)
         else:
-            y, dropped = self._experts_ragged(w, x, route)
+            y, dropped = self.experts_ragged(w, x, route)
         if w.shared is not None:
-            y = (y.astype(jnp.float32) + _swiglu(x, *w.shared, self.dtype, _dense)).astype(
-                self.dtype)
+            shared = _swiglu(x, *w.shared, self.dtype, _dense)
+            y = (y.astype(jnp.float32) + shared.astype(jnp.float32)).astype(self.dtype)
         tokens_per_expert, score_sum = _routing.balance_statistics(route, self.num_experts)
         stats = (tokens_per_expert, score_sum, jnp.float32(x.shape[0]), dropped)
         tokens_per_expert, score_sum, num_tokens, dropped = jax.lax.psum(stats, token_axes)
@@ -446,7 +443,7 @@ class MoE(nnx.Module):
                                                               num_tokens, self.num_topk)
         return y.reshape(lead + (self.hidden,)), MoEAux(loss, tokens_per_expert, dropped)
 
-    def _local_experts(self, w: _Weights) -> _Weights:
+    def local_experts(self, w: _Weights) -> _Weights:
         """This rank's ``[E_loc, ...]`` expert weights (sliced here if given all ``E``)."""
         e_loc = self.num_experts // self.num_ranks
         if w.wi_0.shape[0] == e_loc:
@@ -461,13 +458,13 @@ class MoE(nnx.Module):
 
         return w._replace(wi_0=take(w.wi_0), wi_1=take(w.wi_1), wo=take(w.wo))
 
-    def _experts_ragged(self, w: _Weights, x: jax.Array, route: _routing.Routing):
+    def experts_ragged(self, w: _Weights, x: jax.Array, route: _routing.Routing):
         rows = self.exchange.dispatch(x, route.topk_idx, route.topk_weights)
         y = _swiglu(rows.x.astype(self.dtype), w.wi_0, w.wi_1, w.wo, self.dtype,
                     _ragged(rows.group_sizes))
         return self.exchange.combine(y, route.topk_weights, rows), rows.num_dropped
 
-    def _experts_low_latency(self, w: _Weights, x: jax.Array, route: _routing.Routing):
+    def experts_low_latency(self, w: _Weights, x: jax.Array, route: _routing.Routing):
         group = self.low_latency_group
         out = jax_ep.low_latency_dispatch(x, route.topk_idx, group=group, fp8=self.fp8)
         rows = out.x
@@ -481,6 +478,50 @@ class MoE(nnx.Module):
         y = jax_ep.low_latency_combine(y, route.topk_idx, route.topk_weights, out.handle,
                                        group=group)
         return y, out.num_dropped
+
+
+@functools.lru_cache(maxsize=64)
+def _global_call(plan: _Plan, mesh: jax.sharding.Mesh, use_ll: bool, x_ndim: int,
+                 has_bias: bool, has_shared: bool):
+    """The jitted ``shard_map`` of :meth:`_Plan.per_rank` over ``mesh`` and its specs.
+
+    Jitted (and cached) so an eager ``moe(x)`` runs one compiled program instead of dispatching
+    hundreds of small ops per rank; under an outer ``jit`` it simply inlines.
+    """
+    token_axes = tuple(mesh.axis_names)
+    x_spec = P(token_axes, *([None] * (x_ndim - 1)))
+    expert = P(plan.axis_name, None, None)
+    w_specs = _Weights(P(), P() if has_bias else None, expert, expert, expert,
+                       (P(), P(), P()) if has_shared else None)
+
+    def body(w, x):
+        return plan.per_rank(w, x, use_ll, token_axes)
+
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(w_specs, x_spec),
+                       out_specs=(x_spec, MoEAux(P(), P(), P())))
+    return jax.jit(fn), x_spec, w_specs
+
+
+def _make_exchange(impl, group: jax_ep.Group, num_experts: int, fp8: bool,
+                   capacity_factor: float | None, emulation: bool | None) -> Exchange:
+    if isinstance(impl, Exchange):
+        return impl
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS} or an Exchange, got {impl!r}")
+    if impl in ("jax_ep", "reference"):
+        return JaxEpExchange(group if impl == "jax_ep" else _reference_twin(group),
+                             capacity_factor, fp8)
+    if fp8:
+        raise ValueError(f"fp8=True needs a jax_ep impl; {impl!r} has no FP8 wire format")
+    if impl == "all_to_all":
+        return AllToAllExchange(group.axis_name, num_experts, capacity_factor)
+    if emulation is None:
+        emulation = all(d.platform == "cpu" for d in group.devices)
+        if emulation:
+            warnings.warn("impl='ragged_all_to_all' on CPU: XLA:CPU has no ragged_all_to_all "
+                          "(jax-ml/jax#34755); using a dense all_to_all emulation of it",
+                          stacklevel=4)
+    return RaggedAllToAllExchange(group.axis_name, num_experts, capacity_factor, bool(emulation))
 
 
 def _reference_twin(group: jax_ep.Group) -> jax_ep.Group:

@@ -1,0 +1,191 @@
+// Pieces shared by the low-latency dispatch and combine kernels: slot addressing in
+// the ll_* regions, the split of row pieces over warps, the buffer-reuse guard and
+// the last-block signalling. Protocol: docs/protocol.md, "Low-latency dispatch/combine".
+#pragma once
+
+#include "common/rank.cuh"
+#include "common/rows.cuh"
+#include "low_latency/params.h"
+
+namespace jax_ep {
+
+// Waits of this family that error_record.h has no Phase value for yet (phase_name()
+// prints "unknown phase" for them until it gets these two).
+constexpr int kPhaseLlDispatchReuse = 5;  // dispatch send: a peer still receives the op two before
+constexpr int kPhaseLlCombineReuse = 6;   // combine send: same, for combine
+
+// Send kernels have few blocks (Config.num_sms) and much independent work per block;
+// receive kernels have a block per SM and spin, so they stay small enough to leave
+// room on each SM for another process's kernels (several ranks on one GPU under MPS).
+constexpr int kLlSendThreads = 1024;
+constexpr int kLlSendWarps = kLlSendThreads / 32;
+constexpr int kLlRecvThreads = 512;
+constexpr int kLlRecvWarps = kLlRecvThreads / 32;
+
+// ---------------------------------------------------------------------------
+// slot addressing (common/buffer_layout.h)
+// ---------------------------------------------------------------------------
+
+// Message j of source `src` for local expert `expert`: 16-byte header, then the row.
+__device__ inline uint8_t* ll_dispatch_message(const BufferLayout& L, uint8_t* base, int parity, int expert, int src,
+                                               int j) {
+  const size_t slot =
+      ((size_t(parity) * L.sizes.num_local_experts + expert) * L.sizes.num_ranks + src) * L.sizes.max_tokens + j;
+  return base + L.ll_dispatch_data + slot * L.ll_message_bytes();
+}
+
+__device__ inline uint64_t* ll_dispatch_signal(const BufferLayout& L, uint8_t* base, int parity, int expert, int src) {
+  const size_t word = (size_t(parity) * L.sizes.num_local_experts + expert) * L.sizes.num_ranks + src;
+  return reinterpret_cast<uint64_t*>(base + L.ll_dispatch_signal) + word;
+}
+
+// Expert output of home token t for its top-k slot k (the first k choosing that expert).
+__device__ inline uint8_t* ll_combine_row(const BufferLayout& L, uint8_t* base, int parity, int t, int k) {
+  const size_t slot = (size_t(parity) * L.sizes.max_tokens + t) * L.sizes.num_topk + k;
+  return base + L.ll_combine_data + slot * L.combine_row_bytes;
+}
+
+__device__ inline uint64_t* ll_combine_signal(const BufferLayout& L, uint8_t* base, int parity, int src) {
+  return reinterpret_cast<uint64_t*>(base + L.ll_combine_signal) + size_t(parity) * L.sizes.num_ranks + src;
+}
+
+// Signal words carry the op's sequence number in the high half, so a word left from an
+// earlier op of the same half never passes for the current one and nothing is reset.
+__device__ __forceinline__ uint64_t ll_signal(uint64_t seq, uint32_t value) {
+  return (seq << 32) | value;
+}
+
+// ---------------------------------------------------------------------------
+// work split: a decode batch has far fewer rows than the launch has warps, so rows
+// are cut into units (one iteration of the row mover each) and every warp takes an
+// equal contiguous share of all (row, unit) pairs.
+// ---------------------------------------------------------------------------
+
+constexpr int kCopyUnitBytes = 32 * 4 * 16;        // copy_row_multi<int4>: 32 lanes x 4 x 16 bytes
+constexpr int kQuantUnitChannels = 2 * kFp8Group;  // quantize_row_multi: a 128-channel group per half warp
+constexpr int kSumUnitBytes = 32 * 16;             // weighted_sum_rows: 16 bytes per lane
+
+// Units of a row; a row that is not a multiple of 16 bytes stays whole, so every
+// piece keeps the vector width (and alignment) the movers pick for the whole row.
+__device__ inline int row_units(size_t bytes, int unit_bytes) {
+  return bytes % 16 ? 1 : int((bytes + unit_bytes - 1) / unit_bytes);
+}
+
+struct ByteRange {
+  size_t begin, end;
+};
+
+__device__ inline ByteRange unit_range(size_t bytes, int units, int unit_bytes, int u0, int u1) {
+  if (units == 1) return {0, bytes};
+  return {size_t(u0) * unit_bytes, min(bytes, size_t(u1) * unit_bytes)};
+}
+
+// Calls f(item, u0, u1) for each item's units [u0, u1) in worker's share of
+// num_items * units units (warp-uniform).
+template <typename F>
+__device__ inline void for_each_piece(int num_items, int units, int worker, int num_workers, F&& f) {
+  const long long total = (long long)num_items * units;
+  long long u = total * worker / num_workers;
+  const long long end = total * (worker + 1) / num_workers;
+  while (u < end) {
+    const int item = int(u / units), u0 = int(u % units);
+    const int u1 = int(min((long long)units, u0 + (end - u)));
+    f(item, u0, u1);
+    u += u1 - u0;
+  }
+}
+
+// Lane j (< popc(mask)) gets `mine` of the j-th lane set in `mask` (mask warp-uniform).
+__device__ inline uint8_t* compact_lanes(uint8_t* mine, unsigned mask) {
+  uint8_t* out = nullptr;
+  for (int j = 0; mask; ++j) {
+    const int src = __ffs(mask) - 1;
+    mask &= mask - 1;
+    auto p = reinterpret_cast<uint8_t*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(mine), src));
+    if (lane_id() == j) out = p;
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// block-wide helpers
+// ---------------------------------------------------------------------------
+
+// out[i] = Σ_{i' < i} in[i'] for i <= n (out[n] = total); shared memory, all threads.
+__device__ inline void block_exclusive_scan(const int* in, int* out, int n) {
+  __shared__ int warp_totals[32];
+  const int per = (n + blockDim.x - 1) / blockDim.x;
+  const int i0 = min(n, int(threadIdx.x) * per), i1 = min(n, i0 + per);
+  int mine = 0;
+  for (int i = i0; i < i1; ++i) mine += in[i];
+  int warp_total;
+  const int before = warp_exclusive_scan(mine, &warp_total);
+  if (lane_id() == 0) warp_totals[warp_id()] = warp_total;
+  __syncthreads();
+  if (warp_id() == 0) {
+    const int nwarps = blockDim.x / 32;
+    int all;
+    const int ex = warp_exclusive_scan(lane_id() < nwarps ? warp_totals[lane_id()] : 0, &all);
+    if (lane_id() < nwarps) warp_totals[lane_id()] = ex;
+    if (lane_id() == 0) out[n] = all;
+  }
+  __syncthreads();
+  int run = warp_totals[warp_id()] + before;
+  for (int i = i0; i < i1; ++i) {
+    const int v = in[i];
+    out[i] = run;
+    run += v;
+  }
+  __syncthreads();
+}
+
+// The segment s with offsets[s] <= row < offsets[s + 1] (offsets[0] = 0 <= row < offsets[n]).
+__device__ inline int segment_of(const int* offsets, int n, int row) {
+  int lo = 0, hi = n;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (offsets[mid] <= row)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+// Buffer reuse (protocol.md, "Low-latency dispatch/combine"): op `seq` overwrites the
+// half that op seq-2 used in every destination, so each live peer must have finished
+// its receive of op seq-2 (its private counter `recv_counter` >= seq-2). Threads p < R
+// each check peer p; returns this thread's verdict (combine with __syncthreads_and, so
+// the remote read overlaps the caller's own work). Our own receive is earlier in the stream.
+__device__ inline bool peer_received(const CommContext& c, const RankCtx& r, const int* active, int recv_counter,
+                                     int phase) {
+  const int p = threadIdx.x;
+  if (r.seq <= 2 || p >= c.num_ranks || p == r.rank || !active[p]) return true;
+  return wait_geq(counters_of(c, c.peers[p]) + recv_counter, r.seq - 2, p, wait_ctx(c, r, phase));
+}
+
+// End of a send kernel's data phase. Every thread fences its peer stores system-wide,
+// then the block counts itself done. The last block of the rank (all blocks have read
+// the sequence number by then) bumps the op counter like finish_op and gets true: it
+// may publish the op's signals, which the fences order after every block's data.
+__device__ inline bool finish_send(const CommContext& c, const RankCtx& r, int counter, int blocks_per_rank) {
+  __shared__ int last;
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    uint64_t* ctr = counters_of(c, r.self);
+    const unsigned long long done = atomicAdd(reinterpret_cast<unsigned long long*>(ctr + kDoneBlocks), 1ull);
+    last = done + 1 == uint64_t(blocks_per_rank);
+    if (last) {
+      ctr[kDoneBlocks] = 0;
+      ctr[counter] = r.seq;
+      __threadfence();  // acquire side of the other blocks' fence + arrival
+    }
+  }
+  __syncthreads();
+  return last != 0;
+}
+
+cudaError_t prepare_ll_dispatch_kernels();
+
+}  // namespace jax_ep

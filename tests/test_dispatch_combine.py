@@ -1,0 +1,191 @@
+"""dispatch/combine against the NumPy oracle: every backend, layout, EP size and routing pattern.
+
+The reference backend runs under ``shard_map`` on 8 CPU devices (EP 1/2/4/8) and
+under ``vmap`` (loopback); the CUDA backend on GPUs, in loopback and across real
+devices. BF16 dispatch outputs, counts and handles must be bit-exact; combine
+follows the contract's float32 order: bit-exact for bf16/f16 outputs; for float32
+outputs within 2 ulp (XLA may fuse the multiply-add of the expert-side sum into
+an FMA, which the contract and the kernels do not).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import HAS_KERNELS, gpu_count
+from harness import (
+    ROUTINGS,
+    Runner,
+    assert_equal,
+    make_routing,
+    make_tokens,
+    oracle_combine,
+    oracle_dispatch,
+)
+
+import jax_ep
+
+E, K, T, H = 16, 4, 12, 256
+
+RUNNERS = [Runner("reference", r, "shard_map") for r in (1, 2, 4, 8)] + [
+    Runner("reference", 4, "loopback")
+]
+if HAS_KERNELS:
+    RUNNERS += [Runner("cuda", r, "loopback", "gpu") for r in (1, 2, 4)]
+    RUNNERS += [Runner("cuda", gpu_count(), "shard_map", "gpu")]
+RUNNER_IDS = [str(r) for r in RUNNERS]
+
+
+def expert_scale(layout, counts, num_rows, e_loc):
+    """Per-row factor ``(global expert + 1) / 8`` so combine sees different expert outputs."""
+    me = jax.lax.axis_index("ep")
+    if layout == "expert_major":
+        e = jnp.arange(num_rows) // (num_rows // e_loc)
+    elif layout == "ragged":
+        e = jnp.searchsorted(jnp.cumsum(counts), jnp.arange(num_rows), side="right")
+    else:
+        return jnp.full((num_rows,), 1.0, jnp.float32)
+    return (e + me * e_loc + 1).astype(jnp.float32) / 8
+
+
+def run_case(
+    runner,
+    layout,
+    routing,
+    capacity=None,
+    dtype=jnp.bfloat16,
+    hidden=H,
+    num_tokens=T,
+    num_topk=K,
+    fp8=False,
+):
+    R = runner.num_ranks
+    idx, w = make_routing(routing, R, num_tokens, num_topk, E, seed=hash((routing, R)) % 1000)
+    x = make_tokens(R, num_tokens, hidden, dtype)
+    group = runner.group(
+        num_experts=E,
+        num_topk=num_topk,
+        hidden=hidden,
+        num_max_tokens_per_rank=num_tokens,
+        dtype=dtype,
+    )
+    e_loc = E // R
+
+    def fn(x, idx, w):
+        out = jax_ep.dispatch(x, idx, w, group=group, layout=layout, capacity=capacity, fp8=fp8)
+        payload = out.x if not fp8 else jax_ep.dequantize_fp8(out.x, out.scales, dtype)
+        rows = payload.reshape(-1, payload.shape[-1])
+        scale = expert_scale(layout, out.counts, rows.shape[0], e_loc)
+        y = (rows.astype(jnp.float32) * scale[:, None]).astype(dtype).reshape(payload.shape)
+        combined = jax_ep.combine(y, out.handle, group=group)
+        return out, y, combined
+
+    out, y, combined = runner.run(fn, x, idx, w)
+    cap = capacity or (
+        R * num_tokens * min(num_topk, e_loc) if layout == "ragged" else R * num_tokens
+    )
+    want = oracle_dispatch(x, idx, w, E, layout, cap)
+    return x, idx, w, out, y, combined, want
+
+
+def check_dispatch(out, want, layout, fp8=False):
+    for me, o in enumerate(want):
+        h = jax.tree.map(lambda a, me=me: a[me], out.handle)
+        for name in ("recv_src", "recv_topk_idx", "recv_rows", "recv_weights", "num_recv"):
+            assert_equal(getattr(h, name), o[name], f"rank {me} handle.{name}")
+        assert_equal(out.counts[me], o["counts"], f"rank {me} counts")
+        assert_equal(out.num_dropped[me], o["num_dropped"], f"rank {me} num_dropped")
+        if not fp8:
+            assert_equal(out.x[me], o["x"], f"rank {me} x")
+        if layout == "per_rank":
+            assert_equal(out.topk_idx[me], o["topk_idx"], f"rank {me} topk_idx")
+            assert_equal(out.topk_weights[me], o["topk_weights"], f"rank {me} topk_weights")
+
+
+def check_combine(y, combined, want, idx, layout, dtype):
+    ys = [y[me] for me in range(len(want))]
+    expect = oracle_combine(ys, want, idx, E, layout, dtype)
+    if np.dtype(dtype) == np.float32:
+        np.testing.assert_allclose(combined, expect, rtol=2.5e-7, atol=1e-30, err_msg="combine")
+    else:
+        assert_equal(combined, expect, "combine")
+
+
+@pytest.mark.parametrize("runner", RUNNERS, ids=RUNNER_IDS)
+@pytest.mark.parametrize("layout", ["expert_major", "ragged", "per_rank"])
+def test_random_routing(runner, layout):
+    _, idx, _, out, y, combined, want = run_case(runner, layout, "random")
+    check_dispatch(out, want, layout)
+    check_combine(y, combined, want, idx, layout, jnp.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "runner",
+    [r for r in RUNNERS if r.num_ranks == 4 or r.backend == "cuda"],
+    ids=[str(r) for r in RUNNERS if r.num_ranks == 4 or r.backend == "cuda"],
+)
+@pytest.mark.parametrize("routing", [r for r in ROUTINGS if r != "random"])
+def test_routing_patterns(runner, routing):
+    for layout in ("expert_major", "per_rank"):
+        _, idx, _, out, y, combined, want = run_case(runner, layout, routing)
+        check_dispatch(out, want, layout)
+        check_combine(y, combined, want, idx, layout, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("runner", RUNNERS[2:3] + RUNNERS[5:], ids=RUNNER_IDS[2:3] + RUNNER_IDS[5:])
+@pytest.mark.parametrize("layout,capacity", [("expert_major", 3), ("ragged", 20), ("per_rank", 7)])
+def test_capacity_drops_are_counted(runner, layout, capacity):
+    _, idx, _, out, y, combined, want = run_case(runner, layout, "skewed", capacity=capacity)
+    check_dispatch(out, want, layout)
+    assert sum(int(o["num_dropped"]) for o in want) > 0, "the case must overflow"
+    check_combine(y, combined, want, idx, layout, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("runner", RUNNERS[2:3] + RUNNERS[5:], ids=RUNNER_IDS[2:3] + RUNNER_IDS[5:])
+@pytest.mark.parametrize(
+    "dtype,hidden", [(jnp.float32, 129), (jnp.bfloat16, 131), (jnp.float16, 64)]
+)
+def test_odd_sizes_and_dtypes(runner, dtype, hidden):
+    for layout in ("ragged", "per_rank"):
+        _, idx, _, out, y, combined, want = run_case(
+            runner,
+            layout,
+            "masked",
+            dtype=dtype,
+            hidden=hidden,
+            num_tokens=1 if hidden == 64 else 7,
+        )
+        check_dispatch(out, want, layout)
+        check_combine(y, combined, want, idx, layout, dtype)
+
+
+def test_on_overflow_error_fails_the_step():
+    runner = Runner("reference", 2, "shard_map")
+    idx, w = make_routing("one_expert", 2, T, K, E)
+    x = make_tokens(2, T, H)
+    group = runner.group(num_experts=E, num_topk=K, hidden=H, num_max_tokens_per_rank=T)
+
+    def fn(x, idx, w):
+        return jax_ep.dispatch(x, idx, w, group=group, capacity=2, on_overflow="error").counts
+
+    with pytest.raises(Exception, match="rows did not fit"):
+        runner.run(fn, x, idx, w)
+
+
+def test_combine_with_explicit_weights_matches_dispatch_weights():
+    runner = Runner("reference", 4, "shard_map")
+    idx, w = make_routing("random", 4, T, K, E)
+    x = make_tokens(4, T, H, jnp.float32)
+    group = runner.group(num_experts=E, num_topk=K, hidden=H, num_max_tokens_per_rank=T)
+
+    def fn(x, idx, w):
+        out = jax_ep.dispatch(x, idx, w, group=group, layout="ragged")
+        return (
+            jax_ep.combine(out.x, out.handle, group=group),
+            jax_ep.combine(out.x, out.handle, w * 2, group=group),
+        )
+
+    a, b = runner.run(fn, x, idx, w)
+    np.testing.assert_allclose(b, 2 * a, rtol=1e-6)
