@@ -1,0 +1,263 @@
+"""Benchmark cases: jax_ep's ops and the baselines on the same routing, same devices."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_ep
+from jax_ep import baselines
+from jax_ep.bench.timing import measure
+
+
+@dataclasses.dataclass
+class Setup:
+    """Where the ranks live: ``shard_map`` over real devices, or loopback on one device."""
+
+    num_ranks: int
+    loopback: bool
+    tokens: int
+    hidden: int
+    topk: int
+    experts: int
+    seed: int = 0
+
+    def __post_init__(self):
+        devices = jax.devices()
+        self.mesh = Mesh(np.array(devices[:1] if self.loopback else devices[: self.num_ranks]),
+                         ("ep",))
+
+    @property
+    def transport(self) -> str:
+        if self.mesh.devices.flat[0].platform != "gpu":
+            return "host (no GPU)"
+        if self.num_ranks == 1:
+            return "none (EP=1)"
+        return "loopback: all ranks on one GPU, 'link' bytes go through HBM" if self.loopback \
+            else "NVLink"
+
+    def routing(self, num_tokens: int | None = None):
+        """Uniform random top-k (distinct experts), router weights, bf16 tokens: stacked [R, ...]."""
+        t = num_tokens or self.tokens
+        rng = np.random.default_rng(self.seed)
+        scores = rng.random((self.num_ranks, t, self.experts), dtype=np.float32)
+        idx = np.argpartition(-scores, self.topk - 1, axis=-1)[..., : self.topk].astype(np.int32)
+        w = rng.random((self.num_ranks, t, self.topk), dtype=np.float32)
+        x = rng.standard_normal((self.num_ranks, t, self.hidden), dtype=np.float32)
+        return x.astype(jnp.bfloat16), idx, w
+
+    def put(self, *arrays):
+        if self.loopback:
+            return [jax.device_put(a, self.mesh.devices.flat[0]) for a in arrays]
+        sharding = NamedSharding(self.mesh, P("ep"))
+        return [jax.device_put(a, sharding) for a in arrays]
+
+    def per_rank(self, fn):
+        """Jitted callable on stacked ``[R, ...]`` arrays running ``fn`` once per rank."""
+        if self.loopback:
+            return jax.jit(jax.vmap(fn, axis_name="ep"))
+
+        def body(*a):
+            local = jax.tree.map(lambda v: v[0], a)
+            return jax.tree.map(lambda o: o[None], fn(*local))
+
+        return jax.jit(jax.shard_map(body, mesh=self.mesh, in_specs=P("ep"), out_specs=P("ep")))
+
+    def group(self, backend: str, *, low_latency: bool = False, max_tokens: int | None = None,
+              config: jax_ep.Config | None = None) -> jax_ep.Group:
+        return jax_ep.Group(self.mesh, "ep", num_experts=self.experts, num_topk=self.topk,
+                            hidden=self.hidden, num_max_tokens_per_rank=max_tokens or self.tokens,
+                            backend=backend, loopback=self.num_ranks if self.loopback else None,
+                            low_latency=low_latency, config=config)
+
+
+# ----------------------------------------------------------------------------
+# bytes moved (per rank, averaged over ranks)
+# ----------------------------------------------------------------------------
+
+
+def wire_row_bytes(hidden: int, fp8: bool) -> int:
+    return hidden + hidden // 128 * 4 if fp8 else hidden * 2
+
+
+def traffic(idx: np.ndarray, experts: int) -> dict:
+    """Counts of what must move: (token, remote rank) pairs, (token, remote expert) pairs,
+    received tokens and rows, per rank on average."""
+    R, T, _ = idx.shape
+    e_loc = experts // R
+    ranks = np.where(idx >= 0, idx // e_loc, -1)
+    token_rank = (ranks[..., None] == np.arange(R)).any(axis=2)  # [R, T, R]
+    src = np.arange(R)[:, None, None]
+    dst = np.arange(R)[None, None, :]
+    remote_pairs = (token_rank & (dst != src)).sum() / R
+    received = token_rank.sum() / R
+    rows = sum(len(set(int(e) for e in row if e >= 0)) for row in idx.reshape(-1, idx.shape[-1])) / R
+    remote_rows = sum(len({int(e) for e in idx[s, t] if e >= 0 and e // e_loc != s})
+                      for s in range(R) for t in range(T)) / R
+    return dict(remote_token_rank_pairs=remote_pairs, received_tokens=received,
+                expert_rows=rows, remote_expert_rows=remote_rows)
+
+
+def rates(result: dict, link_bytes: float, hbm_bytes: float) -> dict:
+    t = result["median_us"] * 1e-6
+    return dict(result, link_bytes=link_bytes, link_GBps=link_bytes / t / 1e9 if link_bytes else 0.0,
+                hbm_bytes=hbm_bytes, hbm_GBps=hbm_bytes / t / 1e9)
+
+
+# ----------------------------------------------------------------------------
+# high-throughput cases
+# ----------------------------------------------------------------------------
+
+
+def ht_cases(setup: Setup, *, layouts, backends, baselines_wanted, calls: int, repeats: int,
+             config: jax_ep.Config) -> list[dict]:
+    x, idx, w = setup.routing()
+    xd, idxd, wd = setup.put(x, idx, w)
+    tr = traffic(idx, setup.experts)
+    H, T = setup.hidden, setup.tokens
+    out = []
+
+    def record(name, backend, layout, fp8, res, link, hbm, **extra):
+        row = dict(op=name, backend=backend, layout=layout, fp8=fp8, tokens=T, **rates(res, link, hbm),
+                   **extra)
+        out.append(row)
+        print(f"  {name:9s} {backend:18s} {layout:12s} fp8={int(fp8)} {row['median_us']:9.1f} us"
+              f"  link {row['link_GBps']:7.1f} GB/s  hbm {row['hbm_GBps']:7.1f} GB/s", flush=True)
+
+    for backend in backends:
+        group = setup.group(backend, config=config)
+        sms = config.resolved_num_sms(setup.num_ranks) if backend == "cuda" else None
+        for layout in layouts:
+            for fp8 in (False, True):
+                disp = setup.per_rank(functools.partial(
+                    _dispatch_only, group=group, layout=layout, fp8=fp8))
+                res = measure(lambda d=disp: d(xd, idxd, wd), calls=calls, repeats=repeats)
+                row_b = wire_row_bytes(H, fp8)
+                rows = tr["received_tokens"] if layout == "per_rank" else tr["expert_rows"]
+                link = tr["remote_token_rank_pairs"] * row_b
+                hbm = T * H * 2 + rows * (H if fp8 else 2 * H)
+                record("dispatch", backend, layout, fp8, res, link, hbm, num_sms=sms)
+            # combine of bf16 expert outputs (FP8 is a dispatch-only wire format)
+            first = setup.per_rank(functools.partial(_dispatch_full, group=group, layout=layout))
+            y, handle = first(xd, idxd, wd)
+            comb = setup.per_rank(functools.partial(_combine_only, group=group))
+            res = measure(lambda c=comb: c(y, handle), calls=calls, repeats=repeats)
+            rows = tr["received_tokens"] if layout == "per_rank" else tr["expert_rows"]
+            record("combine", backend, layout, False, res, tr["remote_token_rank_pairs"] * 2 * H,
+                   rows * 2 * H + tr["received_tokens"] * 2 * H + T * 2 * H, num_sms=sms)
+        group.close()
+
+    for name in baselines_wanted:
+        if name == "ragged_all_to_all" and setup.loopback:
+            print("  ragged_all_to_all: skipped in loopback (no vmap rule in JAX)")
+            continue
+        d_fn, c_fn = _BASELINES[name]
+        disp = setup.per_rank(functools.partial(d_fn, num_experts=setup.experts))
+        res = measure(lambda d=disp: d(xd, idxd), calls=calls, repeats=repeats)
+        record("dispatch", name, "ragged", False, res,
+               tr["remote_expert_rows"] * 2 * H, T * H * 2 + tr["expert_rows"] * 2 * H)
+        yb, state = disp(xd, idxd)
+        comb = setup.per_rank(c_fn)
+        res = measure(lambda c=comb: c(yb, wd, state), calls=calls, repeats=repeats)
+        record("combine", name, "ragged", False, res,
+               tr["remote_expert_rows"] * 2 * H, 2 * tr["expert_rows"] * 2 * H + T * 2 * H)
+    return out
+
+
+def _dispatch_only(x, idx, w, *, group, layout, fp8):
+    out = jax_ep.dispatch(x, idx, w, group=group, layout=layout, fp8=fp8)
+    return out.x, out.counts
+
+
+def _dispatch_full(x, idx, w, *, group, layout):
+    out = jax_ep.dispatch(x, idx, w, group=group, layout=layout)
+    return out.x, out.handle
+
+
+def _combine_only(y, handle, *, group):
+    return jax_ep.combine(y, handle, group=group)
+
+
+def _ragged_dispatch(x, idx, *, num_experts):
+    out = baselines.ragged_all_to_all_dispatch(x, idx, axis_name="ep", num_experts=num_experts)
+    return out.x, out.state
+
+
+def _ragged_combine(y, w, state):
+    return baselines.ragged_all_to_all_combine(y, w, state, axis_name="ep")
+
+
+def _a2a_dispatch(x, idx, *, num_experts):
+    out = baselines.all_to_all_dispatch(x, idx, axis_name="ep", num_experts=num_experts)
+    return out.x, out.state
+
+
+def _a2a_combine(y, w, state):
+    return baselines.all_to_all_combine(y, w, state, axis_name="ep")
+
+
+_BASELINES = {"ragged_all_to_all": (_ragged_dispatch, _ragged_combine),
+              "all_to_all": (_a2a_dispatch, _a2a_combine)}
+
+
+# ----------------------------------------------------------------------------
+# low-latency cases: a decode-like jitted chain, so launch gaps are what a
+# decode step sees (inside a CUDA graph when XLA's command buffers are on)
+# ----------------------------------------------------------------------------
+
+
+def ll_cases(setup: Setup, *, backends, chain: int, calls: int, repeats: int, fp8: bool,
+             config: jax_ep.Config, tokens: int | None = None) -> list[dict]:
+    T = tokens or setup.tokens
+    x, idx, w = setup.routing(T)
+    xd, idxd, wd = setup.put(x, idx, w)
+    tr = traffic(idx, setup.experts)
+    H = setup.hidden
+    out = []
+    for backend in backends:
+        group = setup.group(backend, low_latency=True, max_tokens=T, config=config)
+        for what in ("dispatch", "combine", "pair"):
+            step = setup.per_rank(functools.partial(_ll_chain, group=group, what=what, fp8=fp8,
+                                                    chain=chain))
+            res = measure(lambda s=step: s(xd, idxd, wd), calls=calls, repeats=repeats)
+            res = {k: (v / chain if k.endswith("_us") else v) for k, v in res.items()}
+            msg = 16 + wire_row_bytes(H, fp8)
+            link = {"dispatch": tr["remote_expert_rows"] * msg,
+                    "combine": tr["remote_expert_rows"] * 2 * H,
+                    "pair": tr["remote_expert_rows"] * (msg + 2 * H)}[what]
+            row = dict(op=f"ll_{what}", backend=backend, fp8=fp8, tokens=T, chain=chain,
+                       **rates(res, link, 0.0))
+            out.append(row)
+            print(f"  ll_{what:8s} {backend:10s} fp8={int(fp8)} {row['median_us']:8.2f} us/call"
+                  f"  link {row['link_GBps']:6.1f} GB/s", flush=True)
+        group.close()
+    return out
+
+
+def _ll_chain(x, idx, w, *, group, what, fp8, chain):
+    """``chain`` dependent low-latency ops in one program (a decode loop's shape)."""
+    handle_out = jax_ep.low_latency_dispatch(x, idx, group=group, fp8=fp8)
+    y = (handle_out.x.astype(jnp.float32) if not fp8 else
+         jax_ep.dequantize_fp8(handle_out.x, handle_out.scales, jnp.float32)).astype(jnp.bfloat16)
+    acc = jnp.zeros((), jnp.float32)
+    for _ in range(chain):
+        # the next call depends on this one through a tiny select XLA cannot fold away
+        if what == "dispatch":
+            o = jax_ep.low_latency_dispatch(x, idx, group=group, fp8=fp8)
+            idx = jnp.where(o.counts[0] < -1, idx + 1, idx)
+        elif what == "combine":
+            c = jax_ep.low_latency_combine(y, idx, w, handle_out.handle, group=group)
+            w = jnp.where(c[0, 0] > 1e30, w * 2, w)
+        else:
+            o = jax_ep.low_latency_dispatch(x, idx, group=group, fp8=fp8)
+            rows = o.x.astype(jnp.bfloat16) if not fp8 else \
+                jax_ep.dequantize_fp8(o.x, o.scales, jnp.bfloat16)
+            x = jax_ep.low_latency_combine(rows, idx, w, o.handle, group=group)
+        acc = acc + 1
+    return x, w, idx, acc

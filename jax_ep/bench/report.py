@@ -1,0 +1,66 @@
+"""Regenerates README.md's benchmark tables from the JSON files under ``benchmarks/``.
+
+    python -m jax_ep.bench.report              # print the tables
+    python -m jax_ep.bench.report --readme     # rewrite README.md between its bench markers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def _fmt_row(r: dict) -> str:
+    layout = r.get("layout", "ll")
+    link = f"{r['link_GBps']:.0f}" if r.get("link_GBps") else "-"
+    hbm = f"{r['hbm_GBps']:.0f}" if r.get("hbm_GBps") else "-"
+    return (f"| {r['op']} | {r['backend']} | {layout} | {'fp8' if r.get('fp8') else 'bf16'} | "
+            f"{r['tokens']} | {r['median_us']:.1f} | {link} | {hbm} |")
+
+
+def table(record: dict, source: str) -> str:
+    c = record["config"]
+    head = (f"**{record['device']}**, {record['date'][:10]}, {c['ranks']} rank(s) "
+            f"({c['transport']}), hidden {c['hidden']}, top-{c['topk']} of {c['experts']} "
+            f"experts, jax {record['jax']}, commit {record['commit']} — `{source}`")
+    if record.get("copy_bandwidth_GBps"):
+        head += f"; plain copy in the same run: {record['copy_bandwidth_GBps']:.0f} GB/s"
+    if record["mode"] == "low-latency":
+        head += f"; command buffers {c.get('graphs', '?')}, {c.get('chain')} ops per program"
+    rows = ["| op | backend | layout | dtype | tokens/rank | µs (median) | link GB/s | HBM GB/s |",
+            "|---|---|---|---|---|---|---|---|"]
+    rows += [_fmt_row(r) for r in record["results"]]
+    return head + "\n\n" + "\n".join(rows)
+
+
+def render(directory: pathlib.Path) -> str:
+    parts = []
+    for path in sorted(directory.glob("*.json")):
+        record = json.loads(path.read_text())
+        if record.get("platform") != "gpu":
+            continue
+        parts.append(table(record, f"benchmarks/{path.name}"))
+    return "\n\n".join(parts) if parts else "_No GPU benchmark recorded yet._"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jax_ep.bench.report")
+    p.add_argument("--dir", default="benchmarks")
+    p.add_argument("--readme", action="store_true", help="rewrite README.md in place")
+    args = p.parse_args(argv)
+    text = render(pathlib.Path(args.dir))
+    if not args.readme:
+        print(text)
+        return 0
+    readme = pathlib.Path("README.md")
+    body = readme.read_text()
+    start, end = body.index(BEGIN) + len(BEGIN), body.index(END)
+    readme.write_text(body[:start] + "\n" + text + "\n" + body[end:])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""Timing and environment facts for the benchmark JSON."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+
+def measure(run: Callable[[], object], *, calls: int, repeats: int, warmup: int = 3) -> dict:
+    """Per-call device time of ``run`` (one jitted, asynchronously dispatched call).
+
+    Each repeat enqueues ``calls`` calls back to back and waits for the last one, so
+    host dispatch overlaps device work and the time per call is the device's time
+    per call (launch gaps included) whenever the op takes longer than its dispatch.
+    Returns median/p10/p90 over repeats, in microseconds.
+    """
+    for _ in range(warmup):
+        jax.block_until_ready(run())
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(calls):
+            out = run()
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / calls * 1e6)
+    s = np.asarray(samples)
+    return dict(median_us=float(np.median(s)), p10_us=float(np.percentile(s, 10)),
+                p90_us=float(np.percentile(s, 90)), calls=calls, repeats=repeats)
+
+
+def copy_bandwidth_gbps(device, nbytes: int = 1 << 30) -> float:
+    """Read+write bandwidth of a plain elementwise pass over ``nbytes`` on ``device``."""
+    a = jax.device_put(np.zeros(nbytes // 2, np.uint16), device)
+    f = jax.jit(lambda v: v + np.uint16(1))
+    t = measure(lambda: f(a), calls=20, repeats=5)
+    return 2 * nbytes / (t["median_us"] * 1e-6) / 1e9
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    import jaxlib
+
+    import jax_ep
+
+    devs = jax.devices()
+    return dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=devs[0].device_kind, num_devices=len(devs), platform=devs[0].platform,
+        host=platform.node(), jax=jax.__version__, jaxlib=jaxlib.__version__,
+        jax_ep=jax_ep.__version__, commit=_git_commit(),
+        xla_flags=os.environ.get("XLA_FLAGS", ""))
