@@ -23,6 +23,8 @@ enum Phase : int {
   kPhaseHtCombineArrival = 2,
   kPhaseLlDispatchSignal = 3,
   kPhaseLlCombineSignal = 4,
+  kPhaseLlDispatchReuse = 5,  // a peer still receives the dispatch two ops back
+  kPhaseLlCombineReuse = 6,
 };
 
 struct ErrorRecord {
@@ -45,6 +47,10 @@ inline const char* phase_name(int phase) {
       return "low-latency dispatch receive: waiting for the peer's token count";
     case kPhaseLlCombineSignal:
       return "low-latency combine receive: waiting for the peer's expert outputs";
+    case kPhaseLlDispatchReuse:
+      return "low-latency dispatch send: waiting for the peer to finish receiving the dispatch two ops back";
+    case kPhaseLlCombineReuse:
+      return "low-latency combine send: waiting for the peer to finish receiving the combine two ops back";
     default:
       return "unknown phase";
   }

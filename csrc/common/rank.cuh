@@ -68,19 +68,31 @@ __device__ inline void publish_arrival(const CommContext& c, const RankCtx& r, s
   }
 }
 
-// The last block of a rank to finish bumps the op's sequence number (no block may
-// bump it while another still reads it at its start).
-__device__ inline void finish_op(const CommContext& c, const RankCtx& r, int counter, int blocks_per_rank) {
+// True in every thread of the rank's last block to get here (the blocks' earlier work
+// is ordered before what that block does next: fence + arrival, arrival + fence).
+__device__ inline bool last_block(const CommContext& c, const RankCtx& r, int blocks_per_rank) {
+  __shared__ int last;
   __syncthreads();
   if (threadIdx.x == 0) {
     uint64_t* ctr = counters_of(c, r.self);
     __threadfence();
-    unsigned long long done = atomicAdd(reinterpret_cast<unsigned long long*>(ctr + kDoneBlocks), 1ull);
-    if (done + 1 == uint64_t(blocks_per_rank)) {
-      ctr[kDoneBlocks] = 0;
-      ctr[counter] = r.seq;
+    const unsigned long long done = atomicAdd(reinterpret_cast<unsigned long long*>(ctr + kDoneBlocks), 1ull);
+    last = done + 1 == uint64_t(blocks_per_rank);
+    if (last) {
+      ctr[kDoneBlocks] = 0;  // the next kernel starts after this one ends
       __threadfence();
     }
+  }
+  __syncthreads();
+  return last != 0;
+}
+
+// The last block of a rank to finish bumps the op's sequence number (no block may
+// bump it while another still reads it at its start).
+__device__ inline void finish_op(const CommContext& c, const RankCtx& r, int counter, int blocks_per_rank) {
+  if (last_block(c, r, blocks_per_rank) && threadIdx.x == 0) {
+    counters_of(c, r.self)[counter] = r.seq;
+    __threadfence();
   }
 }
 

@@ -1,6 +1,7 @@
 // Pieces shared by the low-latency dispatch and combine kernels: slot addressing in
-// the ll_* regions, the split of row pieces over warps, the buffer-reuse guard and
-// the last-block signalling. Protocol: docs/protocol.md, "Low-latency dispatch/combine".
+// the ll_* regions, the split of rows over warps, sequence numbers and tickets, the
+// buffer-reuse guard and the last-block pattern. Protocol: docs/protocol.md,
+// "Low-latency dispatch/combine".
 #pragma once
 
 #include "common/rank.cuh"
@@ -9,15 +10,10 @@
 
 namespace jax_ep {
 
-// Waits of this family that error_record.h has no Phase value for yet (phase_name()
-// prints "unknown phase" for them until it gets these two).
-constexpr int kPhaseLlDispatchReuse = 5;  // dispatch send: a peer still receives the op two before
-constexpr int kPhaseLlCombineReuse = 6;   // combine send: same, for combine
-
-// Send kernels have few blocks (Config.num_sms) and much independent work per block;
-// receive kernels have a block per SM and spin, so they stay small enough to leave
-// room on each SM for another process's kernels (several ranks on one GPU under MPS).
-constexpr int kLlSendThreads = 1024;
+// Send kernels: Config.num_sms blocks per rank; receive kernels: a block per SM
+// (Config.num_copy_sms). 512 threads: the row movers need ~128 registers per thread
+// without spills, so 1024-thread blocks (64 registers) would spill in the hot loops.
+constexpr int kLlSendThreads = 512;
 constexpr int kLlSendWarps = kLlSendThreads / 32;
 constexpr int kLlRecvThreads = 512;
 constexpr int kLlRecvWarps = kLlRecvThreads / 32;
@@ -152,38 +148,67 @@ __device__ inline int segment_of(const int* offsets, int n, int row) {
   return lo;
 }
 
-// Buffer reuse (protocol.md, "Low-latency dispatch/combine"): op `seq` overwrites the
-// half that op seq-2 used in every destination, so each live peer must have finished
-// its receive of op seq-2 (its private counter `recv_counter` >= seq-2). Threads p < R
-// each check peer p; returns this thread's verdict (combine with __syncthreads_and, so
-// the remote read overlaps the caller's own work). Our own receive is earlier in the stream.
+// ---------------------------------------------------------------------------
+// sequence numbers (protocol.md, "Low-latency dispatch/combine")
+// ---------------------------------------------------------------------------
+
+// A receive serves the op of its ticket (the sequence number its send wrote, [lo, hi]),
+// not the next one in a counter: XLA may run the receives of two outstanding sends
+// in either order.
+__device__ inline RankCtx ll_recv_ctx(const CommContext& c, int local, const int* ticket) {
+  RankCtx r;
+  r.local = local;
+  r.rank = c.first_rank + local;
+  r.self = c.peers[r.rank];
+  r.seq = uint64_t(uint32_t(ticket[2 * local])) | (uint64_t(uint32_t(ticket[2 * local + 1])) << 32);
+  r.parity = int(r.seq & 1);
+  return r;
+}
+
+__device__ inline void write_ticket(int* ticket, const RankCtx& r) {
+  ticket[2 * r.local] = int(uint32_t(r.seq));
+  ticket[2 * r.local + 1] = int(uint32_t(r.seq >> 32));
+}
+
+// The receive record (private counter kLl*RecvSeq) is 2 * W + b: every receive up to
+// op W has finished, and b = 1 when op W + 2 has too (W + 1 still running). It only
+// grows, so a sender can wait for "op n done" as record >= 2 * n.
+__device__ __forceinline__ uint64_t received_record(uint64_t record, uint64_t seq) {
+  const uint64_t done = record >> 1;
+  if (seq == done + 1) return 2 * (done + 1 + (record & 1));
+  if (seq == done + 2) return record | 1;
+  return record;  // a repeated receive: nothing new
+}
+
+// Buffer reuse: op `seq` overwrites the half that op seq-2 used in every destination,
+// so each live rank (ourselves included: XLA orders our own receive only by data)
+// must have finished its receive of op seq-2. Threads p < R each check rank p;
+// returns this thread's verdict (combine with __syncthreads_and, so the remote read
+// overlaps the caller's own work).
 __device__ inline bool peer_received(const CommContext& c, const RankCtx& r, const int* active, int recv_counter,
                                      int phase) {
   const int p = threadIdx.x;
-  if (r.seq <= 2 || p >= c.num_ranks || p == r.rank || !active[p]) return true;
-  return wait_geq(counters_of(c, c.peers[p]) + recv_counter, r.seq - 2, p, wait_ctx(c, r, phase));
+  if (r.seq <= 2 || p >= c.num_ranks || !active[p]) return true;
+  return wait_geq(counters_of(c, c.peers[p]) + recv_counter, 2 * (r.seq - 2), p, wait_ctx(c, r, phase));
 }
 
-// End of a send kernel's data phase. Every thread fences its peer stores system-wide,
-// then the block counts itself done. The last block of the rank (all blocks have read
-// the sequence number by then) bumps the op counter like finish_op and gets true: it
-// may publish the op's signals, which the fences order after every block's data.
+// End of a send kernel's data phase: every thread fences its peer stores system-wide
+// first, so the last block may publish the op's signals after it. That block bumps
+// the op counter (every block has read the sequence number by then).
 __device__ inline bool finish_send(const CommContext& c, const RankCtx& r, int counter, int blocks_per_rank) {
-  __shared__ int last;
   __threadfence_system();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    uint64_t* ctr = counters_of(c, r.self);
-    const unsigned long long done = atomicAdd(reinterpret_cast<unsigned long long*>(ctr + kDoneBlocks), 1ull);
-    last = done + 1 == uint64_t(blocks_per_rank);
-    if (last) {
-      ctr[kDoneBlocks] = 0;
-      ctr[counter] = r.seq;
-      __threadfence();  // acquire side of the other blocks' fence + arrival
-    }
+  const bool last = last_block(c, r, blocks_per_rank);
+  if (last && threadIdx.x == 0) counters_of(c, r.self)[counter] = r.seq;
+  return last;
+}
+
+// End of a receive kernel: the last block publishes the receive record with a release
+// store, after every block's reads of the half (peers wait for it before reusing it).
+__device__ inline void finish_recv(const CommContext& c, const RankCtx& r, int counter, int blocks_per_rank) {
+  if (last_block(c, r, blocks_per_rank) && threadIdx.x == 0) {
+    uint64_t* word = counters_of(c, r.self) + counter;
+    st_release_sys(word, received_record(*word, r.seq));
   }
-  __syncthreads();
-  return last != 0;
 }
 
 cudaError_t prepare_ll_dispatch_kernels();

@@ -23,7 +23,7 @@ struct LlDispatchSendArgs {
   const int* topk_idx = nullptr;      // [L, T, K]
   const int* active_ranks = nullptr;  // [L, R] (1 alive, 0 failed)
   int* num_dropped = nullptr;         // [L] selections not sent: destination marked failed
-  int* ticket = nullptr;              // [L] the op's sequence number (XLA orders the receive after it)
+  int* ticket = nullptr;              // [L, 2] the op's sequence number (lo, hi): its receive's operand
 };
 
 // Receive half: wait for every live source's counts, then copy the messages into the
@@ -33,6 +33,7 @@ struct LlDispatchRecvArgs {
   int hidden = 0, num_topk = 0, num_experts = 0;
   int dtype = 1;  // DType of the bf16/f16/f32 payload when fp8 == 0
   int fp8 = 0;
+  const int* ticket = nullptr;        // [L, 2] the send's sequence number: the op this receive serves
   const int* active_ranks = nullptr;  // [L, R]
   void* out_x = nullptr;              // [L, E_loc, R*T_max, H] fp8 or dtype
   float* out_scales = nullptr;        // [L, E_loc, R*T_max, H/128] (fp8 only)
@@ -53,7 +54,7 @@ struct LlCombineSendArgs {
   const int* topk_slot = nullptr;     // [L, E_loc, R*T_max]
   const int* recv_count = nullptr;    // [L, E_loc]
   const int* active_ranks = nullptr;  // [L, R]
-  int* ticket = nullptr;              // [L] the op's sequence number (XLA orders the receive after it)
+  int* ticket = nullptr;              // [L, 2] the op's sequence number (lo, hi): its receive's operand
 };
 
 // Receive half: wait for every live rank, then out[t] = Σ_k w[t,k] * row(t, k) in k order.
@@ -61,6 +62,7 @@ struct LlCombineRecvArgs {
   CommContext c;
   int num_tokens = 0, hidden = 0, num_topk = 0, num_experts = 0;
   int dtype = 1;
+  const int* ticket = nullptr;    // [L, 2] the send's sequence number: the op this receive serves
   const int* topk_idx = nullptr;  // [L, T, K]
   const float* topk_weights = nullptr;
   const int* active_ranks = nullptr;  // [L, R]

@@ -1,0 +1,148 @@
+"""The CUDA backend's low-latency ops: the send and receive halves as FFI custom calls.
+
+Same interface as the ``ll_*`` functions of :mod:`jax_ep._reference_backend`. Each
+send half returns a ticket payload whose ``ticket`` array (``[2]`` int32: the op's
+64-bit sequence number, written by the send kernel) the receive half takes as an
+operand: XLA runs the receive after the send and may schedule other work between
+them, and the receive kernel serves exactly that op (receives of two outstanding sends
+may run in either order). The payloads also carry what the receive needs to shape its
+outputs (static fields) and the send's small outputs.
+
+``jax_ep._cuda`` imports this module at its top, so it imports ``_cuda`` lazily.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ep import fp8 as _fp8
+from jax_ep._spec import OpSpec
+from jax_ep.types import LowLatencyHandle
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchTicket:
+    """What the dispatch send hands to its receive.
+
+    ticket: ``[2]`` int32, the op's sequence number (lo, hi) written by the send kernel.
+    num_dropped: ``[]`` int32 selections not sent because their rank is marked failed.
+    active_ranks: ``[R]`` int32 the send used (the receive and the handle need it too).
+    hidden, dtype: of the dispatched tokens (shape the receive's outputs).
+    """
+
+    ticket: jax.Array
+    num_dropped: jax.Array
+    active_ranks: jax.Array
+    hidden: int = dataclasses.field(metadata=dict(static=True), default=0)
+    dtype: np.dtype = dataclasses.field(metadata=dict(static=True), default=np.dtype(jnp.bfloat16))
+
+
+@dataclasses.dataclass(frozen=True)
+class CombineTicket:
+    """What the combine send hands to its receive: the ticket and the output row type."""
+
+    ticket: jax.Array
+    hidden: int = dataclasses.field(metadata=dict(static=True), default=0)
+    dtype: np.dtype = dataclasses.field(metadata=dict(static=True), default=np.dtype(jnp.bfloat16))
+
+
+jax.tree_util.register_dataclass(DispatchTicket)
+jax.tree_util.register_dataclass(CombineTicket)
+
+
+def ll_dispatch_send(x, topk_idx, active_ranks, spec: OpSpec) -> DispatchTicket:
+    from jax_ep import _cuda
+
+    ticket, num_dropped = _cuda.call(
+        "ll_dispatch_send",
+        spec,
+        [((2,), jnp.int32), ((), jnp.int32)],
+        x,
+        topk_idx,
+        active_ranks,
+        group_id=spec.group_id,
+        num_experts=spec.num_experts,
+        fp8=int(spec.fp8),
+        round_scale=int(spec.round_scale),
+    )
+    return DispatchTicket(ticket, num_dropped, active_ranks, x.shape[1], np.dtype(x.dtype))
+
+
+def ll_dispatch_recv(payload: DispatchTicket, spec: OpSpec):
+    from jax_ep import _cuda
+
+    e_loc, num_ranks, hidden = spec.num_local_experts, spec.num_ranks, payload.hidden
+    rows = num_ranks * spec.max_tokens_per_rank
+    results = [
+        ((e_loc, rows, hidden), _fp8.FP8_DTYPE if spec.fp8 else payload.dtype),
+        ((e_loc, rows, hidden // _fp8.GROUP) if spec.fp8 else (0,), jnp.float32),
+        ((e_loc,), jnp.int32),
+        ((e_loc, rows), jnp.int32),
+        ((e_loc, rows), jnp.int32),
+        ((e_loc, num_ranks, 2), jnp.int32),
+    ]
+    x, scales, counts, src_info, topk_slot, layout_range = _cuda.call(
+        "ll_dispatch_recv",
+        spec,
+        results,
+        payload.ticket,
+        payload.active_ranks,
+        group_id=spec.group_id,
+        num_experts=spec.num_experts,
+        fp8=int(spec.fp8),
+    )
+    handle = LowLatencyHandle(
+        src_info,
+        topk_slot,
+        layout_range,
+        counts,
+        payload.active_ranks,
+        spec.num_experts,
+        num_ranks,
+        spec.max_tokens_per_rank,
+    )
+    return x, scales if spec.fp8 else None, counts, payload.num_dropped, handle
+
+
+def ll_combine_send(
+    y, handle: LowLatencyHandle, topk_idx, topk_weights, spec: OpSpec
+) -> CombineTicket:
+    from jax_ep import _cuda
+
+    (ticket,) = _cuda.call(
+        "ll_combine_send",
+        spec,
+        [((2,), jnp.int32)],
+        y,
+        handle.recv_src_info,
+        handle.recv_topk_slot,
+        handle.recv_count,
+        handle.active_ranks,
+        group_id=spec.group_id,
+        num_experts=spec.num_experts,
+    )
+    return CombineTicket(ticket, y.shape[-1], np.dtype(y.dtype))
+
+
+def ll_combine_recv(
+    payload: CombineTicket, handle: LowLatencyHandle, topk_idx, topk_weights, spec: OpSpec
+):
+    from jax_ep import _cuda
+
+    num_tokens = topk_idx.shape[0]
+    (out,) = _cuda.call(
+        "ll_combine_recv",
+        spec,
+        [((num_tokens, payload.hidden), payload.dtype)],
+        payload.ticket,
+        topk_idx,
+        topk_weights,
+        handle.active_ranks,
+        group_id=spec.group_id,
+        num_experts=spec.num_experts,
+    )
+    return out
