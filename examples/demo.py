@@ -16,7 +16,9 @@ import time
 
 if "--cpu" in os.sys.argv:
     os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -37,10 +39,25 @@ def moe_layer(x, topk_idx, topk_weights, w_up, *, group):
 def run(mesh, loopback, args):
     R = loopback or mesh.shape["ep"]
     E, K, T, H = args.experts, args.topk, args.tokens, args.hidden
-    group = jax_ep.Group(mesh, "ep", num_experts=E, num_topk=K, hidden=H,
-                         num_max_tokens_per_rank=T, loopback=loopback)
-    ref = jax_ep.Group(mesh, "ep", num_experts=E, num_topk=K, hidden=H,
-                       num_max_tokens_per_rank=T, loopback=loopback, backend="reference")
+    group = jax_ep.Group(
+        mesh,
+        "ep",
+        num_experts=E,
+        num_topk=K,
+        hidden=H,
+        num_max_tokens_per_rank=T,
+        loopback=loopback,
+    )
+    ref = jax_ep.Group(
+        mesh,
+        "ep",
+        num_experts=E,
+        num_topk=K,
+        hidden=H,
+        num_max_tokens_per_rank=T,
+        loopback=loopback,
+        backend="reference",
+    )
     rng = np.random.default_rng(0)
     x = rng.standard_normal((R, T, H)).astype(jnp.bfloat16)
     scores = rng.random((R, T, E))
@@ -52,8 +69,9 @@ def run(mesh, loopback, args):
         f = lambda x, i, w, u: moe_layer(x, i, w, u, group=g)  # noqa: E731
         if loopback:
             return jax.jit(jax.vmap(f, axis_name="ep"))
-        sharded = jax.shard_map(lambda *a: f(*[v[0] for v in a])[None], mesh=mesh,
-                                in_specs=P("ep"), out_specs=P("ep"))
+        sharded = jax.shard_map(
+            lambda *a: f(*[v[0] for v in a])[None], mesh=mesh, in_specs=P("ep"), out_specs=P("ep")
+        )
         return jax.jit(sharded)
 
     if loopback:
@@ -71,11 +89,16 @@ def run(mesh, loopback, args):
             out = f(*args_dev)
         jax.block_until_ready(out)
         times[name] = (time.perf_counter() - t0) / 10 * 1e3
-    where = f"{R} virtual ranks on one {jax.devices()[0].device_kind}" if loopback else \
-        f"{R} x {mesh.devices.flat[0].device_kind}"
+    where = (
+        f"{R} virtual ranks on one {jax.devices()[0].device_kind}"
+        if loopback
+        else f"{R} x {mesh.devices.flat[0].device_kind}"
+    )
     print(f"{where}: backend={group.backend}, {T} tokens/rank, hidden {H}, top-{K} of {E} experts")
-    print(f"  MoE layer (dispatch + ragged_dot + combine): jax_ep {times['jax_ep']:.2f} ms, "
-          f"reference {times['reference']:.2f} ms per step; max relative difference {err:.2e}")
+    print(
+        f"  MoE layer (dispatch + ragged_dot + combine): jax_ep {times['jax_ep']:.2f} ms, "
+        f"reference {times['reference']:.2f} ms per step; max relative difference {err:.2e}"
+    )
 
 
 def main():

@@ -25,8 +25,11 @@ import time
 ENV_COORDINATOR = "JAX_EP_COORDINATOR"
 ENV_NUM_PROCESSES = "JAX_EP_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_EP_PROCESS_ID"
-_NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1",
-                 "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+_NO_MULTICAST = {
+    "NCCL_NVLS_ENABLE": "0",
+    "NVSHMEM_DISABLE_NVLS": "1",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+}
 
 
 def initialize(timeout_s: int = 300) -> tuple[int, int]:
@@ -44,7 +47,8 @@ def initialize(timeout_s: int = 300) -> tuple[int, int]:
             coordinator_address=os.environ[ENV_COORDINATOR],
             num_processes=int(os.environ[ENV_NUM_PROCESSES]),
             process_id=int(os.environ[ENV_PROCESS_ID]),
-            initialization_timeout=timeout_s)
+            initialization_timeout=timeout_s,
+        )
     return jax.process_index(), jax.process_count()
 
 
@@ -71,22 +75,39 @@ def _pump(proc: subprocess.Popen, prefix: str) -> None:
         sys.stdout.flush()
 
 
-def launch(num_processes: int, command: list[str], *, share_gpu: bool = False,
-           timeout_s: float | None = None, extra_env: dict | None = None) -> int:
+def launch(
+    num_processes: int,
+    command: list[str],
+    *,
+    share_gpu: bool = False,
+    timeout_s: float | None = None,
+    extra_env: dict | None = None,
+) -> int:
     """Runs ``command`` in ``num_processes`` processes; returns the job's exit code."""
     port = _free_port()
     gpus = _visible_gpus()
     procs = []
     for i in range(num_processes):
         env = dict(os.environ, **_NO_MULTICAST, **(extra_env or {}))
-        env.update({ENV_COORDINATOR: f"127.0.0.1:{port}", ENV_NUM_PROCESSES: str(num_processes),
-                    ENV_PROCESS_ID: str(i), "PYTHONUNBUFFERED": "1"})
+        env.update(
+            {
+                ENV_COORDINATOR: f"127.0.0.1:{port}",
+                ENV_NUM_PROCESSES: str(num_processes),
+                ENV_PROCESS_ID: str(i),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[0] if share_gpu else gpus[i % len(gpus)]
-        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    pumps = [threading.Thread(target=_pump, args=(p, f"[{i}] "), daemon=True)
-             for i, p in enumerate(procs)]
+        procs.append(
+            subprocess.Popen(
+                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    pumps = [
+        threading.Thread(target=_pump, args=(p, f"[{i}] "), daemon=True)
+        for i, p in enumerate(procs)
+    ]
     for t in pumps:
         t.start()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -114,16 +135,23 @@ def launch(num_processes: int, command: list[str], *, share_gpu: bool = False,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jax_ep.launch", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m jax_ep.launch",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("-n", "--num-processes", type=int, required=True)
     p.add_argument("--share-gpu", action="store_true", help="all processes on the first GPU")
     p.add_argument("--timeout", type=float, default=None, help="seconds before the job is stopped")
     p.add_argument("script")
     p.add_argument("args", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
-    return launch(a.num_processes, [sys.executable, a.script, *a.args], share_gpu=a.share_gpu,
-                  timeout_s=a.timeout)
+    return launch(
+        a.num_processes,
+        [sys.executable, a.script, *a.args],
+        share_gpu=a.share_gpu,
+        timeout_s=a.timeout,
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ E, K, T, H = 16, 4, 20, 256
 def test_repeated_calls_in_one_jit_and_across_jits():
     runner = Runner("cuda", 4, "loopback", "gpu")
     group = runner.group(num_experts=E, num_topk=K, hidden=H, num_max_tokens_per_rank=T)
-    inputs = [make_routing(r, 4, T, K, E, seed=i) for i, r in enumerate(["random", "skewed", "masked"])]
+    inputs = [
+        make_routing(r, 4, T, K, E, seed=i) for i, r in enumerate(["random", "skewed", "masked"])
+    ]
     x = make_tokens(4, T, H)
 
     def three_layers(x, i0, w0, i1, w1, i2, w2):
@@ -42,7 +44,9 @@ def test_repeated_calls_in_one_jit_and_across_jits():
     for _ in range(2):  # the second run re-enters with other parities
         got = runner.run(three_layers, x, *flat)
         h = x
-        for (idx, w), layout, g in zip(inputs, ("ragged", "per_rank", "expert_major"), got, strict=True):
+        for (idx, w), layout, g in zip(
+            inputs, ("ragged", "per_rank", "expert_major"), got, strict=True
+        ):
             cap = 4 * T * min(K, E // 4) if layout == "ragged" else 4 * T
             want = oracle_dispatch(h, idx, w, E, layout, cap)
             h = oracle_combine([o["x"] for o in want], want, idx, E, layout, jnp.bfloat16)
@@ -56,8 +60,9 @@ def test_repeated_calls_in_one_jit_and_across_jits():
 def _faulty_group(sync: bool):
     runner = Runner("cuda", 2, "loopback", "gpu")
     cfg = jax_ep.Config(timeout_s=0.5, fault_inject_rank=1, sync_errors=sync)
-    return runner, runner.group(num_experts=E, num_topk=K, hidden=H, num_max_tokens_per_rank=T,
-                                config=cfg)
+    return runner, runner.group(
+        num_experts=E, num_topk=K, hidden=H, num_max_tokens_per_rank=T, config=cfg
+    )
 
 
 def _dispatch(group):
@@ -67,8 +72,10 @@ def _dispatch(group):
     return fn
 
 
-PATTERN = (r"rank 0 timed out after 0\.\d+ s waiting for rank 1 in phase "
-           r"'high-throughput dispatch: waiting for the peer's tokens'")
+PATTERN = (
+    r"rank 0 timed out after 0\.\d+ s waiting for rank 1 in phase "
+    r"'high-throughput dispatch: waiting for the peer's tokens'"
+)
 
 
 def test_missing_peer_times_out_at_once_with_sync_errors():
@@ -91,8 +98,13 @@ def test_missing_peer_reported_by_check_and_next_call():
 
 def test_bad_expert_id_is_reported():
     runner = Runner("cuda", 2, "loopback", "gpu")
-    group = runner.group(num_experts=E, num_topk=K, hidden=H, num_max_tokens_per_rank=T,
-                         config=jax_ep.Config(sync_errors=True))
+    group = runner.group(
+        num_experts=E,
+        num_topk=K,
+        hidden=H,
+        num_max_tokens_per_rank=T,
+        config=jax_ep.Config(sync_errors=True),
+    )
     idx, w = make_routing("random", 2, T, K, E)
     idx[1, 3, 2] = 77
     with pytest.raises(jax.errors.JaxRuntimeError, match=r"topk_idx\[3, 2\] = 77 is out of range"):

@@ -20,8 +20,13 @@ WORKERS = os.path.join(os.path.dirname(__file__), "workers")
 
 
 def run(n, script, *args, share_gpu=False, env=None, timeout=240):
-    return launch(n, [sys.executable, os.path.join(WORKERS, script), *args], share_gpu=share_gpu,
-                  timeout_s=timeout, extra_env=env)
+    return launch(
+        n,
+        [sys.executable, os.path.join(WORKERS, script), *args],
+        share_gpu=share_gpu,
+        timeout_s=timeout,
+        extra_env=env,
+    )
 
 
 CPU_ENV = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}

@@ -20,8 +20,11 @@ import sys
 
 
 def _parse(argv=None):
-    p = argparse.ArgumentParser(prog="python -m jax_ep.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m jax_ep.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--mode", choices=["ht", "low-latency"], default="ht")
     p.add_argument("--tokens", type=int, default=None, help="tokens per rank (ht 4096, ll 128)")
     p.add_argument("--hidden", type=int, default=7168)
@@ -31,16 +34,23 @@ def _parse(argv=None):
     p.add_argument("--loopback", type=int, default=None, help="virtual ranks on one GPU")
     p.add_argument("--layouts", default="ragged,per_rank", help="comma list (ht)")
     p.add_argument("--backends", default="cuda,reference", help="jax_ep backends to time")
-    p.add_argument("--baselines", default="ragged_all_to_all,all_to_all",
-                   help="comma list of baselines, or 'none'")
+    p.add_argument(
+        "--baselines",
+        default="ragged_all_to_all,all_to_all",
+        help="comma list of baselines, or 'none'",
+    )
     p.add_argument("--sweep", default="", help="comma list of token counts (ht)")
     p.add_argument("--num-sms", type=int, default=0, help="SMs of the send kernels (0: default)")
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--chain", type=int, default=16, help="ops per program (low-latency)")
     p.add_argument("--no-fp8", action="store_true", help="low-latency: BF16 dispatch")
-    p.add_argument("--graphs", choices=["both", "on", "off"], default="both",
-                   help="low-latency: XLA command buffers (CUDA graphs) on, off, or both")
+    p.add_argument(
+        "--graphs",
+        choices=["both", "on", "off"],
+        default="both",
+        help="low-latency: XLA command buffers (CUDA graphs) on, off, or both",
+    )
     p.add_argument("--out", default="benchmarks", help="directory of the JSON result")
     p.add_argument("--tag", default="", help="suffix of the JSON file name")
     return p.parse_args(argv)
@@ -60,8 +70,16 @@ def main(argv=None) -> int:
             if setting == "off":
                 env["XLA_FLAGS"] = _no_graph_flags()
             argv2 = [a for a in (argv if argv is not None else sys.argv[1:])]
-            cmd = [sys.executable, "-m", "jax_ep.bench", *argv2, "--graphs", setting, "--tag",
-                   f"{args.tag}graphs-{setting}"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "jax_ep.bench",
+                *argv2,
+                "--graphs",
+                setting,
+                "--tag",
+                f"{args.tag}graphs-{setting}",
+            ]
             print(f"== {' '.join(cmd[3:])}", flush=True)
             if subprocess.call(cmd, env=env):
                 return 1
@@ -86,32 +104,62 @@ def _run(args) -> int:
     config = jax_ep.Config(num_sms=args.num_sms)
     backends = [b for b in args.backends.split(",") if b]
     if jax_ep.default_backend() != "cuda":
-        print(f"note: CUDA backend unavailable here ({jax.devices()[0].platform}); timing the "
-              "reference backend and baselines only", flush=True)
+        print(
+            f"note: CUDA backend unavailable here ({jax.devices()[0].platform}); timing the "
+            "reference backend and baselines only",
+            flush=True,
+        )
         backends = [b for b in backends if b != "cuda"]
     base = [] if args.baselines == "none" else [b for b in args.baselines.split(",") if b]
     setup = cases.Setup(ranks, loopback, tokens, args.hidden, args.topk, experts)
-    print(f"jax_ep.bench {args.mode}: {ranks} rank(s) ({setup.transport}) on {env['device']}, "
-          f"{tokens} tokens/rank, hidden {args.hidden}, top-{args.topk} of {experts}", flush=True)
-    record = dict(env, mode=args.mode, config=dict(
-        ranks=ranks, loopback=loopback, transport=setup.transport, tokens=tokens,
-        hidden=args.hidden, topk=args.topk, experts=experts, num_sms=args.num_sms or None,
-        calls=args.calls, repeats=args.repeats))
+    print(
+        f"jax_ep.bench {args.mode}: {ranks} rank(s) ({setup.transport}) on {env['device']}, "
+        f"{tokens} tokens/rank, hidden {args.hidden}, top-{args.topk} of {experts}",
+        flush=True,
+    )
+    record = dict(
+        env,
+        mode=args.mode,
+        config=dict(
+            ranks=ranks,
+            loopback=loopback,
+            transport=setup.transport,
+            tokens=tokens,
+            hidden=args.hidden,
+            topk=args.topk,
+            experts=experts,
+            num_sms=args.num_sms or None,
+            calls=args.calls,
+            repeats=args.repeats,
+        ),
+    )
     if ll:
         record["config"].update(chain=args.chain, graphs=args.graphs, fp8=not args.no_fp8)
-        record["results"] = cases.ll_cases(setup, backends=backends, chain=args.chain,
-                                           calls=args.calls, repeats=args.repeats,
-                                           fp8=not args.no_fp8, config=config)
+        record["results"] = cases.ll_cases(
+            setup,
+            backends=backends,
+            chain=args.chain,
+            calls=args.calls,
+            repeats=args.repeats,
+            fp8=not args.no_fp8,
+            config=config,
+        )
     else:
         record["copy_bandwidth_GBps"] = timing.copy_bandwidth_gbps(jax.devices()[0])
         print(f"  plain copy (read+write): {record['copy_bandwidth_GBps']:.0f} GB/s", flush=True)
         results = []
-        for t in ([int(v) for v in args.sweep.split(",")] if args.sweep else [tokens]):
+        for t in [int(v) for v in args.sweep.split(",")] if args.sweep else [tokens]:
             setup.tokens = t
             print(f"-- {t} tokens/rank", flush=True)
-            results += cases.ht_cases(setup, layouts=args.layouts.split(","), backends=backends,
-                                      baselines_wanted=base, calls=args.calls,
-                                      repeats=args.repeats, config=config)
+            results += cases.ht_cases(
+                setup,
+                layouts=args.layouts.split(","),
+                backends=backends,
+                baselines_wanted=base,
+                calls=args.calls,
+                repeats=args.repeats,
+                config=config,
+            )
         record["results"] = results
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -30,8 +30,9 @@ class Setup:
 
     def __post_init__(self):
         devices = jax.devices()
-        self.mesh = Mesh(np.array(devices[:1] if self.loopback else devices[: self.num_ranks]),
-                         ("ep",))
+        self.mesh = Mesh(
+            np.array(devices[:1] if self.loopback else devices[: self.num_ranks]), ("ep",)
+        )
 
     @property
     def transport(self) -> str:
@@ -39,11 +40,14 @@ class Setup:
             return "host (no GPU)"
         if self.num_ranks == 1:
             return "none (EP=1)"
-        return "loopback: all ranks on one GPU, 'link' bytes go through HBM" if self.loopback \
+        return (
+            "loopback: all ranks on one GPU, 'link' bytes go through HBM"
+            if self.loopback
             else "NVLink"
+        )
 
     def routing(self, num_tokens: int | None = None):
-        """Uniform random top-k (distinct experts), router weights, bf16 tokens: stacked [R, ...]."""
+        """Uniform random top-k (distinct experts), weights, bf16 tokens, stacked [R, ...]."""
         t = num_tokens or self.tokens
         rng = np.random.default_rng(self.seed)
         scores = rng.random((self.num_ranks, t, self.experts), dtype=np.float32)
@@ -69,12 +73,26 @@ class Setup:
 
         return jax.jit(jax.shard_map(body, mesh=self.mesh, in_specs=P("ep"), out_specs=P("ep")))
 
-    def group(self, backend: str, *, low_latency: bool = False, max_tokens: int | None = None,
-              config: jax_ep.Config | None = None) -> jax_ep.Group:
-        return jax_ep.Group(self.mesh, "ep", num_experts=self.experts, num_topk=self.topk,
-                            hidden=self.hidden, num_max_tokens_per_rank=max_tokens or self.tokens,
-                            backend=backend, loopback=self.num_ranks if self.loopback else None,
-                            low_latency=low_latency, config=config)
+    def group(
+        self,
+        backend: str,
+        *,
+        low_latency: bool = False,
+        max_tokens: int | None = None,
+        config: jax_ep.Config | None = None,
+    ) -> jax_ep.Group:
+        return jax_ep.Group(
+            self.mesh,
+            "ep",
+            num_experts=self.experts,
+            num_topk=self.topk,
+            hidden=self.hidden,
+            num_max_tokens_per_rank=max_tokens or self.tokens,
+            backend=backend,
+            loopback=self.num_ranks if self.loopback else None,
+            low_latency=low_latency,
+            config=config,
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -97,17 +115,34 @@ def traffic(idx: np.ndarray, experts: int) -> dict:
     dst = np.arange(R)[None, None, :]
     remote_pairs = (token_rank & (dst != src)).sum() / R
     received = token_rank.sum() / R
-    rows = sum(len(set(int(e) for e in row if e >= 0)) for row in idx.reshape(-1, idx.shape[-1])) / R
-    remote_rows = sum(len({int(e) for e in idx[s, t] if e >= 0 and e // e_loc != s})
-                      for s in range(R) for t in range(T)) / R
-    return dict(remote_token_rank_pairs=remote_pairs, received_tokens=received,
-                expert_rows=rows, remote_expert_rows=remote_rows)
+    rows = (
+        sum(len(set(int(e) for e in row if e >= 0)) for row in idx.reshape(-1, idx.shape[-1])) / R
+    )
+    remote_rows = (
+        sum(
+            len({int(e) for e in idx[s, t] if e >= 0 and e // e_loc != s})
+            for s in range(R)
+            for t in range(T)
+        )
+        / R
+    )
+    return dict(
+        remote_token_rank_pairs=remote_pairs,
+        received_tokens=received,
+        expert_rows=rows,
+        remote_expert_rows=remote_rows,
+    )
 
 
 def rates(result: dict, link_bytes: float, hbm_bytes: float) -> dict:
     t = result["median_us"] * 1e-6
-    return dict(result, link_bytes=link_bytes, link_GBps=link_bytes / t / 1e9 if link_bytes else 0.0,
-                hbm_bytes=hbm_bytes, hbm_GBps=hbm_bytes / t / 1e9)
+    return dict(
+        result,
+        link_bytes=link_bytes,
+        link_GBps=link_bytes / t / 1e9 if link_bytes else 0.0,
+        hbm_bytes=hbm_bytes,
+        hbm_GBps=hbm_bytes / t / 1e9,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -115,8 +150,16 @@ def rates(result: dict, link_bytes: float, hbm_bytes: float) -> dict:
 # ----------------------------------------------------------------------------
 
 
-def ht_cases(setup: Setup, *, layouts, backends, baselines_wanted, calls: int, repeats: int,
-             config: jax_ep.Config) -> list[dict]:
+def ht_cases(
+    setup: Setup,
+    *,
+    layouts,
+    backends,
+    baselines_wanted,
+    calls: int,
+    repeats: int,
+    config: jax_ep.Config,
+) -> list[dict]:
     x, idx, w = setup.routing()
     xd, idxd, wd = setup.put(x, idx, w)
     tr = traffic(idx, setup.experts)
@@ -124,19 +167,30 @@ def ht_cases(setup: Setup, *, layouts, backends, baselines_wanted, calls: int, r
     out = []
 
     def record(name, backend, layout, fp8, res, link, hbm, **extra):
-        row = dict(op=name, backend=backend, layout=layout, fp8=fp8, tokens=T, **rates(res, link, hbm),
-                   **extra)
+        row = dict(
+            op=name,
+            backend=backend,
+            layout=layout,
+            fp8=fp8,
+            tokens=T,
+            **rates(res, link, hbm),
+            **extra,
+        )
         out.append(row)
-        print(f"  {name:9s} {backend:18s} {layout:12s} fp8={int(fp8)} {row['median_us']:9.1f} us"
-              f"  link {row['link_GBps']:7.1f} GB/s  hbm {row['hbm_GBps']:7.1f} GB/s", flush=True)
+        print(
+            f"  {name:9s} {backend:18s} {layout:12s} fp8={int(fp8)} {row['median_us']:9.1f} us"
+            f"  link {row['link_GBps']:7.1f} GB/s  hbm {row['hbm_GBps']:7.1f} GB/s",
+            flush=True,
+        )
 
     for backend in backends:
         group = setup.group(backend, config=config)
         sms = config.resolved_num_sms(setup.num_ranks) if backend == "cuda" else None
         for layout in layouts:
             for fp8 in (False, True):
-                disp = setup.per_rank(functools.partial(
-                    _dispatch_only, group=group, layout=layout, fp8=fp8))
+                disp = setup.per_rank(
+                    functools.partial(_dispatch_only, group=group, layout=layout, fp8=fp8)
+                )
                 res = measure(lambda d=disp: d(xd, idxd, wd), calls=calls, repeats=repeats)
                 row_b = wire_row_bytes(H, fp8)
                 rows = tr["received_tokens"] if layout == "per_rank" else tr["expert_rows"]
@@ -147,10 +201,18 @@ def ht_cases(setup: Setup, *, layouts, backends, baselines_wanted, calls: int, r
             first = setup.per_rank(functools.partial(_dispatch_full, group=group, layout=layout))
             y, handle = first(xd, idxd, wd)
             comb = setup.per_rank(functools.partial(_combine_only, group=group))
-            res = measure(lambda c=comb: c(y, handle), calls=calls, repeats=repeats)
+            res = measure(lambda c=comb, y=y, h=handle: c(y, h), calls=calls, repeats=repeats)
             rows = tr["received_tokens"] if layout == "per_rank" else tr["expert_rows"]
-            record("combine", backend, layout, False, res, tr["remote_token_rank_pairs"] * 2 * H,
-                   rows * 2 * H + tr["received_tokens"] * 2 * H + T * 2 * H, num_sms=sms)
+            record(
+                "combine",
+                backend,
+                layout,
+                False,
+                res,
+                tr["remote_token_rank_pairs"] * 2 * H,
+                rows * 2 * H + tr["received_tokens"] * 2 * H + T * 2 * H,
+                num_sms=sms,
+            )
         group.close()
 
     for name in baselines_wanted:
@@ -160,13 +222,27 @@ def ht_cases(setup: Setup, *, layouts, backends, baselines_wanted, calls: int, r
         d_fn, c_fn = _BASELINES[name]
         disp = setup.per_rank(functools.partial(d_fn, num_experts=setup.experts))
         res = measure(lambda d=disp: d(xd, idxd), calls=calls, repeats=repeats)
-        record("dispatch", name, "ragged", False, res,
-               tr["remote_expert_rows"] * 2 * H, T * H * 2 + tr["expert_rows"] * 2 * H)
+        record(
+            "dispatch",
+            name,
+            "ragged",
+            False,
+            res,
+            tr["remote_expert_rows"] * 2 * H,
+            T * H * 2 + tr["expert_rows"] * 2 * H,
+        )
         yb, state = disp(xd, idxd)
         comb = setup.per_rank(c_fn)
-        res = measure(lambda c=comb: c(yb, wd, state), calls=calls, repeats=repeats)
-        record("combine", name, "ragged", False, res,
-               tr["remote_expert_rows"] * 2 * H, 2 * tr["expert_rows"] * 2 * H + T * 2 * H)
+        res = measure(lambda c=comb, y=yb, s=state: c(y, wd, s), calls=calls, repeats=repeats)
+        record(
+            "combine",
+            name,
+            "ragged",
+            False,
+            res,
+            tr["remote_expert_rows"] * 2 * H,
+            2 * tr["expert_rows"] * 2 * H + T * 2 * H,
+        )
     return out
 
 
@@ -202,8 +278,10 @@ def _a2a_combine(y, w, state):
     return baselines.all_to_all_combine(y, w, state, axis_name="ep")
 
 
-_BASELINES = {"ragged_all_to_all": (_ragged_dispatch, _ragged_combine),
-              "all_to_all": (_a2a_dispatch, _a2a_combine)}
+_BASELINES = {
+    "ragged_all_to_all": (_ragged_dispatch, _ragged_combine),
+    "all_to_all": (_a2a_dispatch, _a2a_combine),
+}
 
 
 # ----------------------------------------------------------------------------
@@ -212,8 +290,17 @@ _BASELINES = {"ragged_all_to_all": (_ragged_dispatch, _ragged_combine),
 # ----------------------------------------------------------------------------
 
 
-def ll_cases(setup: Setup, *, backends, chain: int, calls: int, repeats: int, fp8: bool,
-             config: jax_ep.Config, tokens: int | None = None) -> list[dict]:
+def ll_cases(
+    setup: Setup,
+    *,
+    backends,
+    chain: int,
+    calls: int,
+    repeats: int,
+    fp8: bool,
+    config: jax_ep.Config,
+    tokens: int | None = None,
+) -> list[dict]:
     T = tokens or setup.tokens
     x, idx, w = setup.routing(T)
     xd, idxd, wd = setup.put(x, idx, w)
@@ -223,19 +310,31 @@ def ll_cases(setup: Setup, *, backends, chain: int, calls: int, repeats: int, fp
     for backend in backends:
         group = setup.group(backend, low_latency=True, max_tokens=T, config=config)
         for what in ("dispatch", "combine", "pair"):
-            step = setup.per_rank(functools.partial(_ll_chain, group=group, what=what, fp8=fp8,
-                                                    chain=chain))
+            step = setup.per_rank(
+                functools.partial(_ll_chain, group=group, what=what, fp8=fp8, chain=chain)
+            )
             res = measure(lambda s=step: s(xd, idxd, wd), calls=calls, repeats=repeats)
             res = {k: (v / chain if k.endswith("_us") else v) for k, v in res.items()}
             msg = 16 + wire_row_bytes(H, fp8)
-            link = {"dispatch": tr["remote_expert_rows"] * msg,
-                    "combine": tr["remote_expert_rows"] * 2 * H,
-                    "pair": tr["remote_expert_rows"] * (msg + 2 * H)}[what]
-            row = dict(op=f"ll_{what}", backend=backend, fp8=fp8, tokens=T, chain=chain,
-                       **rates(res, link, 0.0))
+            link = {
+                "dispatch": tr["remote_expert_rows"] * msg,
+                "combine": tr["remote_expert_rows"] * 2 * H,
+                "pair": tr["remote_expert_rows"] * (msg + 2 * H),
+            }[what]
+            row = dict(
+                op=f"ll_{what}",
+                backend=backend,
+                fp8=fp8,
+                tokens=T,
+                chain=chain,
+                **rates(res, link, 0.0),
+            )
             out.append(row)
-            print(f"  ll_{what:8s} {backend:10s} fp8={int(fp8)} {row['median_us']:8.2f} us/call"
-                  f"  link {row['link_GBps']:6.1f} GB/s", flush=True)
+            print(
+                f"  ll_{what:8s} {backend:10s} fp8={int(fp8)} {row['median_us']:8.2f} us/call"
+                f"  link {row['link_GBps']:6.1f} GB/s",
+                flush=True,
+            )
         group.close()
     return out
 
@@ -243,8 +342,11 @@ def ll_cases(setup: Setup, *, backends, chain: int, calls: int, repeats: int, fp
 def _ll_chain(x, idx, w, *, group, what, fp8, chain):
     """``chain`` dependent low-latency ops in one program (a decode loop's shape)."""
     handle_out = jax_ep.low_latency_dispatch(x, idx, group=group, fp8=fp8)
-    y = (handle_out.x.astype(jnp.float32) if not fp8 else
-         jax_ep.dequantize_fp8(handle_out.x, handle_out.scales, jnp.float32)).astype(jnp.bfloat16)
+    y = (
+        handle_out.x.astype(jnp.float32)
+        if not fp8
+        else jax_ep.dequantize_fp8(handle_out.x, handle_out.scales, jnp.float32)
+    ).astype(jnp.bfloat16)
     acc = jnp.zeros((), jnp.float32)
     for _ in range(chain):
         # the next call depends on this one through a tiny select XLA cannot fold away
@@ -256,8 +358,11 @@ def _ll_chain(x, idx, w, *, group, what, fp8, chain):
             w = jnp.where(c[0, 0] > 1e30, w * 2, w)
         else:
             o = jax_ep.low_latency_dispatch(x, idx, group=group, fp8=fp8)
-            rows = o.x.astype(jnp.bfloat16) if not fp8 else \
-                jax_ep.dequantize_fp8(o.x, o.scales, jnp.bfloat16)
+            rows = (
+                o.x.astype(jnp.bfloat16)
+                if not fp8
+                else jax_ep.dequantize_fp8(o.x, o.scales, jnp.bfloat16)
+            )
             x = jax_ep.low_latency_combine(rows, idx, w, o.handle, group=group)
         acc = acc + 1
     return x, w, idx, acc

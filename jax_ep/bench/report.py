@@ -1,7 +1,7 @@
 """Regenerates README.md's benchmark tables from the JSON files under ``benchmarks/``.
 
-    python -m jax_ep.bench.report              # print the tables
-    python -m jax_ep.bench.report --readme     # rewrite README.md between its bench markers
+python -m jax_ep.bench.report              # print the tables
+python -m jax_ep.bench.report --readme     # rewrite README.md between its bench markers
 """
 
 from __future__ import annotations
@@ -17,21 +17,27 @@ def _fmt_row(r: dict) -> str:
     layout = r.get("layout", "ll")
     link = f"{r['link_GBps']:.0f}" if r.get("link_GBps") else "-"
     hbm = f"{r['hbm_GBps']:.0f}" if r.get("hbm_GBps") else "-"
-    return (f"| {r['op']} | {r['backend']} | {layout} | {'fp8' if r.get('fp8') else 'bf16'} | "
-            f"{r['tokens']} | {r['median_us']:.1f} | {link} | {hbm} |")
+    return (
+        f"| {r['op']} | {r['backend']} | {layout} | {'fp8' if r.get('fp8') else 'bf16'} | "
+        f"{r['tokens']} | {r['median_us']:.1f} | {link} | {hbm} |"
+    )
 
 
 def table(record: dict, source: str) -> str:
     c = record["config"]
-    head = (f"**{record['device']}**, {record['date'][:10]}, {c['ranks']} rank(s) "
-            f"({c['transport']}), hidden {c['hidden']}, top-{c['topk']} of {c['experts']} "
-            f"experts, jax {record['jax']}, commit {record['commit']} — `{source}`")
+    head = (
+        f"**{record['device']}**, {record['date'][:10]}, {c['ranks']} rank(s) "
+        f"({c['transport']}), hidden {c['hidden']}, top-{c['topk']} of {c['experts']} "
+        f"experts, jax {record['jax']}, commit {record['commit']} — `{source}`"
+    )
     if record.get("copy_bandwidth_GBps"):
         head += f"; plain copy in the same run: {record['copy_bandwidth_GBps']:.0f} GB/s"
     if record["mode"] == "low-latency":
         head += f"; command buffers {c.get('graphs', '?')}, {c.get('chain')} ops per program"
-    rows = ["| op | backend | layout | dtype | tokens/rank | µs (median) | link GB/s | HBM GB/s |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| op | backend | layout | dtype | tokens/rank | µs (median) | link GB/s | HBM GB/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     rows += [_fmt_row(r) for r in record["results"]]
     return head + "\n\n" + "\n".join(rows)
 

@@ -32,8 +32,13 @@ def measure(run: Callable[[], object], *, calls: int, repeats: int, warmup: int 
         jax.block_until_ready(out)
         samples.append((time.perf_counter() - t0) / calls * 1e6)
     s = np.asarray(samples)
-    return dict(median_us=float(np.median(s)), p10_us=float(np.percentile(s, 10)),
-                p90_us=float(np.percentile(s, 90)), calls=calls, repeats=repeats)
+    return dict(
+        median_us=float(np.median(s)),
+        p10_us=float(np.percentile(s, 10)),
+        p90_us=float(np.percentile(s, 90)),
+        calls=calls,
+        repeats=repeats,
+    )
 
 
 def copy_bandwidth_gbps(device, nbytes: int = 1 << 30) -> float:
@@ -46,8 +51,9 @@ def copy_bandwidth_gbps(device, nbytes: int = 1 << 30) -> float:
 
 def _git_commit() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
+        ).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -59,8 +65,14 @@ def environment() -> dict:
 
     devs = jax.devices()
     return dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=devs[0].device_kind, num_devices=len(devs), platform=devs[0].platform,
-        host=platform.node(), jax=jax.__version__, jaxlib=jaxlib.__version__,
-        jax_ep=jax_ep.__version__, commit=_git_commit(),
-        xla_flags=os.environ.get("XLA_FLAGS", ""))
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        device=devs[0].device_kind,
+        num_devices=len(devs),
+        platform=devs[0].platform,
+        host=platform.node(),
+        jax=jax.__version__,
+        jaxlib=jaxlib.__version__,
+        jax_ep=jax_ep.__version__,
+        commit=_git_commit(),
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+    )

@@ -25,8 +25,16 @@ E, K, T, H = 16, 4, 24, 512
 mesh = Mesh(np.array(jax.devices()), ("ep",))
 R = mesh.shape["ep"]
 config = jax_ep.Config(num_sms=4, num_copy_sms=8, timeout_s=60)
-group = jax_ep.Group(mesh, "ep", num_experts=E, num_topk=K, hidden=H, num_max_tokens_per_rank=T,
-                     backend="cuda", config=config)
+group = jax_ep.Group(
+    mesh,
+    "ep",
+    num_experts=E,
+    num_topk=K,
+    hidden=H,
+    num_max_tokens_per_rank=T,
+    backend="cuda",
+    config=config,
+)
 idx, w = make_routing("skewed", R, T, K, E, seed=42)
 x = make_tokens(R, T, H)
 sharding = NamedSharding(mesh, P("ep"))
