@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One batched session on a GPU machine (device time is scarce: build, test and
+# benchmark in one go). Builds the extension against the jaxlib installed there,
+# starts CUDA MPS (so the multi-process tests' kernels run side by side), runs the
+# GPU tests and/or the benchmarks, and writes logs under $OUT (default gpu-logs/).
+#
+#   tools/gpu_session.sh tests            # GPU tests only
+#   tools/gpu_session.sh tests bench      # and the default benchmarks
+#   PYTEST_K="low_latency and cuda" tools/gpu_session.sh tests
+set -u
+OUT=${OUT:-gpu-logs}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+nvidia-smi -L
+python3 -c 'import jax, jaxlib; print("jax", jax.__version__, jaxlib.__version__, jax.devices())'
+t0=$(date +%s)
+if ! pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+  tail -60 "$OUT/build.log"; exit 1
+fi
+echo "build: $(( $(date +%s) - t0 )) s"
+python3 -c 'import jax_ep; print("backend:", jax_ep.default_backend())'
+if nvidia-cuda-mps-control -d 2>/dev/null; then
+  echo "CUDA MPS started"; trap 'echo quit | nvidia-cuda-mps-control' EXIT
+fi
+status=0
+for stage in "$@"; do
+  case "$stage" in
+    tests)
+      python3 -m pytest -q -rs --timeout 300 -k "${PYTEST_K:-cuda or kernel or share_one_gpu}" tests \
+        2>&1 | tee "$OUT/tests.log" | tail -80
+      status=$(( status | ${PIPESTATUS[0]} )) ;;
+    bench)
+      python3 -m jax_ep.bench --ranks 1 --layouts ragged,per_rank --out benchmarks 2>&1 | tee "$OUT/bench_ep1.log"
+      python3 -m jax_ep.bench --loopback 2 --baselines all_to_all --out benchmarks 2>&1 | tee "$OUT/bench_lb2.log"
+      python3 -m jax_ep.bench --mode low-latency --loopback 2 --out benchmarks 2>&1 | tee "$OUT/bench_ll.log"
+      cp benchmarks/*.json "$OUT/" 2>/dev/null ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
+exit $status
