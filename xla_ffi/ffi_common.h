@@ -26,7 +26,7 @@ inline ffi::Error cuda_error(cudaError_t err, const char* what) {
 
 // The group's state on this device, or an error naming what is missing. A pending
 // device-side error from an earlier call (timeout, bad input) is returned first.
-inline ffi::Error lookup(int64_t group_id, int32_t device, DeviceState** out) {
+inline ffi::Error lookup(int64_t group_id, int32_t device, cudaStream_t stream, DeviceState** out) {
   DeviceState* s = group_id == 0 ? default_state(device) : find_state(group_id, device);
   if (s == nullptr) {
     return invalid("group " + std::to_string(group_id) + " has no buffers on device " + std::to_string(device) +
@@ -34,6 +34,7 @@ inline ffi::Error lookup(int64_t group_id, int32_t device, DeviceState** out) {
   }
   std::string pending = take_error(s);
   if (!pending.empty()) return ffi::Error::Internal(pending + " [reported by a later jax_ep call]");
+  if (cudaError_t err = rearm_error_claim(s, stream); err != cudaSuccess) return cuda_error(err, "re-arm error claim");
   *out = s;
   return ffi::Error::Success();
 }
@@ -45,7 +46,10 @@ inline ffi::Error finish(cudaStream_t stream, DeviceState* s, cudaError_t launch
   cudaError_t err = cudaStreamSynchronize(stream);
   if (err != cudaSuccess) return cuda_error(err, "cudaStreamSynchronize");
   std::string msg = take_error(s);
-  if (!msg.empty()) return ffi::Error::Internal(msg);
+  if (!msg.empty()) {
+    rearm_error_claim(s, stream);  // ordered before the next call's kernels
+    return ffi::Error::Internal(msg);
+  }
   return ffi::Error::Success();
 }
 
@@ -53,7 +57,7 @@ inline CommContext comm_of(const DeviceState* s) {
   CommContext c;
   c.peers = s->peer_table;
   c.layout = s->layout;
-  c.err = s->err_device;
+  c.err = s->sink();
   c.timeout_ns = s->timeout_ns;
   c.num_ranks = s->num_ranks;
   c.first_rank = s->first_rank;

@@ -39,7 +39,7 @@ ffi::Error HtDispatch(cudaStream_t stream, int32_t device, int64_t group_id, int
                       ffi::Result<ffi::AnyBuffer> recv_topk_idx, ffi::Result<ffi::AnyBuffer> recv_rows,
                       ffi::Result<ffi::AnyBuffer> recv_weights, ffi::Result<ffi::AnyBuffer> num_recv) {
   DeviceState* s = nullptr;
-  if (ffi::Error e = lookup(group_id, device, &s); e.failure()) return e;
+  if (ffi::Error e = lookup(group_id, device, stream, &s); e.failure()) return e;
   const int L = s->num_local_ranks;
   ffi::Span<const int64_t> xd, id, wd;
   if (ffi::Error e = per_rank_dims(x, "x", 2, L, &xd); e.failure()) return e;
@@ -97,7 +97,7 @@ ffi::Error HtCombine(cudaStream_t stream, int32_t device, int64_t group_id, int6
                      ffi::AnyBuffer recv_src, ffi::AnyBuffer recv_rows, ffi::AnyBuffer weights, ffi::AnyBuffer num_recv,
                      ffi::AnyBuffer topk_idx, ffi::Result<ffi::AnyBuffer> out) {
   DeviceState* s = nullptr;
-  if (ffi::Error e = lookup(group_id, device, &s); e.failure()) return e;
+  if (ffi::Error e = lookup(group_id, device, stream, &s); e.failure()) return e;
   const int L = s->num_local_ranks;
   ffi::Span<const int64_t> yd, sd, rd, wd, nd, id;
   if (ffi::Error e = per_rank_dims(y, "y", 2, L, &yd); e.failure()) return e;

@@ -97,7 +97,7 @@ ffi::Error LlDispatchSend(cudaStream_t stream, int32_t device, int64_t group_id,
                           int64_t round_scale, ffi::AnyBuffer x, ffi::AnyBuffer topk_idx, ffi::AnyBuffer active_ranks,
                           ffi::Result<ffi::AnyBuffer> ticket, ffi::Result<ffi::AnyBuffer> num_dropped) {
   DeviceState* s = nullptr;
-  JAX_EP_CHECK(lookup(group_id, device, &s));
+  JAX_EP_CHECK(lookup(group_id, device, stream, &s));
   const int L = s->num_local_ranks, R = s->num_ranks;
   ffi::Span<const int64_t> xd, id;
   JAX_EP_CHECK(per_rank_dims(x, "x", 2, L, &xd));
@@ -141,7 +141,7 @@ ffi::Error LlDispatchRecv(cudaStream_t stream, int32_t device, int64_t group_id,
                           ffi::Result<ffi::AnyBuffer> src_info, ffi::Result<ffi::AnyBuffer> topk_slot,
                           ffi::Result<ffi::AnyBuffer> layout_range) {
   DeviceState* s = nullptr;
-  JAX_EP_CHECK(lookup(group_id, device, &s));
+  JAX_EP_CHECK(lookup(group_id, device, stream, &s));
   JAX_EP_CHECK(check_group(s, num_experts));
   const int L = s->num_local_ranks, R = s->num_ranks;
   const int64_t e_loc = num_experts / R, RT = int64_t(R) * s->layout.sizes.max_tokens;
@@ -194,7 +194,7 @@ ffi::Error LlCombineSend(cudaStream_t stream, int32_t device, int64_t group_id, 
                          ffi::AnyBuffer src_info, ffi::AnyBuffer topk_slot, ffi::AnyBuffer recv_count,
                          ffi::AnyBuffer active_ranks, ffi::Result<ffi::AnyBuffer> ticket) {
   DeviceState* s = nullptr;
-  JAX_EP_CHECK(lookup(group_id, device, &s));
+  JAX_EP_CHECK(lookup(group_id, device, stream, &s));
   JAX_EP_CHECK(check_group(s, num_experts));
   const int L = s->num_local_ranks, R = s->num_ranks;
   const int64_t e_loc = num_experts / R, RT = int64_t(R) * s->layout.sizes.max_tokens;
@@ -235,7 +235,7 @@ ffi::Error LlCombineRecv(cudaStream_t stream, int32_t device, int64_t group_id, 
                          ffi::AnyBuffer ticket, ffi::AnyBuffer topk_idx, ffi::AnyBuffer topk_weights,
                          ffi::AnyBuffer active_ranks, ffi::Result<ffi::AnyBuffer> out) {
   DeviceState* s = nullptr;
-  JAX_EP_CHECK(lookup(group_id, device, &s));
+  JAX_EP_CHECK(lookup(group_id, device, stream, &s));
   JAX_EP_CHECK(check_group(s, num_experts));
   const int L = s->num_local_ranks, R = s->num_ranks;
   JAX_EP_CHECK(expect_dims(ticket, "ticket", {2}, L));

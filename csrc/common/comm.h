@@ -16,7 +16,7 @@ constexpr int kMaxTopk = 32;   // one lane per top-k slot
 struct CommContext {
   uint8_t* const* peers = nullptr;  // device array [num_ranks]: base of each rank's buffer
   BufferLayout layout;
-  ErrorRecord* err = nullptr;  // device pointer to the host-mapped record
+  ErrorSink err;  // where kernels report timeouts and bad input
   uint64_t timeout_ns = 0;
   int num_ranks = 1;
   int first_rank = 0;          // ranks [first_rank, first_rank + num_local_ranks) run here

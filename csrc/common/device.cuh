@@ -43,23 +43,24 @@ __device__ __forceinline__ void add_release_sys(uint64_t* p, uint64_t v) {
 // failure reporting and bounded waits (docs/protocol.md, "Failure reporting")
 // ---------------------------------------------------------------------------
 
-// Publishes an error: the first writer of `code` fills the record.
-__device__ inline void record_error(ErrorRecord* err, int code, int rank, int peer, int phase, long long expected,
+// Publishes an error: the first claimant fills the record, the code word last.
+__device__ inline void record_error(const ErrorSink& sink, int code, int rank, int peer, int phase, long long expected,
                                     long long observed, long long waited) {
-  if (atomicCAS(&err->code, 0, -1) != 0) return;  // someone else reports
-  err->rank = rank;
-  err->peer = peer;
-  err->phase = phase;
-  err->expected = expected;
-  err->observed = observed;
-  err->waited_ns = waited;
+  if (atomicCAS(sink.claim, 0, 1) != 0) return;  // someone else reports
+  volatile ErrorRecord* rec = sink.record;
+  rec->rank = rank;
+  rec->peer = peer;
+  rec->phase = phase;
+  rec->expected = expected;
+  rec->observed = observed;
+  rec->waited_ns = waited;
   __threadfence_system();
-  atomicExch(&err->code, code);
+  rec->code = code;
   __threadfence_system();
 }
 
 struct WaitContext {
-  ErrorRecord* err;
+  ErrorSink err;
   uint64_t* abort_flag;  // this rank's private abort word: set on the first timeout
   uint64_t timeout_ns;
   int rank;

@@ -27,6 +27,15 @@ enum Phase : int {
   kPhaseLlCombineReuse = 6,
 };
 
+// Where kernels report: the host-mapped record plus a claim word in device memory.
+// Device threads race for the claim with an atomic on device memory (atomics on
+// mapped host memory are not guaranteed); the winner fills the record, code last.
+struct ErrorRecord;
+struct ErrorSink {
+  ErrorRecord* record = nullptr;  // device alias of the host-mapped record
+  int* claim = nullptr;           // device memory, 0 = free; the runtime resets it
+};
+
 struct ErrorRecord {
   int code;
   int rank;   // rank that detected the error

@@ -14,7 +14,7 @@ struct LayoutArgs {
   int* num_tokens_per_rank = nullptr;    // [batch, R]
   int* num_tokens_per_expert = nullptr;  // [batch, E]
   bool* is_token_in_rank = nullptr;      // [batch, T, R]
-  ErrorRecord* err = nullptr;            // bad expert ids are recorded here
+  ErrorSink err;                         // bad expert ids are recorded here
 };
 
 // Largest expert count the kernel's shared-memory counters hold.

@@ -45,6 +45,8 @@ void alloc_error_record(DeviceState* s) {
   void* dev = nullptr;
   check_cuda(cudaHostGetDevicePointer(&dev, host, 0), "cudaHostGetDevicePointer");
   s->err_device = static_cast<ErrorRecord*>(dev);
+  check_cuda(cudaMalloc(&s->err_claim, sizeof(int)), "cudaMalloc(error claim)");
+  check_cuda(cudaMemset(s->err_claim, 0, sizeof(int)), "cudaMemset(error claim)");
 }
 
 }  // namespace
@@ -56,10 +58,9 @@ void check_cuda(cudaError_t err, const char* what) {
 }
 
 DeviceState::~DeviceState() {
-  if (peer_table) {
-    cudaSetDevice(device);
-    cudaFree(peer_table);
-  }
+  cudaSetDevice(device);
+  if (peer_table) cudaFree(peer_table);
+  if (err_claim) cudaFree(err_claim);
   if (err_host) cudaFreeHost(err_host);
 }
 
@@ -159,8 +160,17 @@ std::string take_error(DeviceState* state) {
   ErrorRecord copy;
   std::memcpy(&copy, const_cast<ErrorRecord*>(state->err_host), sizeof(copy));
   copy.code = code;
-  if (code != kErrTimeout) rec->code = kErrNone;  // input errors are reported once
+  if (code != kErrTimeout) {  // input errors are reported once
+    rec->code = kErrNone;
+    state->claim_reset_pending = true;
+  }
   return describe_error(copy);
+}
+
+cudaError_t rearm_error_claim(DeviceState* state, cudaStream_t stream) {
+  if (!state->claim_reset_pending) return cudaSuccess;
+  state->claim_reset_pending = false;
+  return cudaMemsetAsync(state->err_claim, 0, sizeof(int), stream);
 }
 
 uint64_t alloc_buffer(int device, size_t bytes) {

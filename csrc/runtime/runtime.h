@@ -41,6 +41,10 @@ struct DeviceState {
   uint8_t** peer_table = nullptr;     // device copy, [num_ranks]
   ErrorRecord* err_host = nullptr;    // pinned, mapped
   ErrorRecord* err_device = nullptr;  // its device alias
+  int* err_claim = nullptr;           // device memory (see ErrorSink)
+  bool claim_reset_pending = false;   // an input error was taken: re-arm the claim
+
+  ErrorSink sink() const { return ErrorSink{err_device, err_claim}; }
 
   ~DeviceState();
 };
@@ -70,6 +74,9 @@ void unregister_group(int64_t group_id);
 std::string describe_error(const ErrorRecord& rec);
 // Error text of a state, clearing non-sticky input errors once reported.
 std::string take_error(DeviceState* state);
+// Re-arms the error claim on `stream` after take_error cleared an input error
+// (stream-ordered, so it is also captured correctly in a CUDA graph).
+cudaError_t rearm_error_claim(DeviceState* state, cudaStream_t stream);
 
 // Buffers (one allocation per rank, zeroed).
 uint64_t alloc_buffer(int device, size_t bytes);
