@@ -22,8 +22,9 @@ import os
 
 # 8 virtual CPU devices when running on CPU (only affects the host platform); before jax.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_force_host_platform_device_count=8").strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 
 import argparse  # noqa: E402
 import time  # noqa: E402
@@ -51,13 +52,20 @@ LOW_LATENCY_BACKENDS = ("jax_ep", "reference")
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backend", default="jax_ep",
-                    choices=["jax_ep", "reference", "ragged_all_to_all", "all_to_all"])
+    ap.add_argument(
+        "--backend",
+        default="jax_ep",
+        choices=["jax_ep", "reference", "ragged_all_to_all", "all_to_all"],
+    )
     ap.add_argument("--batch", type=int, default=64, help="sequences decoded together")
     ap.add_argument("--prompt", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=24)
-    ap.add_argument("--train-steps", type=int, default=150,
-                    help="train on the grammar first (0: random weights)")
+    ap.add_argument(
+        "--train-steps",
+        type=int,
+        default=150,
+        help="train on the grammar first (0: random weights)",
+    )
     ap.add_argument("--vocab", type=int, default=64)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
@@ -77,35 +85,49 @@ def main(argv=None) -> dict:
     if args.fp8 and not use_ll:
         raise SystemExit("--fp8 needs a jax_ep backend (the baselines have no FP8 wire)")
     max_len = args.prompt + args.new_tokens
-    cfg = ModelConfig(vocab=args.vocab, hidden=args.hidden, layers=args.layers,
-                      experts=args.experts, topk=args.topk, expert_hidden=args.expert_hidden,
-                      max_len=max_len, fp8=args.fp8)
+    cfg = ModelConfig(
+        vocab=args.vocab,
+        hidden=args.hidden,
+        layers=args.layers,
+        experts=args.experts,
+        topk=args.topk,
+        expert_hidden=args.expert_hidden,
+        max_len=max_len,
+        fp8=args.fp8,
+    )
     per_rank = args.batch // num_ranks
     group = make_group(mesh, cfg, per_rank * max_len, args.backend)
     # the decode group's receive buffers hold [E_loc, R * per_rank, H]: one token per sequence
-    ll_group = (make_group(mesh, cfg, per_rank, args.backend, low_latency=True)
-                if use_ll else None)
-    model = MoELM(cfg, group, impl=impl_for(args.backend), rngs=nnx.Rngs(0),
-                  low_latency_group=ll_group)
+    ll_group = make_group(mesh, cfg, per_rank, args.backend, low_latency=True) if use_ll else None
+    model = MoELM(
+        cfg, group, impl=impl_for(args.backend), rngs=nnx.Rngs(0), low_latency_group=ll_group
+    )
     grammar = Grammar(cfg.vocab)
     sharding = NamedSharding(mesh, P(AXIS))
-    print(f"devices: {num_ranks} x {jax.devices()[0].platform} | backend {args.backend} | "
-          f"decode path: {'low-latency' if use_ll else 'high-throughput baseline'}"
-          f"{' (fp8)' if args.fp8 else ''} | {args.batch} sequences, {per_rank} per device")
+    print(
+        f"devices: {num_ranks} x {jax.devices()[0].platform} | backend {args.backend} | "
+        f"decode path: {'low-latency' if use_ll else 'high-throughput baseline'}"
+        f"{' (fp8)' if args.fp8 else ''} | {args.batch} sequences, {per_rank} per device"
+    )
 
     if args.train_steps:
         optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
         step = make_train_step()
         t0 = time.perf_counter()
         for _ in range(args.train_steps):
-            loss = step(model, optimizer, jax.device_put(grammar.sample(32, max_len + 1),
-                                                         sharding))
-        print(f"trained {args.train_steps} steps in {time.perf_counter() - t0:.0f} s, "
-              f"last loss {float(loss):.3f} (floor 0.693)")
+            loss = step(model, optimizer, jax.device_put(grammar.sample(32, max_len + 1), sharding))
+        print(
+            f"trained {args.train_steps} steps in {time.perf_counter() - t0:.0f} s, "
+            f"last loss {float(loss):.3f} (floor 0.693)"
+        )
 
     heads, dh = cfg.heads, cfg.hidden // cfg.heads
-    caches = [tuple(jax.device_put(jnp.zeros((args.batch, max_len, heads, dh)), sharding)
-                    for _ in range(2)) for _ in range(cfg.layers)]
+    caches = [
+        tuple(
+            jax.device_put(jnp.zeros((args.batch, max_len, heads, dh)), sharding) for _ in range(2)
+        )
+        for _ in range(cfg.layers)
+    ]
     prompt = jax.device_put(grammar.sample(args.batch, args.prompt), sharding)
 
     @nnx.jit
@@ -139,14 +161,19 @@ def main(argv=None) -> dict:
         generated.append(np.asarray(token)[:, None])
     seq = np.concatenate(generated, axis=1)
     steady = np.array(times) * 1e3
-    valid = grammar.valid_fraction(seq[:, args.prompt - 1:])
-    print(f"decode step latency (jitted step, host wait included): p50 "
-          f"{np.percentile(steady, 50):.2f} ms, p90 {np.percentile(steady, 90):.2f} ms over "
-          f"{len(steady)} steps; {args.batch / np.median(steady) * 1e3:,.0f} tokens/s")
+    valid = grammar.valid_fraction(seq[:, args.prompt - 1 :])
+    print(
+        f"decode step latency (jitted step, host wait included): p50 "
+        f"{np.percentile(steady, 50):.2f} ms, p90 {np.percentile(steady, 90):.2f} ms over "
+        f"{len(steady)} steps; {args.batch / np.median(steady) * 1e3:,.0f} tokens/s"
+    )
     print(f"generated transitions allowed by the grammar: {100 * valid:.1f}%")
     print("sample:", " ".join(map(str, seq[0])))
-    return {"p50_ms": float(np.percentile(steady, 50)), "p90_ms": float(np.percentile(steady, 90)),
-            "valid_fraction": valid}
+    return {
+        "p50_ms": float(np.percentile(steady, 50)),
+        "p90_ms": float(np.percentile(steady, 90)),
+        "valid_fraction": valid,
+    }
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ import os
 # 8 virtual CPU devices when running on CPU (the flag only affects the host platform);
 # must be set before jax initialises.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_force_host_platform_device_count=8").strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -76,18 +77,33 @@ class KVCache(nnx.Variable):
 class Block(nnx.Module):
     """Pre-norm block: causal self-attention, then a routed MoE FFN."""
 
-    def __init__(self, cfg: ModelConfig, group: jax_ep.Group, impl: Any, rngs: nnx.Rngs,
-                 low_latency_group: jax_ep.Group | None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        group: jax_ep.Group,
+        impl: Any,
+        rngs: nnx.Rngs,
+        low_latency_group: jax_ep.Group | None,
+    ):
         d = cfg.hidden
         self.heads = cfg.heads
         self.norm1 = nnx.RMSNorm(d, rngs=rngs)
         self.qkv = nnx.Linear(d, 3 * d, use_bias=False, rngs=rngs)
         self.out = nnx.Linear(d, d, use_bias=False, rngs=rngs)
         self.norm2 = nnx.RMSNorm(d, rngs=rngs)
-        self.moe = MoE(d, cfg.expert_hidden, cfg.experts, cfg.topk, group=group, rngs=rngs,
-                       impl=impl, aux_loss_coef=cfg.aux_loss_coef, fp8=cfg.fp8,
-                       shared_intermediate=cfg.shared_hidden,
-                       low_latency_group=low_latency_group)
+        self.moe = MoE(
+            d,
+            cfg.expert_hidden,
+            cfg.experts,
+            cfg.topk,
+            group=group,
+            rngs=rngs,
+            impl=impl,
+            aux_loss_coef=cfg.aux_loss_coef,
+            fp8=cfg.fp8,
+            shared_intermediate=cfg.shared_hidden,
+            low_latency_group=low_latency_group,
+        )
 
     def __call__(self, x, cache=None, pos=None, low_latency=False):
         """``x`` ``[B, S, D]``; with ``cache`` (``(k, v)`` ``[B, L, heads, dh]``) the S new
@@ -99,8 +115,7 @@ class Block(nnx.Module):
             keys, values, offset = k, v, 0
         else:
             keys = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), pos, 1)
-            values = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype),
-                                                         pos, 1)
+            values = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), pos, 1)
             cache, offset = (keys, values), pos
         logits = jnp.einsum("bshd,blhd->bhsl", q, keys) / math.sqrt(dh)
         visible = jnp.arange(keys.shape[1])[None, :] <= (offset + jnp.arange(s))[:, None]
@@ -113,16 +128,25 @@ class Block(nnx.Module):
 class MoELM(nnx.Module):
     """Embedding, ``layers`` attention + MoE blocks, final norm, tied or untied LM head."""
 
-    def __init__(self, cfg: ModelConfig, group: jax_ep.Group, *, impl: Any = "jax_ep",
-                 rngs: nnx.Rngs, low_latency_group: jax_ep.Group | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        group: jax_ep.Group,
+        *,
+        impl: Any = "jax_ep",
+        rngs: nnx.Rngs,
+        low_latency_group: jax_ep.Group | None = None,
+    ):
         self.cfg = cfg
         self.embed = nnx.Embed(cfg.vocab, cfg.hidden, rngs=rngs)
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.max_len, cfg.hidden)))
-        self.blocks = nnx.List([Block(cfg, group, impl, rngs, low_latency_group)
-                                for _ in range(cfg.layers)])
+        self.blocks = nnx.List(
+            [Block(cfg, group, impl, rngs, low_latency_group) for _ in range(cfg.layers)]
+        )
         self.norm = nnx.RMSNorm(cfg.hidden, rngs=rngs)
-        self.head = (None if cfg.tied_head
-                     else nnx.Linear(cfg.hidden, cfg.vocab, use_bias=False, rngs=rngs))
+        self.head = (
+            None if cfg.tied_head else nnx.Linear(cfg.hidden, cfg.vocab, use_bias=False, rngs=rngs)
+        )
 
     def __call__(self, tokens, caches=None, pos=None, low_latency=False):
         """``tokens`` ``[B, S]`` int32 → (logits ``[B, S, V]`` float32, aux loss, caches)."""
@@ -217,17 +241,29 @@ def make_mesh(num_devices: int | None):
     return jax.make_mesh((len(devices),), (AXIS,), devices=devices)
 
 
-def make_group(mesh, cfg: ModelConfig, tokens_per_rank: int, backend: str,
-               low_latency: bool = False) -> jax_ep.Group:
+def make_group(
+    mesh, cfg: ModelConfig, tokens_per_rank: int, backend: str, low_latency: bool = False
+) -> jax_ep.Group:
     jax_ep_backend = "reference" if backend == "reference" else "auto"
-    return jax_ep.Group(mesh, AXIS, num_experts=cfg.experts, num_topk=cfg.topk,
-                        hidden=cfg.hidden, num_max_tokens_per_rank=tokens_per_rank,
-                        backend=jax_ep_backend, low_latency=low_latency)
+    return jax_ep.Group(
+        mesh,
+        AXIS,
+        num_experts=cfg.experts,
+        num_topk=cfg.topk,
+        hidden=cfg.hidden,
+        num_max_tokens_per_rank=tokens_per_rank,
+        backend=jax_ep_backend,
+        low_latency=low_latency,
+    )
 
 
 def impl_for(backend: str) -> str:
-    return {"jax_ep": "jax_ep", "reference": "reference",
-            "ragged_all_to_all": "ragged_all_to_all", "all_to_all": "all_to_all"}[backend]
+    return {
+        "jax_ep": "jax_ep",
+        "reference": "reference",
+        "ragged_all_to_all": "ragged_all_to_all",
+        "all_to_all": "all_to_all",
+    }[backend]
 
 
 def make_train_step():
@@ -264,8 +300,11 @@ def time_steps(runs, repeats: int) -> list[float]:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backend", default="jax_ep",
-                    choices=["jax_ep", "reference", "ragged_all_to_all", "all_to_all"])
+    ap.add_argument(
+        "--backend",
+        default="jax_ep",
+        choices=["jax_ep", "reference", "ragged_all_to_all", "all_to_all"],
+    )
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32, help="global sequences per step")
     ap.add_argument("--seq", type=int, default=32)
@@ -279,9 +318,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--fp8", action="store_true", help="FP8 dispatch (jax_ep/reference only)")
     ap.add_argument("--devices", type=int, default=None, help="EP ranks (default: all)")
-    ap.add_argument("--timing-steps", type=int, default=15,
-                    help="steps timed (each way) for tokens/s and the dispatch/combine share "
-                         "(0: skip)")
+    ap.add_argument(
+        "--timing-steps",
+        type=int,
+        default=15,
+        help="steps timed (each way) for tokens/s and the dispatch/combine share (0: skip)",
+    )
     ap.add_argument("--log-every", type=int, default=25)
     args = ap.parse_args(argv)
 
@@ -289,9 +331,17 @@ def main(argv=None) -> dict:
     num_ranks = mesh.shape[AXIS]
     if args.batch % num_ranks:
         raise SystemExit(f"--batch {args.batch} must be divisible by the {num_ranks} devices")
-    cfg = ModelConfig(vocab=args.vocab, hidden=args.hidden, layers=args.layers,
-                      experts=args.experts, topk=args.topk, expert_hidden=args.expert_hidden,
-                      shared_hidden=args.shared_hidden, max_len=args.seq, fp8=args.fp8)
+    cfg = ModelConfig(
+        vocab=args.vocab,
+        hidden=args.hidden,
+        layers=args.layers,
+        experts=args.experts,
+        topk=args.topk,
+        expert_hidden=args.expert_hidden,
+        shared_hidden=args.shared_hidden,
+        max_len=args.seq,
+        fp8=args.fp8,
+    )
     group = make_group(mesh, cfg, args.batch // num_ranks * args.seq, args.backend)
     model = MoELM(cfg, group, impl=impl_for(args.backend), rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adam(args.lr), wrt=nnx.Param)
@@ -302,26 +352,37 @@ def main(argv=None) -> dict:
         return jax.device_put(grammar.sample(args.batch, args.seq + 1), data_sharding)
 
     jax.set_mesh(mesh)  # explicit-sharding context for the model's own ops
-    print(f"devices: {num_ranks} x {jax.devices()[0].platform} | backend {args.backend} "
-          f"(exchange {model.blocks[0].moe.exchange.name}) | fp8 {args.fp8}")
-    print(f"model: vocab {cfg.vocab}, hidden {cfg.hidden}, layers {cfg.layers}, experts "
-          f"{cfg.experts} (top-{cfg.topk}, {cfg.experts // num_ranks} per device), batch "
-          f"{args.batch} x {args.seq} tokens")
-    print(f"loss floor ln 2 = {math.log(2):.3f}, uniform guess ln {cfg.vocab} = "
-          f"{math.log(cfg.vocab):.3f}")
+    print(
+        f"devices: {num_ranks} x {jax.devices()[0].platform} | backend {args.backend} "
+        f"(exchange {model.blocks[0].moe.exchange.name}) | fp8 {args.fp8}"
+    )
+    print(
+        f"model: vocab {cfg.vocab}, hidden {cfg.hidden}, layers {cfg.layers}, experts "
+        f"{cfg.experts} (top-{cfg.topk}, {cfg.experts // num_ranks} per device), batch "
+        f"{args.batch} x {args.seq} tokens"
+    )
+    print(
+        f"loss floor ln 2 = {math.log(2):.3f}, uniform guess ln {cfg.vocab} = "
+        f"{math.log(cfg.vocab):.3f}"
+    )
     train_step = make_train_step()
     t0 = time.perf_counter()
     losses = []
     for step in range(1, args.steps + 1):
         losses.append(float(train_step(model, optimizer, batch())))
         if step == 1:
-            print(f"step    1  loss {losses[0]:.3f}  (compile + first step "
-                  f"{time.perf_counter() - t0:.1f} s)")
+            print(
+                f"step    1  loss {losses[0]:.3f}  (compile + first step "
+                f"{time.perf_counter() - t0:.1f} s)"
+            )
         elif step % args.log_every == 0 or step == args.steps:
-            print(f"step {step:4d}  loss {np.mean(losses[-args.log_every:]):.3f}")
+            print(f"step {step:4d}  loss {np.mean(losses[-args.log_every :]):.3f}")
     train_s = time.perf_counter() - t0
-    result = {"loss_first": losses[0], "loss_last": float(np.mean(losses[-10:])),
-              "train_seconds": train_s}
+    result = {
+        "loss_first": losses[0],
+        "loss_last": float(np.mean(losses[-10:])),
+        "train_seconds": train_s,
+    }
 
     if args.timing_steps > 0:
         tokens = args.batch * args.seq
@@ -329,17 +390,29 @@ def main(argv=None) -> dict:
         # the same model and step with a no-communication exchange in every MoE layer
         local = MoELM(cfg, group, impl=LocalCopyExchange(AXIS, cfg.experts), rngs=nnx.Rngs(0))
         local_opt = nnx.Optimizer(local, optax.adam(args.lr), wrt=nnx.Param)
-        t_real, t_local = time_steps([(train_step, model, optimizer, batches),
-                                      (make_train_step(), local, local_opt, batches)],
-                                     args.timing_steps)
+        t_real, t_local = time_steps(
+            [
+                (train_step, model, optimizer, batches),
+                (make_train_step(), local, local_opt, batches),
+            ],
+            args.timing_steps,
+        )
         share = max(0.0, (t_real - t_local) / t_real)
-        print(f"step time {t_real * 1e3:.1f} ms (median of {args.timing_steps}) -> "
-              f"{tokens / t_real:,.0f} tokens/s")
-        print(f"dispatch/combine share of the step: {100 * share:.0f}% (the same jitted step "
-              f"with dispatch/combine replaced by local copies of the same shapes took "
-              f"{t_local * 1e3:.1f} ms)")
-        result.update(step_ms=t_real * 1e3, tokens_per_s=tokens / t_real,
-                      local_step_ms=t_local * 1e3, exchange_share=share)
+        print(
+            f"step time {t_real * 1e3:.1f} ms (median of {args.timing_steps}) -> "
+            f"{tokens / t_real:,.0f} tokens/s"
+        )
+        print(
+            f"dispatch/combine share of the step: {100 * share:.0f}% (the same jitted step "
+            f"with dispatch/combine replaced by local copies of the same shapes took "
+            f"{t_local * 1e3:.1f} ms)"
+        )
+        result.update(
+            step_ms=t_real * 1e3,
+            tokens_per_s=tokens / t_real,
+            local_step_ms=t_local * 1e3,
+            exchange_share=share,
+        )
     return result
 
 

@@ -132,8 +132,9 @@ def _sort_by_expert(topk_idx: jax.Array, num_experts: int):
     flat = topk_idx.reshape(-1).astype(jnp.int32)
     key = jnp.where(flat >= 0, flat, num_experts)
     sort_idx = jnp.argsort(key, stable=True).astype(jnp.int32)
-    counts = jnp.sum(key[:, None] == jnp.arange(num_experts, dtype=jnp.int32), axis=0,
-                     dtype=jnp.int32)
+    counts = jnp.sum(
+        key[:, None] == jnp.arange(num_experts, dtype=jnp.int32), axis=0, dtype=jnp.int32
+    )
     return sort_idx, key[sort_idx], counts
 
 
@@ -157,13 +158,15 @@ def _local_sort(expert_of_row: jax.Array, num_local_experts: int):
     """Stable sort of received rows by local expert (``-1`` = empty row, sorted last)."""
     key = jnp.where(expert_of_row >= 0, expert_of_row, num_local_experts)
     local_sort_idx = jnp.argsort(key, stable=True).astype(jnp.int32)
-    group_sizes = jnp.sum(key[:, None] == jnp.arange(num_local_experts, dtype=jnp.int32), axis=0,
-                          dtype=jnp.int32)
+    group_sizes = jnp.sum(
+        key[:, None] == jnp.arange(num_local_experts, dtype=jnp.int32), axis=0, dtype=jnp.int32
+    )
     return local_sort_idx, group_sizes
 
 
-def default_buffer_rows(num_ranks: int, num_tokens: int, num_topk: int,
-                        num_local_experts: int) -> int:
+def default_buffer_rows(
+    num_ranks: int, num_tokens: int, num_topk: int, num_local_experts: int
+) -> int:
     """Received rows per rank in the worst case: every source sends ``T * min(K, E_loc)``."""
     return num_ranks * num_tokens * min(num_topk, num_local_experts)
 
@@ -196,14 +199,16 @@ def ragged_all_to_all_emulated(
     j = jnp.arange(n, dtype=jnp.int32)
     valid = j[None, :] < send_sizes[:, None]  # [R(dest), N]
     src_rows = jnp.clip(input_offsets[:, None] + j[None, :], 0, n - 1)
-    send = jnp.where(valid.reshape(valid.shape + (1,) * (operand.ndim - 1)),
-                     jnp.take(operand, src_rows, axis=0), jnp.zeros((), operand.dtype))
+    send = jnp.where(
+        valid.reshape(valid.shape + (1,) * (operand.ndim - 1)),
+        jnp.take(operand, src_rows, axis=0),
+        jnp.zeros((), operand.dtype),
+    )
     recv = jax.lax.all_to_all(send, axis_name, 0, 0, tiled=False)  # [R(src), N, ...]
     meta = jnp.stack([output_offsets, send_sizes], axis=1).astype(jnp.int32)  # [R(dest), 2]
     meta = jax.lax.all_to_all(meta, axis_name, 0, 0, tiled=False)  # [R(src), 2]
     target = jnp.where(j[None, :] < meta[:, 1:2], meta[:, 0:1] + j[None, :], output.shape[0])
-    return output.at[target.reshape(-1)].set(recv.reshape((-1,) + operand.shape[1:]),
-                                             mode="drop")
+    return output.at[target.reshape(-1)].set(recv.reshape((-1,) + operand.shape[1:]), mode="drop")
 
 
 def _ragged_a2a(emulate: bool):
@@ -248,23 +253,28 @@ def ragged_all_to_all_dispatch(
     # too small keeps a prefix, so every rank derives the same kept counts without talking
     by_dest = all_counts.reshape(num_ranks, num_ranks, e_loc).transpose(1, 0, 2)  # [d, s, e]
     flat = by_dest.reshape(num_ranks, num_ranks * e_loc)
-    kept = jnp.diff(jnp.minimum(jnp.cumsum(flat, axis=1), buffer_rows), axis=1,
-                    prepend=jnp.zeros((num_ranks, 1), jnp.int32))
+    kept = jnp.diff(
+        jnp.minimum(jnp.cumsum(flat, axis=1), buffer_rows),
+        axis=1,
+        prepend=jnp.zeros((num_ranks, 1), jnp.int32),
+    )
     kept = kept.reshape(num_ranks, num_ranks, e_loc).astype(jnp.int32)  # [d, s, e]
     kept_per_pair = jnp.sum(kept, axis=2, dtype=jnp.int32)  # [d, s]
 
     send_sizes = kept_per_pair[:, me]  # [d] (a prefix of my block for d, see above)
     input_offsets = _exclusive_cumsum(jnp.sum(counts.reshape(num_ranks, e_loc), axis=1))
-    output_offsets = jnp.sum(jnp.where(jnp.arange(num_ranks)[None, :] < me, kept_per_pair, 0),
-                             axis=1, dtype=jnp.int32)  # [d]: rows of sources before me
+    output_offsets = jnp.sum(
+        jnp.where(jnp.arange(num_ranks)[None, :] < me, kept_per_pair, 0), axis=1, dtype=jnp.int32
+    )  # [d]: rows of sources before me
     recv_sizes = kept_per_pair[me]  # [s]
     recv_offsets = _exclusive_cumsum(recv_sizes)
     # where my rows go back in source s's sorted rows: all of s's rows for experts below mine
     return_offsets = _exclusive_cumsum(all_counts, axis=1)[:, me * e_loc]  # [s]
 
     buffer = jnp.zeros((buffer_rows,) + x.shape[1:], x.dtype)
-    x_recv = _ragged_a2a(emulate)(x_sorted, buffer, input_offsets, send_sizes, output_offsets,
-                                  recv_sizes, axis_name=axis_name)
+    x_recv = _ragged_a2a(emulate)(
+        x_sorted, buffer, input_offsets, send_sizes, output_offsets, recv_sizes, axis_name=axis_name
+    )
 
     # received rows are (source, local expert)-major: label each with its expert, then sort
     mine = kept[me].reshape(-1)  # [s * e]
@@ -274,9 +284,17 @@ def ragged_all_to_all_dispatch(
     local_sort_idx, group_sizes = _local_sort(expert_of_row, e_loc)
     x_local = jnp.take(x_recv, local_sort_idx, axis=0)
     num_dropped = jnp.sum(by_dest[me], dtype=jnp.int32) - jnp.sum(mine, dtype=jnp.int32)
-    state = RaggedAllToAllState(topk_idx.astype(jnp.int32), sort_idx, send_sizes, input_offsets,
-                                output_offsets, recv_sizes, recv_offsets, return_offsets,
-                                local_sort_idx)
+    state = RaggedAllToAllState(
+        topk_idx.astype(jnp.int32),
+        sort_idx,
+        send_sizes,
+        input_offsets,
+        output_offsets,
+        recv_sizes,
+        recv_offsets,
+        return_offsets,
+        local_sort_idx,
+    )
     return BaselineDispatch(x_local, group_sizes, num_dropped, state)
 
 
@@ -301,8 +319,15 @@ def ragged_all_to_all_combine(
     num_tokens, num_topk = state.topk_idx.shape
     y_recv = _unsort_rows(y, state.local_sort_idx)
     out = jnp.zeros((num_tokens * num_topk,) + y.shape[1:], y.dtype)
-    y_sorted = _ragged_a2a(emulate)(y_recv, out, state.recv_offsets, state.recv_sizes,
-                                    state.return_offsets, state.send_sizes, axis_name=axis_name)
+    y_sorted = _ragged_a2a(emulate)(
+        y_recv,
+        out,
+        state.recv_offsets,
+        state.recv_sizes,
+        state.return_offsets,
+        state.send_sizes,
+        axis_name=axis_name,
+    )
     return _weighted_sum(_unsort_rows(y_sorted, state.sort_idx), state.topk_idx, topk_weights)
 
 
@@ -311,8 +336,13 @@ def ragged_all_to_all_combine(
 # ----------------------------------------------------------------------------
 
 
-def all_to_all_capacity(num_ranks: int, num_tokens: int, num_topk: int, num_local_experts: int,
-                        capacity_factor: float | None = None) -> int:
+def all_to_all_capacity(
+    num_ranks: int,
+    num_tokens: int,
+    num_topk: int,
+    num_local_experts: int,
+    capacity_factor: float | None = None,
+) -> int:
     """Rows per destination block: ``T * min(K, E_loc)`` (never drops) without a factor, else
     ``ceil(factor * T * K / R)`` (``factor`` times the balanced load), at least 1."""
     if capacity_factor is None:
@@ -354,8 +384,7 @@ def all_to_all_dispatch(
     rows = jnp.take(x, jnp.take(sort_idx, jnp.minimum(send_pos, n - 1)) // num_topk, axis=0)
     send_x = jnp.where(valid[..., None], rows, jnp.zeros((), x.dtype))  # [d, C, H]
     dest_ids = jnp.arange(num_ranks, dtype=jnp.int32)[:, None] * e_loc
-    send_e = jnp.where(valid, jnp.take(sorted_experts, jnp.minimum(send_pos, n - 1)) - dest_ids,
-                       -1)
+    send_e = jnp.where(valid, jnp.take(sorted_experts, jnp.minimum(send_pos, n - 1)) - dest_ids, -1)
     overflow = per_dest - jnp.minimum(per_dest, capacity)
     recv_x = jax.lax.all_to_all(send_x, axis_name, 0, 0, tiled=False)  # [s, C, H]
     recv_e = jax.lax.all_to_all(send_e, axis_name, 0, 0, tiled=False)  # [s, C]
@@ -388,6 +417,7 @@ def all_to_all_combine(
     back = jax.lax.all_to_all(y_recv, axis_name, 0, 0, tiled=False)  # [d, C, H] my rows
     n = num_tokens * num_topk
     y_sorted = jnp.zeros((n,) + y.shape[1:], y.dtype)
-    y_sorted = y_sorted.at[state.send_pos.reshape(-1)].set(back.reshape(-1, y.shape[-1]),
-                                                           mode="drop")
+    y_sorted = y_sorted.at[state.send_pos.reshape(-1)].set(
+        back.reshape(-1, y.shape[-1]), mode="drop"
+    )
     return _weighted_sum(_unsort_rows(y_sorted, state.sort_idx), state.topk_idx, topk_weights)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jax_ep import _env
+
 # H200/H100 NVLink 4: about 370 GB/s per direction with SM stores (DESIGN.md §7).
 _NVLINK_GBPS = 370.0
 # What one SM sustains with 16-byte vector loads/stores over NVLink, measured by
@@ -37,7 +39,8 @@ class Config:
     num_copy_sms: thread blocks per rank of the local copy-out/reduce kernels, which
       are HBM-bound and short (0 = every SM of the device). Lower it when several
       processes share one GPU (CUDA MPS), so spinning receivers leave SMs to senders.
-    timeout_s: budget of every wait on a peer inside a kernel; on expiry the
+    timeout_s: budget of every wait on a peer inside a kernel (default 100 s, or
+      ``JAX_EP_TIMEOUT_S``); on expiry the
       kernel records (rank, peer, phase, counters) and the op fails with that text.
     sync_errors: debugging aid: the handler waits for its kernels and reports a
       device-side error at the call that hit it. Costs a host sync per op and keeps
@@ -49,7 +52,7 @@ class Config:
 
     num_sms: int = 0
     num_copy_sms: int = 0
-    timeout_s: float = 100.0
+    timeout_s: float = dataclasses.field(default_factory=_env.default_timeout_s)
     sync_errors: bool = False
     fault_inject_rank: int = -1
 

@@ -9,27 +9,24 @@ too. Dropping (small capacity) is checked against numpy models of each baseline'
 
 from __future__ import annotations
 
-import os
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-# 8 CPU devices; must happen before jax initialises its backends (no conftest.py yet).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import jax_ep  # noqa: E402
-from jax_ep import baselines  # noqa: E402
+import jax_ep
+from jax_ep import baselines
 
 E, K, T, H = 16, 3, 12, 32  # experts, top-k, tokens per rank, hidden
 
 ON_CPU = jax.default_backend() == "cpu"
 NATIVE_RAGGED_SKIP = pytest.mark.skipif(
-    ON_CPU, reason="XLA:CPU does not implement ragged_all_to_all (jax-ml/jax#34755): "
-                   "the native path runs on GPU only")
+    ON_CPU,
+    reason="XLA:CPU does not implement ragged_all_to_all (jax-ml/jax#34755): "
+    "the native path runs on GPU only",
+)
 
 
 def _mesh(num_ranks):
@@ -78,10 +75,15 @@ def _dense_expected(x, idx, w, keep=None):
 
 
 def _pipelines(num_ranks, emulate=True):
-    group = jax_ep.Group(jax.make_mesh((num_ranks,), ("ep",),
-                                       devices=jax.devices()[:num_ranks]), "ep",
-                         num_experts=E, num_topk=K, hidden=H, num_max_tokens_per_rank=T,
-                         backend="reference" if ON_CPU else "auto")
+    group = jax_ep.Group(
+        jax.make_mesh((num_ranks,), ("ep",), devices=jax.devices()[:num_ranks]),
+        "ep",
+        num_experts=E,
+        num_topk=K,
+        hidden=H,
+        num_max_tokens_per_rank=T,
+        backend="reference" if ON_CPU else "auto",
+    )
 
     def jax_ep_path(x, idx, w):
         out = jax_ep.dispatch(x, idx, w, group=group, layout="ragged")
@@ -89,16 +91,19 @@ def _pipelines(num_ranks, emulate=True):
         return out.x, out.counts, y
 
     def ragged_path(x, idx, w):
-        out = baselines.ragged_all_to_all_dispatch(x, idx, axis_name="ep", num_experts=E,
-                                                   emulate=emulate)
-        y = baselines.ragged_all_to_all_combine(_expert_fn(out.x, out.group_sizes), w, out.state,
-                                                axis_name="ep", emulate=emulate)
+        out = baselines.ragged_all_to_all_dispatch(
+            x, idx, axis_name="ep", num_experts=E, emulate=emulate
+        )
+        y = baselines.ragged_all_to_all_combine(
+            _expert_fn(out.x, out.group_sizes), w, out.state, axis_name="ep", emulate=emulate
+        )
         return out.x, out.group_sizes, y
 
     def padded_path(x, idx, w):
         out = baselines.all_to_all_dispatch(x, idx, axis_name="ep", num_experts=E)
-        y = baselines.all_to_all_combine(_expert_fn(out.x, out.group_sizes), w, out.state,
-                                         axis_name="ep")
+        y = baselines.all_to_all_combine(
+            _expert_fn(out.x, out.group_sizes), w, out.state, axis_name="ep"
+        )
         return out.x, out.group_sizes, y
 
     return {"jax_ep": jax_ep_path, "ragged_all_to_all": ragged_path, "all_to_all": padded_path}
@@ -106,12 +111,15 @@ def _pipelines(num_ranks, emulate=True):
 
 def _with_grads(path):
     """(rows, group sizes, y, dx, dw) with the cotangent ``y`` itself (a non-trivial one)."""
+
     def fn(x, idx, w):
         def loss(x, w):
             rows, sizes, y = path(x, idx, w)
             return jnp.sum(y * jax.lax.stop_gradient(y)), (rows, sizes, y)
+
         (_, (rows, sizes, y)), (dx, dw) = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, w)
         return rows, sizes, y, dx, dw
+
     return fn
 
 
@@ -139,10 +147,12 @@ def test_baselines_match_jax_ep(num_ranks, kind):
         assert not np.any(per_rank[:, n:]) and not np.any(b_per_rank[:, n:])
         scale = np.max(np.abs(y))
         np.testing.assert_allclose(b_y, y, rtol=0, atol=1e-6 * scale, err_msg=f"{name} combine")
-        np.testing.assert_allclose(b_dx, dx, rtol=0, atol=1e-6 * np.max(np.abs(dx)),
-                                   err_msg=f"{name} d x")
-        np.testing.assert_allclose(b_dw, dw, rtol=0, atol=1e-6 * np.max(np.abs(dw)),
-                                   err_msg=f"{name} d weights")
+        np.testing.assert_allclose(
+            b_dx, dx, rtol=0, atol=1e-6 * np.max(np.abs(dx)), err_msg=f"{name} d x"
+        )
+        np.testing.assert_allclose(
+            b_dw, dw, rtol=0, atol=1e-6 * np.max(np.abs(dw)), err_msg=f"{name} d weights"
+        )
     assert np.any(dw != 0) and np.any(dx != 0)
 
 
@@ -162,10 +172,12 @@ def test_all_to_all_capacity_drops_like_numpy_model():
     e_loc = E // num_ranks
 
     def fn(x, idx, w):
-        out = baselines.all_to_all_dispatch(x, idx, axis_name="ep", num_experts=E,
-                                            capacity=capacity)
-        y = baselines.all_to_all_combine(_expert_fn(out.x, out.group_sizes), w, out.state,
-                                         axis_name="ep")
+        out = baselines.all_to_all_dispatch(
+            x, idx, axis_name="ep", num_experts=E, capacity=capacity
+        )
+        y = baselines.all_to_all_combine(
+            _expert_fn(out.x, out.group_sizes), w, out.state, axis_name="ep"
+        )
         return y, out.num_dropped[None]
 
     y, dropped = _run(mesh, fn, x, idx, w)
@@ -173,12 +185,12 @@ def test_all_to_all_capacity_drops_like_numpy_model():
     keep = np.zeros(idx.shape, bool)
     want_dropped = np.zeros(num_ranks, int)
     for s in range(num_ranks):
-        block = idx[s * T:(s + 1) * T]
+        block = idx[s * T : (s + 1) * T]
         pos, key = _sorted_positions(block)
         for d in range(num_ranks):
             to_d = (key >= d * e_loc) & (key < (d + 1) * e_loc)
             first = pos[to_d].min() if to_d.any() else 0
-            keep[s * T:(s + 1) * T] |= to_d & (pos - first < capacity)
+            keep[s * T : (s + 1) * T] |= to_d & (pos - first < capacity)
             want_dropped[d] += max(0, int(to_d.sum()) - capacity)
     assert want_dropped.sum() > 0
     np.testing.assert_array_equal(dropped, want_dropped)
@@ -192,10 +204,12 @@ def test_ragged_buffer_truncation_like_numpy_model():
     e_loc = E // num_ranks
 
     def fn(x, idx, w):
-        out = baselines.ragged_all_to_all_dispatch(x, idx, axis_name="ep", num_experts=E,
-                                                   buffer_rows=buffer_rows, emulate=ON_CPU)
-        y = baselines.ragged_all_to_all_combine(_expert_fn(out.x, out.group_sizes), w,
-                                                out.state, axis_name="ep", emulate=ON_CPU)
+        out = baselines.ragged_all_to_all_dispatch(
+            x, idx, axis_name="ep", num_experts=E, buffer_rows=buffer_rows, emulate=ON_CPU
+        )
+        y = baselines.ragged_all_to_all_combine(
+            _expert_fn(out.x, out.group_sizes), w, out.state, axis_name="ep", emulate=ON_CPU
+        )
         return y, out.num_dropped[None]
 
     y, dropped = _run(mesh, fn, x, idx, w)
@@ -206,7 +220,7 @@ def test_ragged_buffer_truncation_like_numpy_model():
     for d in range(num_ranks):
         free = buffer_rows
         for s in range(num_ranks):
-            block = idx[s * T:(s + 1) * T]
+            block = idx[s * T : (s + 1) * T]
             for e in range(d * e_loc, (d + 1) * e_loc):
                 ts, ks = np.nonzero(block == e)  # row-major: ascending t
                 take = min(free, len(ts))
@@ -237,8 +251,11 @@ def test_native_ragged_all_to_all_matches_emulation_and_jax_ep():
     emulated = _pipelines(num_ranks, emulate=True)
 
     def fn(x, idx, w):
-        return (native["ragged_all_to_all"](x, idx, w), emulated["ragged_all_to_all"](x, idx, w),
-                native["jax_ep"](x, idx, w))
+        return (
+            native["ragged_all_to_all"](x, idx, w),
+            emulated["ragged_all_to_all"](x, idx, w),
+            native["jax_ep"](x, idx, w),
+        )
 
     (n_rows, n_sizes, n_y), (e_rows, e_sizes, e_y), (_, _, j_y) = _run(mesh, fn, x, idx, w)
     np.testing.assert_array_equal(n_rows, e_rows)

@@ -16,22 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
-# 8 CPU devices; must happen before jax initialises its backends. A conftest.py would be the
-# better home (tests/ has none yet): this only takes effect if jax was not initialised first.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import jax_ep  # noqa: E402
-from jax_ep.flax import MoE, routing_bias_update  # noqa: E402
+import jax_ep
+from jax_ep.flax import MoE, routing_bias_update
 
 D, F, FS, E, K, N = 128, 32, 16, 16, 4, 64  # hidden, expert FFN, shared FFN, experts, top-k, tokens
 
@@ -40,15 +35,23 @@ F32_TOL = 1e-5
 
 def _mesh(num_ranks: int):
     if len(jax.devices()) < num_ranks:
-        pytest.skip(f"needs {num_ranks} devices, have {len(jax.devices())} (XLA_FLAGS was set "
-                    "before this module could set it)")
+        pytest.skip(
+            f"needs {num_ranks} devices, have {len(jax.devices())} (XLA_FLAGS was set "
+            "before this module could set it)"
+        )
     return jax.make_mesh((num_ranks,), ("ep",), devices=jax.devices()[:num_ranks])
 
 
 def _group(mesh, *, low_latency=False, tokens=N):
-    return jax_ep.Group(mesh, "ep", num_experts=E, num_topk=K, hidden=D,
-                        num_max_tokens_per_rank=tokens // mesh.shape["ep"],
-                        low_latency=low_latency)
+    return jax_ep.Group(
+        mesh,
+        "ep",
+        num_experts=E,
+        num_topk=K,
+        hidden=D,
+        num_max_tokens_per_rank=tokens // mesh.shape["ep"],
+        low_latency=low_latency,
+    )
 
 
 def _tokens(mesh, seed=1, n=N):
@@ -70,17 +73,32 @@ def _close(got, want, rtol, what=""):
 
 def _params(model: MoE) -> dict:
     """The module's parameters as plain host arrays, full E (no sharding)."""
-    p = {"gate": model.gate.kernel[...], "wi_0": model.wi_0[...], "wi_1": model.wi_1[...],
-         "wo": model.wo[...],
-         "bias": None if model.gate.bias is None else model.gate.bias[...]}
+    p = {
+        "gate": model.gate.kernel[...],
+        "wi_0": model.wi_0[...],
+        "wi_1": model.wi_1[...],
+        "wo": model.wo[...],
+        "bias": None if model.gate.bias is None else model.gate.bias[...],
+    }
     if model.shared_experts is not None:
         s = model.shared_experts
         p["shared"] = (s.wi_0[...], s.wi_1[...], s.wo[...])
     return jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), p)
 
 
-def dense_moe(p: dict, x, *, score_func="softmax", n_group=1, topk_group=1, norm=True,
-              scale=1.0, aux_coef=0.0, dtype=jnp.float32, fp8=False):
+def dense_moe(
+    p: dict,
+    x,
+    *,
+    score_func="softmax",
+    n_group=1,
+    topk_group=1,
+    norm=True,
+    scale=1.0,
+    aux_coef=0.0,
+    dtype=jnp.float32,
+    fp8=False,
+):
     """Every expert on every token, weighted by a dense routing matrix. Returns (y, aux_loss)."""
     x = x.astype(dtype)
     logits = x.astype(jnp.float32) @ p["gate"].astype(jnp.float32)
@@ -138,8 +156,13 @@ def _module_fwd_grad(model: MoE, x, ct, **call):
         return y, aux, grads
 
     y, aux, (gp, gx) = run(model, x)
-    grads = {"gate": gp["gate"]["kernel"][...], "wi_0": gp["wi_0"][...],
-             "wi_1": gp["wi_1"][...], "wo": gp["wo"][...], "x": gx}
+    grads = {
+        "gate": gp["gate"]["kernel"][...],
+        "wi_0": gp["wi_0"][...],
+        "wi_1": gp["wi_1"][...],
+        "wo": gp["wo"][...],
+        "x": gx,
+    }
     if "shared_experts" in gp:
         s = gp["shared_experts"]
         grads["shared"] = (s["wi_0"][...], s["wi_1"][...], s["wo"][...])
@@ -187,13 +210,20 @@ def _check_against_dense(model, mesh, cfg, rtol=F32_TOL, grad_rtol=None, call=No
 
 def test_parameters_follow_maxtext_names_shapes_and_sharding():
     mesh = _mesh(4)
-    model = MoE(D, F, E, K, group=_group(mesh), rngs=nnx.Rngs(0), shared_intermediate=FS,
-                routing_bias=True)
+    model = MoE(
+        D, F, E, K, group=_group(mesh), rngs=nnx.Rngs(0), shared_intermediate=FS, routing_bias=True
+    )
     state = nnx.state(model, nnx.Param)
     shapes = {"/".join(map(str, path)): v.shape for path, v in nnx.to_flat_state(state)}
-    assert shapes == {"gate/kernel": (D, E), "wi_0": (E, D, F), "wi_1": (E, D, F),
-                      "wo": (E, F, D), "shared_experts/wi_0": (D, FS),
-                      "shared_experts/wi_1": (D, FS), "shared_experts/wo": (FS, D)}
+    assert shapes == {
+        "gate/kernel": (D, E),
+        "wi_0": (E, D, F),
+        "wi_1": (E, D, F),
+        "wo": (E, F, D),
+        "shared_experts/wi_0": (D, FS),
+        "shared_experts/wi_1": (D, FS),
+        "shared_experts/wo": (FS, D),
+    }
     # the expert dim lives on the EP axis: each device holds E/R experts
     assert model.wi_0[...].sharding.spec == P("ep", None, None)
     assert model.wi_0[...].addressable_shards[0].data.shape == (E // 4, D, F)
@@ -206,8 +236,9 @@ def test_parameters_follow_maxtext_names_shapes_and_sharding():
 @pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
 def test_matches_dense_f32(num_ranks):
     mesh = _mesh(num_ranks)
-    model = MoE(D, F, E, K, group=_group(mesh), rngs=nnx.Rngs(0), shared_intermediate=FS,
-                aux_loss_coef=0.01)
+    model = MoE(
+        D, F, E, K, group=_group(mesh), rngs=nnx.Rngs(0), shared_intermediate=FS, aux_loss_coef=0.01
+    )
     _check_against_dense(model, mesh, dict(aux_coef=0.01))
 
 
@@ -223,27 +254,40 @@ def test_impls_match_dense_and_jax_ep(impl):
     mesh = _mesh(8)
     warns = impl == "ragged_all_to_all" and jax.default_backend() == "cpu"
     with pytest.warns(UserWarning, match="34755") if warns else contextlib.nullcontext():
-        model = MoE(D, F, E, K, group=_group(mesh), rngs=nnx.Rngs(0), impl=impl,
-                    aux_loss_coef=0.01)
+        model = MoE(D, F, E, K, group=_group(mesh), rngs=nnx.Rngs(0), impl=impl, aux_loss_coef=0.01)
     y = _check_against_dense(model, mesh, dict(aux_coef=0.01))
     _close(y, _jax_ep_output(8), F32_TOL, f"{impl} vs jax_ep")
 
 
 def test_deepseek_v3_routing_matches_dense():
     mesh = _mesh(8)
-    model = MoE(D, F, E, K, group=_group(mesh), rngs=nnx.Rngs(0), score_func="sigmoid",
-                n_group=4, topk_group=2, routed_scaling_factor=2.5, routing_bias=True,
-                shared_intermediate=FS, aux_loss_coef=0.001)
+    model = MoE(
+        D,
+        F,
+        E,
+        K,
+        group=_group(mesh),
+        rngs=nnx.Rngs(0),
+        score_func="sigmoid",
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        routing_bias=True,
+        shared_intermediate=FS,
+        aux_loss_coef=0.001,
+    )
     # a bias that really moves the selection (scores are in (0, 1))
     model.gate.bias[...] = jax.random.uniform(jax.random.key(3), (E,), minval=-0.3, maxval=0.3)
-    _check_against_dense(model, mesh, dict(score_func="sigmoid", n_group=4, topk_group=2,
-                                           scale=2.5, aux_coef=0.001))
+    _check_against_dense(
+        model, mesh, dict(score_func="sigmoid", n_group=4, topk_group=2, scale=2.5, aux_coef=0.001)
+    )
 
 
 def test_bf16_matches_dense():
     mesh = _mesh(4)
-    model = MoE(D, F, E, K, group=_group(mesh), rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
-                shared_intermediate=FS)
+    model = MoE(
+        D, F, E, K, group=_group(mesh), rngs=nnx.Rngs(0), dtype=jnp.bfloat16, shared_intermediate=FS
+    )
     y = _check_against_dense(model, mesh, dict(dtype=jnp.bfloat16), rtol=2e-2, grad_rtol=3e-2)
     assert y.dtype == jnp.bfloat16
 
@@ -262,8 +306,17 @@ def test_fp8_dispatch():
 @pytest.mark.parametrize("num_ranks,fp8", [(2, False), (8, False), (8, True)])
 def test_low_latency_matches_dense(num_ranks, fp8):
     mesh = _mesh(num_ranks)
-    model = MoE(D, F, E, K, group=_group(mesh, low_latency=True), rngs=nnx.Rngs(0), fp8=fp8,
-                low_latency=True, shared_intermediate=FS)
+    model = MoE(
+        D,
+        F,
+        E,
+        K,
+        group=_group(mesh, low_latency=True),
+        rngs=nnx.Rngs(0),
+        fp8=fp8,
+        low_latency=True,
+        shared_intermediate=FS,
+    )
     x = _tokens(mesh)
     y = jax.jit(lambda x: model(x))(x)
     want, _ = dense_moe(_params(model), jnp.asarray(np.asarray(x)), fp8=fp8)
@@ -285,10 +338,45 @@ def test_per_rank_call_inside_user_shard_map():
             m = nnx.merge(graphdef, state)
             assert m.wi_0[...].shape[0] == E // 4  # each rank sees its own experts
             return m(x)
+
         return jax.shard_map(body, mesh=mesh, in_specs=(specs, P("ep")), out_specs=P("ep"))(
-            state, x)
+            state, x
+        )
 
     _close(per_rank(state, x), model(x), F32_TOL, "per-rank vs global")
+
+
+def test_loopback_group_under_vmap_slices_its_experts():
+    # virtual ranks on one device: each vmap rank holds all E experts and takes its E/R
+    num_ranks = 4
+    group = jax_ep.Group(
+        None,
+        "ep",
+        num_experts=E,
+        num_topk=K,
+        hidden=D,
+        num_max_tokens_per_rank=N // num_ranks,
+        loopback=num_ranks,
+        backend="reference",
+    )
+    model = MoE(
+        D, F, E, K, group=group, rngs=nnx.Rngs(0), shared_intermediate=FS, aux_loss_coef=0.01
+    )
+    x = jax.random.normal(jax.random.key(1), (N, D), jnp.float32)
+
+    @jax.jit
+    def run(x):
+        y, aux = jax.vmap(lambda xb: model(xb, return_aux=True), axis_name="ep")(
+            x.reshape(num_ranks, N // num_ranks, D)
+        )
+        return y.reshape(N, D), aux.aux_loss[0]
+
+    y, aux = run(x)
+    want, want_aux = dense_moe(_params(model), x, aux_coef=0.01)
+    _close(y, want, F32_TOL, "loopback")
+    _close(aux, want_aux, F32_TOL, "loopback aux loss")
+    with pytest.raises(ValueError, match="loopback"):
+        model(x)  # no mesh to shard_map over
 
 
 def test_routing_bias_load_and_update():
@@ -305,8 +393,9 @@ def test_routing_bias_load_and_update():
     np.testing.assert_allclose(bias, 0.01 * np.sign(load.mean() - load))
     assert np.all(np.asarray(model.expert_load[...]) == 0)
     # the update pushes load from the busiest expert towards the idlest one
-    np.testing.assert_allclose(routing_bias_update(jnp.zeros(3), jnp.array([5.0, 1.0, 3.0]), 0.5),
-                               [-0.5, 0.5, 0.0])
+    np.testing.assert_allclose(
+        routing_bias_update(jnp.zeros(3), jnp.array([5.0, 1.0, 3.0]), 0.5), [-0.5, 0.5, 0.0]
+    )
 
 
 def test_aux_loss_is_sown():
@@ -326,8 +415,17 @@ def test_capacity_factor_drops_are_reported(impl):
     # (with the default capacity nothing drops: the dense comparisons above would fail)
     mesh = _mesh(4)
     emulate = jax.default_backend() == "cpu" if impl == "ragged_all_to_all" else None
-    model = MoE(D, F, E, K, group=_group(mesh), rngs=nnx.Rngs(0), impl=impl,
-                capacity_factor=0.25, ragged_all_to_all_emulation=emulate)
+    model = MoE(
+        D,
+        F,
+        E,
+        K,
+        group=_group(mesh),
+        rngs=nnx.Rngs(0),
+        impl=impl,
+        capacity_factor=0.25,
+        ragged_all_to_all_emulation=emulate,
+    )
     y, aux = model(_tokens(mesh), return_aux=True)
     assert 0 < int(aux.num_dropped) < N * K
     assert np.all(np.isfinite(np.asarray(y)))

@@ -77,8 +77,16 @@ class JaxEpExchange(Exchange):
 
     def dispatch(self, x, topk_idx, topk_weights):
         capacity = _rows_for(self.capacity_factor, *topk_idx.shape)
-        out = jax_ep.dispatch(x, topk_idx, topk_weights, group=self.group, layout="ragged",
-                              capacity=capacity, fp8=self.fp8, dequantize=self.fp8)
+        out = jax_ep.dispatch(
+            x,
+            topk_idx,
+            topk_weights,
+            group=self.group,
+            layout="ragged",
+            capacity=capacity,
+            fp8=self.fp8,
+            dequantize=self.fp8,
+        )
         return ExpertRows(out.x, out.counts, out.num_dropped, out.handle)
 
     def combine(self, y, topk_weights, rows):
@@ -103,13 +111,19 @@ class RaggedAllToAllExchange(Exchange):
 
     def dispatch(self, x, topk_idx, topk_weights):
         out = baselines.ragged_all_to_all_dispatch(
-            x, topk_idx, axis_name=self.axis_name, num_experts=self.num_experts,
-            buffer_rows=_rows_for(self.capacity_factor, *topk_idx.shape), emulate=self.emulate)
+            x,
+            topk_idx,
+            axis_name=self.axis_name,
+            num_experts=self.num_experts,
+            buffer_rows=_rows_for(self.capacity_factor, *topk_idx.shape),
+            emulate=self.emulate,
+        )
         return ExpertRows(*out)
 
     def combine(self, y, topk_weights, rows):
-        return baselines.ragged_all_to_all_combine(y, topk_weights, rows.state,
-                                                   axis_name=self.axis_name, emulate=self.emulate)
+        return baselines.ragged_all_to_all_combine(
+            y, topk_weights, rows.state, axis_name=self.axis_name, emulate=self.emulate
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +139,12 @@ class AllToAllExchange(Exchange):
     def dispatch(self, x, topk_idx, topk_weights):
         num_ranks = jax.lax.axis_size(self.axis_name)
         num_tokens, num_topk = topk_idx.shape
-        capacity = baselines.all_to_all_capacity(num_ranks, num_tokens, num_topk,
-                                                 self.num_experts // num_ranks,
-                                                 self.capacity_factor)
-        out = baselines.all_to_all_dispatch(x, topk_idx, axis_name=self.axis_name,
-                                            num_experts=self.num_experts, capacity=capacity)
+        capacity = baselines.all_to_all_capacity(
+            num_ranks, num_tokens, num_topk, self.num_experts // num_ranks, self.capacity_factor
+        )
+        out = baselines.all_to_all_dispatch(
+            x, topk_idx, axis_name=self.axis_name, num_experts=self.num_experts, capacity=capacity
+        )
         return ExpertRows(*out)
 
     def combine(self, y, topk_weights, rows):

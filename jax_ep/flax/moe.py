@@ -82,13 +82,25 @@ class MoEAux(NamedTuple):
 def default_kernel_init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
     """Truncated normal with variance 1/fan_in, fan_in = ``shape[-2]`` (the contracted dim of
     ``[in, out]`` and ``[E, in, out]`` kernels; leading dims are batch dims)."""
-    init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2,
-                                             out_axis=-1, batch_axis=tuple(range(len(shape) - 2)))
+    init = nnx.initializers.variance_scaling(
+        1.0,
+        "fan_in",
+        "truncated_normal",
+        in_axis=-2,
+        out_axis=-1,
+        batch_axis=tuple(range(len(shape) - 2)),
+    )
     return init(key, shape, dtype)
 
 
-def _param(init: Initializer, key: jax.Array, shape: Sequence[int], dtype, sharding: tuple,
-           mesh: jax.sharding.Mesh | None) -> nnx.Param:
+def _param(
+    init: Initializer,
+    key: jax.Array,
+    shape: Sequence[int],
+    dtype,
+    sharding: tuple,
+    mesh: jax.sharding.Mesh | None,
+) -> nnx.Param:
     """A Param annotated with ``sharding``; placed on ``mesh`` now when there is one."""
     value = init(key, tuple(shape), dtype)
     if mesh is None:  # loopback group: nothing to place on, keep the annotation
@@ -102,10 +114,20 @@ class GateLogit(nnx.Module):
     kernel: ``[D, E]`` Param. bias: ``[E]`` :class:`RoutingBias` or None.
     """
 
-    def __init__(self, hidden: int, num_experts: int, *, routing_bias: bool,
-                 param_dtype, kernel_init: Initializer, mesh, rngs: nnx.Rngs):
-        self.kernel = _param(kernel_init, rngs.params(), (hidden, num_experts), param_dtype,
-                             (None, None), mesh)
+    def __init__(
+        self,
+        hidden: int,
+        num_experts: int,
+        *,
+        routing_bias: bool,
+        param_dtype,
+        kernel_init: Initializer,
+        mesh,
+        rngs: nnx.Rngs,
+    ):
+        self.kernel = _param(
+            kernel_init, rngs.params(), (hidden, num_experts), param_dtype, (None, None), mesh
+        )
         self.bias = RoutingBias(jnp.zeros((num_experts,), jnp.float32)) if routing_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -116,14 +138,25 @@ class GateLogit(nnx.Module):
 class SharedExpert(nnx.Module):
     """A plain SwiGLU FFN on every token: ``wi_0``/``wi_1`` ``[D, F]``, ``wo`` ``[F, D]``."""
 
-    def __init__(self, hidden: int, intermediate: int, *, param_dtype, kernel_init: Initializer,
-                 mesh, rngs: nnx.Rngs):
-        self.wi_0 = _param(kernel_init, rngs.params(), (hidden, intermediate), param_dtype,
-                           (None, None), mesh)
-        self.wi_1 = _param(kernel_init, rngs.params(), (hidden, intermediate), param_dtype,
-                           (None, None), mesh)
-        self.wo = _param(kernel_init, rngs.params(), (intermediate, hidden), param_dtype,
-                         (None, None), mesh)
+    def __init__(
+        self,
+        hidden: int,
+        intermediate: int,
+        *,
+        param_dtype,
+        kernel_init: Initializer,
+        mesh,
+        rngs: nnx.Rngs,
+    ):
+        self.wi_0 = _param(
+            kernel_init, rngs.params(), (hidden, intermediate), param_dtype, (None, None), mesh
+        )
+        self.wi_1 = _param(
+            kernel_init, rngs.params(), (hidden, intermediate), param_dtype, (None, None), mesh
+        )
+        self.wo = _param(
+            kernel_init, rngs.params(), (intermediate, hidden), param_dtype, (None, None), mesh
+        )
 
 
 class _Weights(NamedTuple):
@@ -147,10 +180,16 @@ class _Router:
     routed_scaling_factor: float
 
     def __call__(self, logits, bias):
-        return _routing.route(logits, num_topk=self.num_topk, score_func=self.score_func,
-                              n_group=self.n_group, topk_group=self.topk_group,
-                              norm_topk_prob=self.norm_topk_prob,
-                              routed_scaling_factor=self.routed_scaling_factor, bias=bias)
+        return _routing.route(
+            logits,
+            num_topk=self.num_topk,
+            score_func=self.score_func,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            norm_topk_prob=self.norm_topk_prob,
+            routed_scaling_factor=self.routed_scaling_factor,
+            bias=bias,
+        )
 
 
 def _swiglu(x, wi_0, wi_1, wo, dtype, matmul):
@@ -168,6 +207,7 @@ def _dense(a, w):
 def _ragged(group_sizes):
     def matmul(a, w):
         return jax.lax.ragged_dot(a, w, group_sizes, preferred_element_type=jnp.float32)
+
     return matmul
 
 
@@ -189,6 +229,7 @@ def _same_spec(a: P, b: P) -> bool:
         while parts and parts[-1] is None:
             parts.pop()
         return tuple(parts)
+
     return norm(a) == norm(b)
 
 
@@ -276,15 +317,17 @@ class MoE(nnx.Module):
         if not isinstance(group, jax_ep.Group):
             raise TypeError(f"group must be a jax_ep.Group, got {type(group).__name__}")
         if group.num_experts != num_experts:
-            raise ValueError(f"num_experts={num_experts} but the group was created for "
-                             f"{group.num_experts}")
+            raise ValueError(
+                f"num_experts={num_experts} but the group was created for {group.num_experts}"
+            )
         if num_topk > group.num_topk:
             raise ValueError(f"num_topk={num_topk} exceeds the group's num_topk={group.num_topk}")
         if fp8 and hidden % 128:
             raise ValueError(f"fp8 dispatch needs hidden % 128 == 0, got hidden={hidden}")
         if score_func not in _routing.SCORE_FUNCS:
-            raise ValueError(f"score_func must be one of {_routing.SCORE_FUNCS}, "
-                             f"got {score_func!r}")
+            raise ValueError(
+                f"score_func must be one of {_routing.SCORE_FUNCS}, got {score_func!r}"
+            )
         self.hidden = hidden
         self.intermediate = intermediate
         self.num_experts = num_experts
@@ -296,37 +339,69 @@ class MoE(nnx.Module):
         self.low_latency = low_latency
         self.token_axes = tuple(token_axes) if token_axes is not None else None
         self.dtype = dtype
-        exchange = _make_exchange(impl, group, num_experts, fp8, capacity_factor,
-                                  ragged_all_to_all_emulation)
+        exchange = _make_exchange(
+            impl, group, num_experts, fp8, capacity_factor, ragged_all_to_all_emulation
+        )
         self.impl = impl if isinstance(impl, str) else exchange.name
         ll_group = low_latency_group if low_latency_group is not None else group
         if impl == "reference":
             ll_group = _reference_twin(ll_group)
         if low_latency and not isinstance(exchange, JaxEpExchange):
             raise ValueError("low_latency=True needs impl='jax_ep' or 'reference'")
-        router = _Router(num_topk, score_func, n_group, topk_group, norm_topk_prob,
-                         float(routed_scaling_factor))
-        self.plan = _Plan(hidden, num_experts, num_topk, group.num_ranks, group.axis_name, router,
-                          self.aux_loss_coef, fp8, jnp.dtype(dtype), exchange, ll_group)
+        router = _Router(
+            num_topk, score_func, n_group, topk_group, norm_topk_prob, float(routed_scaling_factor)
+        )
+        self.plan = _Plan(
+            hidden,
+            num_experts,
+            num_topk,
+            group.num_ranks,
+            group.axis_name,
+            router,
+            self.aux_loss_coef,
+            fp8,
+            jnp.dtype(dtype),
+            exchange,
+            ll_group,
+        )
 
         # creation may run without a mesh context: place annotated params on the group's mesh
         mesh = group.mesh if group.loopback is None else None
         init = kernel_init or default_kernel_init
         expert_axes = (self.axis_name, None, None)
-        self.gate = GateLogit(hidden, num_experts, routing_bias=routing_bias,
-                              param_dtype=param_dtype, kernel_init=init, mesh=mesh, rngs=rngs)
-        self.wi_0 = _param(init, rngs.params(), (num_experts, hidden, intermediate), param_dtype,
-                           expert_axes, mesh)
-        self.wi_1 = _param(init, rngs.params(), (num_experts, hidden, intermediate), param_dtype,
-                           expert_axes, mesh)
-        self.wo = _param(init, rngs.params(), (num_experts, intermediate, hidden), param_dtype,
-                         expert_axes, mesh)
+        self.gate = GateLogit(
+            hidden,
+            num_experts,
+            routing_bias=routing_bias,
+            param_dtype=param_dtype,
+            kernel_init=init,
+            mesh=mesh,
+            rngs=rngs,
+        )
+        self.wi_0 = _param(
+            init, rngs.params(), (num_experts, hidden, intermediate), param_dtype, expert_axes, mesh
+        )
+        self.wi_1 = _param(
+            init, rngs.params(), (num_experts, hidden, intermediate), param_dtype, expert_axes, mesh
+        )
+        self.wo = _param(
+            init, rngs.params(), (num_experts, intermediate, hidden), param_dtype, expert_axes, mesh
+        )
         self.shared_experts = (
-            SharedExpert(hidden, shared_intermediate, param_dtype=param_dtype, kernel_init=init,
-                         mesh=mesh, rngs=rngs)
-            if shared_intermediate > 0 else None)
-        self.expert_load = (ExpertLoad(jnp.zeros((num_experts,), jnp.float32))
-                            if routing_bias else None)
+            SharedExpert(
+                hidden,
+                shared_intermediate,
+                param_dtype=param_dtype,
+                kernel_init=init,
+                mesh=mesh,
+                rngs=rngs,
+            )
+            if shared_intermediate > 0
+            else None
+        )
+        self.expert_load = (
+            ExpertLoad(jnp.zeros((num_experts,), jnp.float32)) if routing_bias else None
+        )
 
     @property
     def exchange(self) -> Exchange:
@@ -339,8 +414,9 @@ class MoE(nnx.Module):
             s = self.shared_experts
             shared = (s.wi_0[...], s.wi_1[...], s.wo[...])
         bias = None if self.gate.bias is None else self.gate.bias[...]
-        return _Weights(self.gate.kernel[...], bias, self.wi_0[...], self.wi_1[...],
-                        self.wo[...], shared)
+        return _Weights(
+            self.gate.kernel[...], bias, self.wi_0[...], self.wi_1[...], self.wo[...], shared
+        )
 
     def __call__(
         self,
@@ -384,17 +460,21 @@ class MoE(nnx.Module):
         step (it is no gradient update)."""
         if self.gate.bias is None or self.expert_load is None:
             raise ValueError("update_routing_bias needs MoE(..., routing_bias=True)")
-        self.gate.bias[...] = _routing.routing_bias_update(self.gate.bias[...],
-                                                           self.expert_load[...], rate)
+        self.gate.bias[...] = _routing.routing_bias_update(
+            self.gate.bias[...], self.expert_load[...], rate
+        )
         self.expert_load[...] = jnp.zeros_like(self.expert_load[...])
 
     def _global(self, w: _Weights, x: jax.Array, use_ll: bool):
         mesh = self.group.mesh
         if mesh is None or self.group.loopback is not None:
-            raise ValueError("a loopback group has no mesh: call the MoE per rank inside "
-                             f"jax.vmap(..., axis_name={self.axis_name!r})")
-        fn, x_spec, w_specs = _global_call(self.plan, mesh, use_ll, x.ndim,
-                                           w.bias is not None, w.shared is not None)
+            raise ValueError(
+                "a loopback group has no mesh: call the MoE per rank inside "
+                f"jax.vmap(..., axis_name={self.axis_name!r})"
+            )
+        fn, x_spec, w_specs = _global_call(
+            self.plan, mesh, use_ll, x.ndim, w.bias is not None, w.shared is not None
+        )
         x = _place(x, mesh, x_spec)
         w = jax.tree.map(lambda a, spec: _place(a, mesh, spec), w, w_specs)
         return fn(w, x)
@@ -439,8 +519,9 @@ class _Plan:
         tokens_per_expert, score_sum, num_tokens, dropped = jax.lax.psum(stats, token_axes)
         loss = jnp.float32(0.0)
         if self.aux_loss_coef > 0:
-            loss = self.aux_loss_coef * _routing.balance_loss(tokens_per_expert, score_sum,
-                                                              num_tokens, self.num_topk)
+            loss = self.aux_loss_coef * _routing.balance_loss(
+                tokens_per_expert, score_sum, num_tokens, self.num_topk
+            )
         return y.reshape(lead + (self.hidden,)), MoEAux(loss, tokens_per_expert, dropped)
 
     def local_experts(self, w: _Weights) -> _Weights:
@@ -449,8 +530,10 @@ class _Plan:
         if w.wi_0.shape[0] == e_loc:
             return w
         if w.wi_0.shape[0] != self.num_experts:
-            raise ValueError(f"expert weights have {w.wi_0.shape[0]} experts; expected "
-                             f"{e_loc} (this rank's) or {self.num_experts}")
+            raise ValueError(
+                f"expert weights have {w.wi_0.shape[0]} experts; expected "
+                f"{e_loc} (this rank's) or {self.num_experts}"
+            )
         start = jax.lax.axis_index(self.axis_name) * e_loc
 
         def take(a):
@@ -460,8 +543,9 @@ class _Plan:
 
     def experts_ragged(self, w: _Weights, x: jax.Array, route: _routing.Routing):
         rows = self.exchange.dispatch(x, route.topk_idx, route.topk_weights)
-        y = _swiglu(rows.x.astype(self.dtype), w.wi_0, w.wi_1, w.wo, self.dtype,
-                    _ragged(rows.group_sizes))
+        y = _swiglu(
+            rows.x.astype(self.dtype), w.wi_0, w.wi_1, w.wo, self.dtype, _ragged(rows.group_sizes)
+        )
         return self.exchange.combine(y, route.topk_weights, rows), rows.num_dropped
 
     def experts_low_latency(self, w: _Weights, x: jax.Array, route: _routing.Routing):
@@ -475,14 +559,21 @@ class _Plan:
         valid = jnp.arange(rows.shape[1])[None, :] < out.counts[:, None]
         rows = jnp.where(valid[..., None], rows.astype(self.dtype), jnp.zeros((), self.dtype))
         y = _swiglu(rows, w.wi_0, w.wi_1, w.wo, self.dtype, _batched)
-        y = jax_ep.low_latency_combine(y, route.topk_idx, route.topk_weights, out.handle,
-                                       group=group)
+        y = jax_ep.low_latency_combine(
+            y, route.topk_idx, route.topk_weights, out.handle, group=group
+        )
         return y, out.num_dropped
 
 
 @functools.lru_cache(maxsize=64)
-def _global_call(plan: _Plan, mesh: jax.sharding.Mesh, use_ll: bool, x_ndim: int,
-                 has_bias: bool, has_shared: bool):
+def _global_call(
+    plan: _Plan,
+    mesh: jax.sharding.Mesh,
+    use_ll: bool,
+    x_ndim: int,
+    has_bias: bool,
+    has_shared: bool,
+):
     """The jitted ``shard_map`` of :meth:`_Plan.per_rank` over ``mesh`` and its specs.
 
     Jitted (and cached) so an eager ``moe(x)`` runs one compiled program instead of dispatching
@@ -491,26 +582,40 @@ def _global_call(plan: _Plan, mesh: jax.sharding.Mesh, use_ll: bool, x_ndim: int
     token_axes = tuple(mesh.axis_names)
     x_spec = P(token_axes, *([None] * (x_ndim - 1)))
     expert = P(plan.axis_name, None, None)
-    w_specs = _Weights(P(), P() if has_bias else None, expert, expert, expert,
-                       (P(), P(), P()) if has_shared else None)
+    w_specs = _Weights(
+        P(),
+        P() if has_bias else None,
+        expert,
+        expert,
+        expert,
+        (P(), P(), P()) if has_shared else None,
+    )
 
     def body(w, x):
         return plan.per_rank(w, x, use_ll, token_axes)
 
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(w_specs, x_spec),
-                       out_specs=(x_spec, MoEAux(P(), P(), P())))
+    fn = jax.shard_map(
+        body, mesh=mesh, in_specs=(w_specs, x_spec), out_specs=(x_spec, MoEAux(P(), P(), P()))
+    )
     return jax.jit(fn), x_spec, w_specs
 
 
-def _make_exchange(impl, group: jax_ep.Group, num_experts: int, fp8: bool,
-                   capacity_factor: float | None, emulation: bool | None) -> Exchange:
+def _make_exchange(
+    impl,
+    group: jax_ep.Group,
+    num_experts: int,
+    fp8: bool,
+    capacity_factor: float | None,
+    emulation: bool | None,
+) -> Exchange:
     if isinstance(impl, Exchange):
         return impl
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS} or an Exchange, got {impl!r}")
     if impl in ("jax_ep", "reference"):
-        return JaxEpExchange(group if impl == "jax_ep" else _reference_twin(group),
-                             capacity_factor, fp8)
+        return JaxEpExchange(
+            group if impl == "jax_ep" else _reference_twin(group), capacity_factor, fp8
+        )
     if fp8:
         raise ValueError(f"fp8=True needs a jax_ep impl; {impl!r} has no FP8 wire format")
     if impl == "all_to_all":
@@ -518,9 +623,11 @@ def _make_exchange(impl, group: jax_ep.Group, num_experts: int, fp8: bool,
     if emulation is None:
         emulation = all(d.platform == "cpu" for d in group.devices)
         if emulation:
-            warnings.warn("impl='ragged_all_to_all' on CPU: XLA:CPU has no ragged_all_to_all "
-                          "(jax-ml/jax#34755); using a dense all_to_all emulation of it",
-                          stacklevel=4)
+            warnings.warn(
+                "impl='ragged_all_to_all' on CPU: XLA:CPU has no ragged_all_to_all "
+                "(jax-ml/jax#34755); using a dense all_to_all emulation of it",
+                stacklevel=4,
+            )
     return RaggedAllToAllExchange(group.axis_name, num_experts, capacity_factor, bool(emulation))
 
 
@@ -528,8 +635,16 @@ def _reference_twin(group: jax_ep.Group) -> jax_ep.Group:
     """``group`` itself if it runs the reference backend, else a reference group like it."""
     if group.backend == "reference":
         return group
-    return jax_ep.Group(group.mesh, group.axis_name, num_experts=group.num_experts,
-                        num_topk=group.num_topk, hidden=group.hidden,
-                        num_max_tokens_per_rank=group.num_max_tokens_per_rank,
-                        dtype=group.dtype, backend="reference", loopback=group.loopback,
-                        low_latency=group.low_latency, config=group.config)
+    return jax_ep.Group(
+        group.mesh,
+        group.axis_name,
+        num_experts=group.num_experts,
+        num_topk=group.num_topk,
+        hidden=group.hidden,
+        num_max_tokens_per_rank=group.num_max_tokens_per_rank,
+        dtype=group.dtype,
+        backend="reference",
+        loopback=group.loopback,
+        low_latency=group.low_latency,
+        config=group.config,
+    )

@@ -66,8 +66,10 @@ def route(
     if not 1 <= topk_group <= n_group:
         raise ValueError(f"topk_group must be in [1, n_group={n_group}], got {topk_group}")
     if num_topk > num_experts // n_group * topk_group:
-        raise ValueError(f"num_topk={num_topk} exceeds the {topk_group} eligible groups of "
-                         f"{num_experts // n_group} experts")
+        raise ValueError(
+            f"num_topk={num_topk} exceeds the {topk_group} eligible groups of "
+            f"{num_experts // n_group} experts"
+        )
     logits = logits.astype(jnp.float32)
     scores = jax.nn.softmax(logits, axis=-1) if score_func == "softmax" else jax.nn.sigmoid(logits)
     choice = scores if bias is None else scores + jax.lax.stop_gradient(bias.astype(jnp.float32))
@@ -103,8 +105,9 @@ def balance_statistics(routing: Routing, num_experts: int) -> tuple[jax.Array, j
     return tokens_per_expert, score_sum
 
 
-def balance_loss(tokens_per_expert: jax.Array, score_sum: jax.Array, num_tokens: jax.Array,
-                 num_topk: int) -> jax.Array:
+def balance_loss(
+    tokens_per_expert: jax.Array, score_sum: jax.Array, num_tokens: jax.Array, num_topk: int
+) -> jax.Array:
     """Switch/DeepSeek balancing loss ``Σ_e f_e P_e`` over ``num_tokens`` tokens.
 
     ``f_e = E * tokens_per_expert[e] / (K * N)`` (1 for a perfectly balanced router),

@@ -1,0 +1,12 @@
+"""Environment variables jax_ep reads at run time (debugging aids only; listed in README).
+
+JAX_EP_TIMEOUT_S: default ``Config.timeout_s`` (seconds a kernel waits for a peer).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def default_timeout_s() -> float:
+    return float(os.environ.get("JAX_EP_TIMEOUT_S", "100"))
