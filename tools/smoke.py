@@ -29,7 +29,7 @@ for R, mode in ((1, "shard_map"), (2, "loopback")):
                     config=jax_ep.Config(sync_errors=True, timeout_s=5),
                 )
 
-                def fn(x, idx, w, g=g):
+                def fn(x, idx, w, g=g, layout=layout):
                     out = jax_ep.dispatch(x, idx, w, group=g, layout=layout)
                     return out, jax_ep.combine(out.x, out.handle, group=g)
 
@@ -42,9 +42,8 @@ for R, mode in ((1, "shard_map"), (2, "loopback")):
                 or not np.array_equal(np.asarray(u, np.float32), np.asarray(v, np.float32))
             ]
             names = [str(p) for p, _ in jax.tree_util.tree_flatten_with_path(outs["cuda"])[0]]
-            print(
-                f"R={R} {mode} {layout}: {'OK' if not bad else 'MISMATCH ' + str([names[i] for i in bad])}"
-            )
+            verdict = "OK" if not bad else f"MISMATCH {[names[i] for i in bad]}"
+            print(f"R={R} {mode} {layout}: {verdict}")
             for i in bad[:3]:
                 print(
                     "   cuda",
