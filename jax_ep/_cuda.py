@@ -160,7 +160,7 @@ def dispatch(x, topk_idx, topk_weights, spec: OpSpec):
 
 def _combine_call(y_rows, handle: Handle, rows, weights, spec: OpSpec):
     num_tokens = handle.num_tokens
-    return call(
+    (out,) = call(
         "ht_combine",
         spec,
         [((num_tokens, y_rows.shape[-1]), y_rows.dtype)],
@@ -173,12 +173,24 @@ def _combine_call(y_rows, handle: Handle, rows, weights, spec: OpSpec):
         group_id=spec.group_id,
         num_experts=spec.num_experts,
     )
+    return out
+
+
+# Constant operands are derived from a per-rank operand (not built with jnp.ones):
+# under jax.vmap (loopback) a constant would be unbatched, and every operand of a
+# loopback call must carry the virtual-rank axis.
+
+
+def batched_like(a: jax.Array, ref: jax.Array) -> jax.Array:
+    """``a`` unchanged, but carrying ``ref``'s virtual-rank axis under ``jax.vmap``."""
+    zero = jnp.sum(ref.reshape(-1)[:1].astype(jnp.int32)) * 0
+    return a + zero.astype(a.dtype)
 
 
 def combine(y, handle: Handle, weights, spec: OpSpec):
     y_rows = y.reshape(-1, y.shape[-1])
     if handle.layout == "per_rank":
-        weights = jnp.ones(handle.recv_rows.shape, jnp.float32)
+        weights = (handle.recv_rows >= -1).astype(jnp.float32)  # all ones
     elif weights is None:
         weights = handle.recv_weights
     return _combine_call(y_rows, handle, handle.recv_rows, weights, spec)
@@ -187,7 +199,7 @@ def combine(y, handle: Handle, weights, spec: OpSpec):
 def token_dispatch(x, handle: Handle, spec: OpSpec):
     """Cached dispatch of home rows to the received-token list (per_rank, worst-case capacity)."""
     rt = handle.recv_src.shape[0]
-    zeros = jnp.zeros(handle.topk_idx.shape, jnp.float32)
+    zeros = (handle.topk_idx < -1).astype(jnp.float32)
     return _dispatch_call(x, handle.topk_idx, zeros, spec, "per_rank", rt, False, False)[0]
 
 
@@ -195,5 +207,5 @@ def token_combine(rows, handle: Handle, spec: OpSpec):
     rt = handle.recv_src.shape[0]
     index = jnp.arange(rt, dtype=jnp.int32)
     own_rows = jnp.where(index < handle.num_recv, index, -1)[:, None]
-    weights = jnp.ones((rt, 1), jnp.float32)
+    weights = (own_rows >= -1).astype(jnp.float32)
     return _combine_call(rows, handle, own_rows, weights, spec)

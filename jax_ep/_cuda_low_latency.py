@@ -57,6 +57,7 @@ jax.tree_util.register_dataclass(CombineTicket)
 def ll_dispatch_send(x, topk_idx, active_ranks, spec: OpSpec) -> DispatchTicket:
     from jax_ep import _cuda
 
+    active_ranks = _cuda.batched_like(active_ranks, topk_idx)
     ticket, num_dropped = _cuda.call(
         "ll_dispatch_send",
         spec,
