@@ -28,7 +28,7 @@ for stage in "$@"; do
     smoke)
       timeout 240 python3 tools/smoke.py 2>&1 | tee "$OUT/smoke.log" ;;
     tests)
-      JAX_EP_TIMEOUT_S=${JAX_EP_TIMEOUT_S:-20} python3 -m pytest -q -rs ${PYTEST_ARGS:-} --timeout 120 -k "${PYTEST_K:-cuda or kernel or share_one_gpu}" tests \
+      JAX_EP_TIMEOUT_S=${JAX_EP_TIMEOUT_S:-20} python3 -m pytest -rs ${PYTEST_ARGS:-} --timeout 120 -k "${PYTEST_K:-cuda or kernel or share_one_gpu}" tests \
         2>&1 | tee "$OUT/tests.log" | tail -150
       status=$(( status | ${PIPESTATUS[0]} )) ;;
     bench)

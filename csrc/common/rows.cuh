@@ -137,35 +137,40 @@ __device__ inline void weighted_sum_rows(const uint8_t* my_row, float my_w, int 
   const size_t bytes = size_t(hidden) * esize;
   if (bytes % 16 == 0) {
     const int per = 16 / esize;
-    for (size_t c = lane; c < bytes / 16; c += 32) {
+    // the loop bound is the same for every lane: the shuffles need the whole warp
+    const size_t chunks = bytes / 16;
+    for (size_t c0 = 0; c0 < chunks; c0 += 32) {
+      const size_t c = c0 + lane;
+      const bool active = c < chunks;
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       for (int j = 0; j < n; ++j) {
         const uint8_t* r =
             reinterpret_cast<const uint8_t*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_row), j));
         const float w = __shfl_sync(kFullMask, my_w, j);
-        if (r == nullptr) continue;
+        if (r == nullptr || !active) continue;
         float v[8];
         unpack16(from_peer ? ld_peer16(r + c * 16) : ld_input16(r + c * 16), dtype, v);
 #pragma unroll
         for (int i = 0; i < 8; ++i)
           if (i < per) acc[i] = __fadd_rn(acc[i], __fmul_rn(w, v[i]));
       }
-      *reinterpret_cast<int4*>(out + c * 16) = pack16(acc, dtype);
+      if (active) *reinterpret_cast<int4*>(out + c * 16) = pack16(acc, dtype);
     }
     return;
   }
   // odd sizes: one element per lane
-  for (int h = lane; h < hidden; h += 32) {
+  for (int h0 = 0; h0 < hidden; h0 += 32) {
+    const int h = h0 + lane;
     float acc = 0.f;
     for (int j = 0; j < n; ++j) {
       const uint8_t* r =
           reinterpret_cast<const uint8_t*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_row), j));
       const float w = __shfl_sync(kFullMask, my_w, j);
-      if (r == nullptr) continue;
+      if (r == nullptr || h >= hidden) continue;
       float v = from_peer ? load_peer_f32(r, dtype, h) : to_f32(r, dtype, h);
       acc = __fadd_rn(acc, __fmul_rn(w, v));
     }
-    from_f32(out, dtype, h, acc);
+    if (h < hidden) from_f32(out, dtype, h, acc);
   }
 }
 
