@@ -151,7 +151,8 @@ class Group:
         if self.backend != "cuda":
             return
         problems = []
-        if num_tokens > self.num_max_tokens_per_rank:
+        # a symbolic token count (jax.export) is checked by the handler at run time
+        if not jax.export.is_symbolic_dim(num_tokens) and num_tokens > self.num_max_tokens_per_rank:
             problems.append(
                 f"{num_tokens} tokens > num_max_tokens_per_rank={self.num_max_tokens_per_rank}"
             )

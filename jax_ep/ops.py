@@ -373,7 +373,7 @@ jax.tree_util.register_dataclass(LowLatencyTicket)
 def _check_ll(x, topk_idx, group, op):
     num_ranks = _check_group_axis(group, op)
     t_max = group.num_max_tokens_per_rank
-    if x.shape[0] > t_max:
+    if not jax.export.is_symbolic_dim(x.shape[0]) and x.shape[0] > t_max:
         raise ValueError(
             f"jax_ep.{op}: {x.shape[0]} tokens exceed the group's num_max_tokens_per_rank={t_max}"
         )

@@ -143,16 +143,30 @@ __device__ inline void weighted_sum_rows(const uint8_t* my_row, float my_w, int 
       const size_t c = c0 + lane;
       const bool active = c < chunks;
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int j = 0; j < n; ++j) {
-        const uint8_t* r =
-            reinterpret_cast<const uint8_t*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_row), j));
-        const float w = __shfl_sync(kFullMask, my_w, j);
-        if (r == nullptr || !active) continue;
-        float v[8];
-        unpack16(from_peer ? ld_peer16(r + c * 16) : ld_input16(r + c * 16), dtype, v);
+      // loads of kBatch rows in flight before the (ordered) accumulation
+      constexpr int kBatch = 4;
+      for (int j0 = 0; j0 < n; j0 += kBatch) {
+        int4 raw[kBatch];
+        float w[kBatch];
+        bool has[kBatch];
 #pragma unroll
-        for (int i = 0; i < 8; ++i)
-          if (i < per) acc[i] = __fadd_rn(acc[i], __fmul_rn(w, v[i]));
+        for (int u = 0; u < kBatch; ++u) {
+          const int j = j0 + u;
+          const uint8_t* r =
+              reinterpret_cast<const uint8_t*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_row), j & 31));
+          w[u] = __shfl_sync(kFullMask, my_w, j & 31);
+          has[u] = j < n && r != nullptr && active;
+          if (has[u]) raw[u] = from_peer ? ld_peer16(r + c * 16) : ld_input16(r + c * 16);
+        }
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          if (!has[u]) continue;
+          float v[8];
+          unpack16(raw[u], dtype, v);
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+            if (i < per) acc[i] = __fadd_rn(acc[i], __fmul_rn(w[u], v[i]));
+        }
       }
       if (active) *reinterpret_cast<int4*>(out + c * 16) = pack16(acc, dtype);
     }

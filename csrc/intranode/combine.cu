@@ -16,9 +16,24 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 
+// Ranks a home token went to (lane k < K reads its k-th expert).
+__device__ inline uint64_t token_ranks(const HtCombineArgs& a, int local, int t) {
+  const int lane = lane_id(), K = a.num_topk, E = a.num_experts, e_loc = E / a.c.num_ranks;
+  const int e = lane < K ? a.topk_idx[(size_t(local) * a.num_tokens + t) * K + lane] : -1;
+  const bool valid = lane < K && e >= 0 && e < E;
+  return dest_mask(valid, valid ? e / e_loc : 0);
+}
+
+// A token whose experts all live on its home rank needs no exchange: the send kernel
+// writes its sum straight to the output and the receive kernel leaves it alone.
+__device__ inline bool home_only(const HtCombineArgs& a, const RankCtx& r, int t) {
+  return token_ranks(a, r.local, t) == (1ull << r.rank);
+}
+
 __global__ void __launch_bounds__(kThreads) ht_combine_send(HtCombineArgs a) {
   const CommContext& c = a.c;
-  const int local = blockIdx.x / c.send_blocks, block = blockIdx.x % c.send_blocks;
+  const int blocks = gridDim.x / c.num_local_ranks;  // see launch_ht_combine
+  const int local = blockIdx.x / blocks, block = blockIdx.x % blocks;
   const RankCtx r = rank_ctx(c, local, kHtCombineSeq);
   if (r.rank == c.fault_inject_rank) return;  // testing: a peer that never arrives
   const int lane = lane_id();
@@ -31,12 +46,14 @@ __global__ void __launch_bounds__(kThreads) ht_combine_send(HtCombineArgs a) {
   const int* recv_rows = a.recv_rows + local * RT * kr;
   const float* weights = a.weights ? a.weights + local * RT * kr : nullptr;
   const int n = a.num_recv[local];
-  for (int i = block * kWarps + warp_id(); i < n; i += c.send_blocks * kWarps) {
+  uint8_t* out = static_cast<uint8_t*>(a.out) + size_t(local) * T * row_bytes;
+  for (int i = block * kWarps + warp_id(); i < n; i += blocks * kWarps) {
     const int p = recv_src[i], src = p / T, t = p % T;
     const int row = lane < kr ? recv_rows[size_t(i) * kr + lane] : -1;
     const float w = lane < kr ? (weights ? weights[size_t(i) * kr + lane] : 1.f) : 0.f;
     const uint8_t* my_row = row >= 0 ? y + size_t(row) * row_bytes : nullptr;
-    uint8_t* dst = combine_row(c.layout, c.peers[src], r.parity, r.rank, t);
+    uint8_t* dst = src == r.rank && home_only(a, r, t) ? out + size_t(t) * row_bytes
+                                                       : combine_row(c.layout, c.peers[src], r.parity, r.rank, t);
     weighted_sum_rows(my_row, w, kr, false, a.dtype, a.hidden, dst);
   }
   publish_arrival(c, r, c.layout.ht_combine_arrival);
@@ -49,13 +66,12 @@ __global__ void __launch_bounds__(kThreads) ht_combine_recv(HtCombineArgs a) {
   const uint64_t target = r.seq * uint64_t(c.send_blocks);
   if (wait_all_peers(c, r, c.layout.ht_combine_arrival, target, kPhaseHtCombineArrival)) {
     const int lane = lane_id();
-    const int T = a.num_tokens, K = a.num_topk, E = a.num_experts, e_loc = E / c.num_ranks;
+    const int T = a.num_tokens;
     const int esize = a.dtype == kF32 ? 4 : 2;
     uint8_t* out = static_cast<uint8_t*>(a.out) + size_t(local) * T * a.hidden * esize;
     for (int t = block * kWarps + warp_id(); t < T; t += c.copy_blocks * kWarps) {
-      int e = lane < K ? a.topk_idx[(size_t(local) * T + t) * K + lane] : -1;
-      const bool valid = lane < K && e >= 0 && e < E;
-      uint64_t ranks = dest_mask(valid, valid ? e / e_loc : 0);
+      uint64_t ranks = token_ranks(a, local, t);
+      if (ranks == (1ull << r.rank)) continue;  // written by the send kernel
       // lane j holds the j-th contributing rank's partial, in ascending rank order
       const int n = __popcll(ranks);
       const uint8_t* my_row = nullptr;
@@ -81,7 +97,10 @@ cudaError_t prepare_ht_combine_kernels() {
 cudaError_t launch_ht_combine(const HtCombineArgs& a, cudaStream_t stream) {
   const CommContext& c = a.c;
   const int L = c.num_local_ranks;
-  ht_combine_send<<<L * c.send_blocks, kThreads, 0, stream>>>(a);
+  // With one rank nothing crosses a link: the send kernel is local HBM work, so it gets
+  // the copy kernels' blocks (its arrival count is never waited for).
+  const int send_blocks = c.num_ranks == 1 ? c.copy_blocks : c.send_blocks;
+  ht_combine_send<<<L * send_blocks, kThreads, 0, stream>>>(a);
   ht_combine_recv<<<L * c.copy_blocks, kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }

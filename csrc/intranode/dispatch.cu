@@ -266,14 +266,15 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_copy(HtDispatchArgs a) {
     }
   }
 
-  const int num_words = int((RT + 31) / 32);
-  for (int w = block * kWarps + warp; w < num_words; w += c.copy_blocks * kWarps) {
-    uint32_t bits = bitmaps[w];
-    int i = prefixes[w];
-    while (bits) {
-      const int j = __ffs(bits) - 1;
-      bits &= bits - 1;
-      const int p = w * 32 + j, src = p / s.T, t = p % s.T;
+  // one warp per candidate token (not per 32-token word: a word per warp leaves most
+  // of the GPU idle); a token's list index is its word's prefix plus the bits before it
+  for (int p = block * kWarps + warp; p < int(RT); p += c.copy_blocks * kWarps) {
+    const int w = p / 32, j = p % 32;
+    const uint32_t bits = bitmaps[w];
+    if (!((bits >> j) & 1u)) continue;
+    {
+      const int i = prefixes[w] + __popc(bits & ((1u << j) - 1u));
+      const int src = p / s.T, t = p % s.T;
       const int e = lane < s.K ? routing_id(a, s, r, src, t, lane) : -1;
       const int le = local_id(e, r.rank, s.E_loc);
       const float wt = le >= 0 ? routing_weight(a, s, r, src, t, lane) : 0.f;
@@ -334,7 +335,6 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_copy(HtDispatchArgs a) {
             copy_row_any(wire + s.H, true, size_t(scale_cols) * 4, reinterpret_cast<uint8_t*>(my_scales), ndst);
         }
       }
-      ++i;
     }
   }
 }

@@ -83,9 +83,12 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_dispatch_send(LlDispatch
     const int e = in ? __ldg(topk + size_t(t) * K + k) : -1;
     if (in && (e < -1 || e >= E) && block == 0) record_error(c.err, kErrBadExpert, r.rank, t, k, E, e, 0);
     const bool valid = in && e >= 0 && e < E;
-    // a token counts once per expert: the first k choosing it (rows are whole in the warp)
+    // a token counts once per expert: the first k choosing it (rows are whole in the warp).
+    // Every lane must take part in the match (masked entries and rows past T included):
+    // computing it under `valid &&` left part of the warp out and hung it.
     const uint64_t key = valid ? (uint64_t(t) << 32) | uint32_t(e) : ~uint64_t(0);
-    const bool first = valid && (__match_any_sync(kFullMask, key) & lanemask_lt()) == 0;
+    const unsigned same = __match_any_sync(kFullMask, key);
+    const bool first = valid && (same & lanemask_lt()) == 0;
     if (first) {
       atomicAdd(&total[e], 1);
       if (t < t_begin) atomicAdd(&before[e], 1);
