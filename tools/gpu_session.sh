@@ -34,9 +34,11 @@ for stage in "$@"; do
         2>&1 | tee "$OUT/tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout" | tail -80
       status=$(( status | ${PIPESTATUS[0]} )) ;;
     bench)
-      python3 -m jax_ep.bench --ranks 1 --layouts ragged,per_rank --out benchmarks 2>&1 | tee "$OUT/bench_ep1.log"
-      python3 -m jax_ep.bench --loopback 2 --baselines all_to_all --out benchmarks 2>&1 | tee "$OUT/bench_lb2.log"
-      python3 -m jax_ep.bench --mode low-latency --loopback 2 --out benchmarks 2>&1 | tee "$OUT/bench_ll.log"
+      B="python3 -m jax_ep.bench --calls 10 --repeats 10 --out benchmarks"
+      { timeout 240 $B --ranks 1
+        timeout 200 $B --loopback 2 --baselines all_to_all
+        timeout 200 $B --mode low-latency --loopback 2 --tokens 128 --experts 288
+      } 2>&1 | tee "$OUT/bench.log" | grep -v "^ *$"
       cp benchmarks/*.json "$OUT/" 2>/dev/null ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
