@@ -121,7 +121,6 @@ def _dispatch_call(
         topk_weights,
         group_id=spec.group_id,
         layout_kind=_LAYOUT_KIND[layout],
-        capacity=capacity,
         num_experts=spec.num_experts,
         fp8=int(fp8),
         round_scale=int(round_scale),

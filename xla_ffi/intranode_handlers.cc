@@ -30,7 +30,7 @@ ffi::Error check_fits(const DeviceState* s, int64_t T, int64_t K, int64_t H, int
 }
 
 template <bool kSync>
-ffi::Error HtDispatch(cudaStream_t stream, int32_t device, int64_t group_id, int64_t layout_kind, int64_t capacity,
+ffi::Error HtDispatch(cudaStream_t stream, int32_t device, int64_t group_id, int64_t layout_kind,
                       int64_t num_experts, int64_t fp8, int64_t round_scale, ffi::AnyBuffer x, ffi::AnyBuffer topk_idx,
                       ffi::AnyBuffer topk_weights, ffi::Result<ffi::AnyBuffer> out_x,
                       ffi::Result<ffi::AnyBuffer> out_scales, ffi::Result<ffi::AnyBuffer> out_topk_idx,
@@ -52,6 +52,11 @@ ffi::Error HtDispatch(cudaStream_t stream, int32_t device, int64_t group_id, int
   const int64_t T = xd[0], H = xd[1], K = id[1];
   if (id[0] != T || wd[0] != T || wd[1] != K) return invalid("x, topk_idx and topk_weights disagree on shapes");
   if (layout_kind < kPerRank || layout_kind > kRagged) return invalid("unknown layout " + std::to_string(layout_kind));
+  // capacity is read from the output's shape: it may be symbolic in the exported program
+  ffi::Span<const int64_t> od;
+  const int out_ndim = layout_kind == kExpertMajor ? 3 : 2;
+  if (ffi::Error e = per_rank_dims(*out_x, "output x", out_ndim, L, &od); e.failure()) return e;
+  const int64_t capacity = od[out_ndim - 2];
   if (capacity <= 0) return invalid("capacity must be positive, got " + std::to_string(capacity));
   if (ffi::Error e = check_fits(s, T, K, H, element_bytes(x.element_type()), fp8 != 0, num_experts); e.failure())
     return e;
@@ -139,7 +144,6 @@ auto dispatch_binding() {
                .Ctx<ffi::DeviceOrdinal>()
                .Attr<int64_t>("group_id")
                .Attr<int64_t>("layout_kind")
-               .Attr<int64_t>("capacity")
                .Attr<int64_t>("num_experts")
                .Attr<int64_t>("fp8")
                .Attr<int64_t>("round_scale")
