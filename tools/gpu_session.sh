@@ -27,8 +27,6 @@ for stage in "$@"; do
   case "$stage" in
     smoke)
       timeout 240 python3 tools/smoke.py 2>&1 | tee "$OUT/smoke.log" ;;
-    lldebug)
-      timeout 120 python3 tools/ll_debug.py 2>&1 | tee "$OUT/lldebug.log" ;;
     tests)
       JAX_EP_TIMEOUT_S=${JAX_EP_TIMEOUT_S:-20} python3 -m pytest -v -rs ${PYTEST_ARGS:-} --timeout 90 --timeout-method=thread -k "${PYTEST_K:-cuda or kernel or share_one_gpu}" tests \
         2>&1 | tee "$OUT/tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout" | tail -80
