@@ -144,7 +144,7 @@ __device__ inline void weighted_sum_rows(const uint8_t* my_row, float my_w, int 
       const bool active = c < chunks;
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       // loads of kBatch rows in flight before the (ordered) accumulation
-      constexpr int kBatch = 4;
+      constexpr int kBatch = 8;
       for (int j0 = 0; j0 < n; j0 += kBatch) {
         int4 raw[kBatch];
         float w[kBatch];

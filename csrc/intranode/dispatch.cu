@@ -217,7 +217,7 @@ __device__ inline int kept_rows(const HtDispatchArgs& a, const Shape& s, const i
   return max(0, min(n, a.capacity - offsets[e]));
 }
 
-__global__ void __launch_bounds__(kThreads) ht_dispatch_copy(HtDispatchArgs a) {
+__global__ void __launch_bounds__(kThreads, 2) ht_dispatch_copy(HtDispatchArgs a) {
   extern __shared__ int smem[];
   int* offsets = smem;  // [E_loc]
   uint8_t** warp_payload = reinterpret_cast<uint8_t**>(smem + ((a.num_experts / a.c.num_ranks + 1) & ~1));
