@@ -42,7 +42,7 @@ __device__ inline void copy_row_multi(const uint8_t* src, bool from_peer, size_t
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         size_t c = base + u * 32 + lane;
-        if (c < nvec) *reinterpret_cast<V*>(d + c * sizeof(V)) = v[u];
+        if (c < nvec) __stcs(reinterpret_cast<V*>(d + c * sizeof(V)), v[u]);  // streamed: written once
       }
     }
   }
