@@ -36,6 +36,8 @@ for stage in "$@"; do
       { timeout 240 $B --ranks 1
         timeout 200 $B --loopback 2 --baselines all_to_all
         timeout 200 $B --mode low-latency --loopback 2 --tokens 128 --experts 288
+        timeout 150 $B --mode low-latency --ranks 1 --tokens 1 --hidden 128 --experts 8 --topk 1 \
+          --chain 32 --backends cuda --tag empty
       } 2>&1 | tee "$OUT/bench.log" | grep -v "^ *$"
       cp benchmarks/*.json "$OUT/" 2>/dev/null ;;
     *) echo "unknown stage $stage"; exit 2 ;;
