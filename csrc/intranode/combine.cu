@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kThreads) ht_combine_recv(HtCombineArgs a) {
   const CommContext& c = a.c;
   const int local = blockIdx.x / c.copy_blocks, block = blockIdx.x % c.copy_blocks;
   const RankCtx r = rank_ctx(c, local, kHtCombineSeq);
-  const uint64_t target = r.seq * uint64_t(c.send_blocks);
+  const uint64_t target = r.seq * uint64_t(c.copy_blocks);  // one arrival per send block
   if (wait_all_peers(c, r, c.layout.ht_combine_arrival, target, kPhaseHtCombineArrival)) {
     const int lane = lane_id();
     const int T = a.num_tokens;
@@ -97,10 +97,9 @@ cudaError_t prepare_ht_combine_kernels() {
 cudaError_t launch_ht_combine(const HtCombineArgs& a, cudaStream_t stream) {
   const CommContext& c = a.c;
   const int L = c.num_local_ranks;
-  // With one rank nothing crosses a link: the send kernel is local HBM work, so it gets
-  // the copy kernels' blocks (its arrival count is never waited for).
-  const int send_blocks = c.num_ranks == 1 ? c.copy_blocks : c.send_blocks;
-  ht_combine_send<<<L * send_blocks, kThreads, 0, stream>>>(a);
+  // The send kernel's main work is the expert-side reduction, which reads every expert
+  // row from local memory: it gets the copy kernels' blocks, not the NVLink budget.
+  ht_combine_send<<<L * c.copy_blocks, kThreads, 0, stream>>>(a);
   ht_combine_recv<<<L * c.copy_blocks, kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
