@@ -252,6 +252,7 @@ def make_group(
         num_topk=cfg.topk,
         hidden=cfg.hidden,
         num_max_tokens_per_rank=tokens_per_rank,
+        dtype=jnp.float32,  # the model's compute dtype: the buffers must hold float32 rows
         backend=jax_ep_backend,
         low_latency=low_latency,
     )

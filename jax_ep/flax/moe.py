@@ -339,6 +339,12 @@ class MoE(nnx.Module):
         self.low_latency = low_latency
         self.token_axes = tuple(token_axes) if token_axes is not None else None
         self.dtype = dtype
+        for g in (group, low_latency_group):
+            if g is not None and g.backend == "cuda" and g.dtype.itemsize < jnp.dtype(dtype).itemsize:
+                raise ValueError(
+                    f"MoE(dtype={jnp.dtype(dtype).name}) dispatches {jnp.dtype(dtype).name} rows, "
+                    f"but the jax_ep.Group buffers hold {g.dtype.name}: create the Group with "
+                    f"dtype={jnp.dtype(dtype).name}")
         exchange = _make_exchange(
             impl, group, num_experts, fp8, capacity_factor, ragged_all_to_all_emulation
         )
