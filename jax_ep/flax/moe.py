@@ -340,7 +340,8 @@ class MoE(nnx.Module):
         self.token_axes = tuple(token_axes) if token_axes is not None else None
         self.dtype = dtype
         for g in (group, low_latency_group):
-            if g is not None and g.backend == "cuda" and g.dtype.itemsize < jnp.dtype(dtype).itemsize:
+            too_narrow = g is not None and g.dtype.itemsize < jnp.dtype(dtype).itemsize
+            if too_narrow and g.backend == "cuda":
                 raise ValueError(
                     f"MoE(dtype={jnp.dtype(dtype).name}) dispatches {jnp.dtype(dtype).name} rows, "
                     f"but the jax_ep.Group buffers hold {g.dtype.name}: create the Group with "
