@@ -50,6 +50,9 @@ def copy_bandwidth_gbps(device, nbytes: int = 1 << 30) -> float:
 
 
 def _git_commit() -> str:
+    """The checkout's commit (``JAX_EP_COMMIT`` when the tree was copied without .git)."""
+    if os.environ.get("JAX_EP_COMMIT"):
+        return os.environ["JAX_EP_COMMIT"]
     try:
         return subprocess.check_output(
             ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
