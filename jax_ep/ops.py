@@ -370,6 +370,40 @@ class LowLatencyTicket:
 jax.tree_util.register_dataclass(LowLatencyTicket)
 
 
+def _forward_only(op: str):
+    """Marks a low-latency send as forward-only: differentiating it fails with a clear message
+    (decoding needs no gradients; train with :func:`dispatch`/:func:`combine`)."""
+
+    def wrap(send):
+        @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+        def f(spec, *args):
+            return send(spec, *args)
+
+        def fwd(spec, *args):
+            return send(spec, *args), None
+
+        def bwd(spec, res, ct):
+            raise NotImplementedError(
+                f"jax_ep.{op} is forward-only (decoding); use jax_ep.dispatch / jax_ep.combine, "
+                "which have custom VJPs, for training"
+            )
+
+        f.defvjp(fwd, bwd)
+        return f
+
+    return wrap
+
+
+@_forward_only("low_latency_dispatch")
+def _ll_dispatch_send(spec, x, topk_idx, active):
+    return _backend(spec).ll_dispatch_send(x, topk_idx, active, spec)
+
+
+@_forward_only("low_latency_combine")
+def _ll_combine_send(spec, y, handle, topk_idx, topk_weights):
+    return _backend(spec).ll_combine_send(y, handle, topk_idx, topk_weights, spec)
+
+
 def _check_ll(x, topk_idx, group, op):
     num_ranks = _check_group_axis(group, op)
     t_max = group.num_max_tokens_per_rank
@@ -417,7 +451,7 @@ def low_latency_dispatch_send(
     )
     active = _active(active_ranks, num_ranks)
     x, topk_idx, active = _compat.match_varying(x, topk_idx, active)
-    return LowLatencyTicket(_backend(spec).ll_dispatch_send(x, topk_idx, active, spec), spec)
+    return LowLatencyTicket(_ll_dispatch_send(spec, x, topk_idx, active), spec)
 
 
 def low_latency_dispatch_recv(ticket: LowLatencyTicket) -> LowLatencyOut:
@@ -487,9 +521,7 @@ def low_latency_combine_send(
     topk_idx, topk_weights = _check_ll_combine(y, topk_idx, topk_weights, handle, group)
     spec = group.spec(max_tokens_per_rank=handle.max_tokens_per_rank)
     y, topk_idx, topk_weights = _compat.match_varying(y, topk_idx, topk_weights)
-    return LowLatencyTicket(
-        _backend(spec).ll_combine_send(y, handle, topk_idx, topk_weights, spec), spec
-    )
+    return LowLatencyTicket(_ll_combine_send(spec, y, handle, topk_idx, topk_weights), spec)
 
 
 def low_latency_combine_recv(

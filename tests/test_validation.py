@@ -121,6 +121,15 @@ def test_combine_shape_errors(runner, group):
         trace(runner, fn2, X, IDX, W)
 
 
+def test_low_latency_ops_are_forward_only(runner, group):
+    def loss(x, i, w):
+        out = jax_ep.low_latency_dispatch(x, i, group=group, fp8=False)
+        return jnp.sum(out.x.astype(jnp.float32))
+
+    with pytest.raises(NotImplementedError, match="low_latency_dispatch is forward-only"):
+        trace(runner, lambda x, i, w: jax.grad(loss)(x.astype(jnp.float32), i, w), X, IDX, W)
+
+
 def test_low_latency_too_many_tokens(runner, group):
     with pytest.raises(ValueError, match="exceed the group's num_max_tokens_per_rank=4"):
         trace(
