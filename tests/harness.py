@@ -325,3 +325,20 @@ def oracle_low_latency_combine(ys, idx, w, num_experts: int, t_max: int, dtype, 
                 acc = (acc + (np.float32(w[s, t, k]) * y).astype(np.float32)).astype(np.float32)
             out[s, t] = acc
     return _to(dtype, out)
+
+
+def assert_within_ulps(got, want, dtype, ulps: int, what: str = "combine"):
+    """``|got - want| <= ulps`` units in the last place of ``want`` in ``dtype``."""
+    got = np.asarray(got).astype(np.float32)
+    want = np.asarray(want).astype(np.float32)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    mantissa = {2: 7 if np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16) else 10, 4: 23}[
+        np.dtype(dtype).itemsize
+    ]
+    _, exponent = np.frexp(np.abs(want))
+    ulp = np.ldexp(np.float32(1), exponent - 1 - mantissa)
+    bad = np.abs(got - want) > ulps * ulp
+    assert not bad.any(), (
+        f"{what}: {bad.sum()} elements differ by more than {ulps} ulp, e.g. "
+        f"{got[bad][:3]} vs {want[bad][:3]}"
+    )

@@ -10,6 +10,8 @@ an FMA, which the contract and the kernels do not).
 
 from __future__ import annotations
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +21,7 @@ from harness import (
     ROUTINGS,
     Runner,
     assert_equal,
+    assert_within_ulps,
     make_routing,
     make_tokens,
     oracle_combine,
@@ -62,7 +65,9 @@ def run_case(
     fp8=False,
 ):
     R = runner.num_ranks
-    idx, w = make_routing(routing, R, num_tokens, num_topk, E, seed=hash((routing, R)) % 1000)
+    idx, w = make_routing(
+        routing, R, num_tokens, num_topk, E, seed=zlib.crc32(f"{routing}{R}".encode()) % 1000
+    )
     x = make_tokens(R, num_tokens, hidden, dtype)
     group = runner.group(
         num_experts=E,
@@ -104,13 +109,15 @@ def check_dispatch(out, want, layout, fp8=False):
             assert_equal(out.topk_weights[me], o["topk_weights"], f"rank {me} topk_weights")
 
 
-def check_combine(y, combined, want, idx, layout, dtype):
+def check_combine(y, combined, want, idx, layout, dtype, backend):
+    """The kernels follow the contract's order without FMA: bit-exact. XLA may contract the
+    reference's multiply-add into an FMA, which moves a rounding: 1 ulp of the output dtype."""
     ys = [y[me] for me in range(len(want))]
     expect = oracle_combine(ys, want, idx, E, layout, dtype)
-    if np.dtype(dtype) == np.float32:
-        np.testing.assert_allclose(combined, expect, rtol=2.5e-7, atol=1e-30, err_msg="combine")
-    else:
+    if backend == "cuda" and np.dtype(dtype) != np.float32:
         assert_equal(combined, expect, "combine")
+    else:
+        assert_within_ulps(combined, expect, dtype, 2 if np.dtype(dtype) == np.float32 else 1)
 
 
 @pytest.mark.parametrize("runner", RUNNERS, ids=RUNNER_IDS)
@@ -118,7 +125,7 @@ def check_combine(y, combined, want, idx, layout, dtype):
 def test_random_routing(runner, layout):
     _, idx, _, out, y, combined, want = run_case(runner, layout, "random")
     check_dispatch(out, want, layout)
-    check_combine(y, combined, want, idx, layout, jnp.bfloat16)
+    check_combine(y, combined, want, idx, layout, jnp.bfloat16, runner.backend)
 
 
 @pytest.mark.parametrize(
@@ -131,7 +138,7 @@ def test_routing_patterns(runner, routing):
     for layout in ("expert_major", "per_rank"):
         _, idx, _, out, y, combined, want = run_case(runner, layout, routing)
         check_dispatch(out, want, layout)
-        check_combine(y, combined, want, idx, layout, jnp.bfloat16)
+        check_combine(y, combined, want, idx, layout, jnp.bfloat16, runner.backend)
 
 
 @pytest.mark.parametrize("runner", RUNNERS[2:3] + RUNNERS[5:], ids=RUNNER_IDS[2:3] + RUNNER_IDS[5:])
@@ -140,7 +147,7 @@ def test_capacity_drops_are_counted(runner, layout, capacity):
     _, idx, _, out, y, combined, want = run_case(runner, layout, "skewed", capacity=capacity)
     check_dispatch(out, want, layout)
     assert sum(int(o["num_dropped"]) for o in want) > 0, "the case must overflow"
-    check_combine(y, combined, want, idx, layout, jnp.bfloat16)
+    check_combine(y, combined, want, idx, layout, jnp.bfloat16, runner.backend)
 
 
 @pytest.mark.parametrize("runner", RUNNERS[2:3] + RUNNERS[5:], ids=RUNNER_IDS[2:3] + RUNNER_IDS[5:])
@@ -158,7 +165,7 @@ def test_odd_sizes_and_dtypes(runner, dtype, hidden):
             num_tokens=1 if hidden == 64 else 7,
         )
         check_dispatch(out, want, layout)
-        check_combine(y, combined, want, idx, layout, dtype)
+        check_combine(y, combined, want, idx, layout, dtype, runner.backend)
 
 
 def test_on_overflow_error_fails_the_step():

@@ -18,6 +18,7 @@ from conftest import HAS_KERNELS
 from harness import (
     Runner,
     assert_equal,
+    assert_within_ulps,
     make_routing,
     make_tokens,
     oracle_low_latency,
@@ -46,6 +47,15 @@ def ll_group(runner):
     return runner.group(
         num_experts=E, num_topk=K, hidden=H, num_max_tokens_per_rank=T_MAX, low_latency=True
     )
+
+
+def check_combine(runner, got, want):
+    """Bit-exact for the kernels; the reference's multiply-add may become an FMA under XLA,
+    which moves a rounding by at most 1 bf16 ulp."""
+    if runner.backend == "cuda":
+        assert_equal(got, want, "combine")
+    else:
+        assert_within_ulps(got, want, jnp.bfloat16, 1)
 
 
 def check_rows(out, want, fp8, x):
@@ -94,7 +104,7 @@ def test_dispatch_and_combine(runner, fp8, routing, num_tokens):
     want, dropped = oracle_low_latency(x, idx, E, T_MAX)
     check_rows(out, want, fp8, x)
     assert_equal(out.num_dropped, np.array(dropped, np.int32), "num_dropped")
-    assert_equal(combined, oracle_low_latency_combine(y, idx, w, E, T_MAX, jnp.bfloat16), "combine")
+    check_combine(runner, combined, oracle_low_latency_combine(y, idx, w, E, T_MAX, jnp.bfloat16))
 
 
 @pytest.mark.parametrize("runner", RUNNERS[1:2] + RUNNERS[4:5], ids=IDS[1:2] + IDS[4:5])
@@ -127,7 +137,7 @@ def test_split_halves_with_work_and_two_outstanding(runner):
     want = oracle_low_latency_combine(
         [a.x[r] for r in range(R)], idx_a, w_a, E, T_MAX, jnp.bfloat16
     )
-    assert_equal(ya, want, "combine after split halves")
+    check_combine(runner, ya, want)
 
 
 @pytest.mark.parametrize("runner", RUNNERS[1:2] + RUNNERS[5:6], ids=IDS[1:2] + IDS[5:6])
@@ -154,5 +164,5 @@ def test_failed_rank_is_skipped(runner):
     expect = oracle_low_latency_combine(
         [out.x[r] for r in range(R)], idx, w, E, T_MAX, jnp.bfloat16, active
     )
-    assert_equal(combined[live], expect[live], "combine with a failed rank")
+    check_combine(runner, combined[live], expect[live])
     assert sum(dropped) > 0
