@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -115,6 +116,41 @@ inline ffi::Error per_rank_dims(const ffi::AnyBuffer& b, const char* name, int p
                  std::to_string(num_local_ranks) +
                  " rank(s): loopback groups must be called under jax.vmap over the EP axis, others "
                  "per device inside shard_map");
+}
+
+// --- checks of one call against the group's buffers (shared by every handler) ---
+
+inline ffi::Error check_num_experts(const DeviceState* s, int64_t num_experts) {
+  const int64_t have = int64_t(s->layout.sizes.num_local_experts) * s->num_ranks;
+  if (num_experts != have)
+    return invalid("num_experts=" + std::to_string(num_experts) + " but the group has " + std::to_string(have));
+  return ffi::Error::Success();
+}
+
+inline ffi::Error check_routing_shape(const DeviceState* s, int64_t T, int64_t K) {
+  const BufferSizes& z = s->layout.sizes;
+  if (T > z.max_tokens)
+    return invalid("num_tokens=" + std::to_string(T) +
+                   " exceeds the group's num_max_tokens_per_rank=" + std::to_string(z.max_tokens));
+  if (K < 1 || K > z.num_topk || K > kMaxTopk)
+    return invalid("num_topk=" + std::to_string(K) + " not in [1, " + std::to_string(std::min(z.num_topk, kMaxTopk)) +
+                   "] (the group's num_topk)");
+  return ffi::Error::Success();
+}
+
+// A dispatch message's row (raw, or FP8 + one float per 128 channels) must fit the
+// group's wire rows; a combine row must fit its combine rows.
+inline ffi::Error check_row(const DeviceState* s, int64_t H, int esize, bool fp8, bool dispatch) {
+  if (H < 1) return invalid("hidden must be positive, got " + std::to_string(H));
+  if (fp8 && H % kFp8Group) return invalid("fp8 needs hidden % 128 == 0, got hidden=" + std::to_string(H));
+  const size_t need = fp8 ? size_t(H) + size_t(H / kFp8Group) * 4 : size_t(H) * esize;
+  const size_t have = dispatch ? s->layout.row_bytes : s->layout.combine_row_bytes;
+  if (need > have)
+    return invalid(std::string(dispatch ? "dispatch" : "combine") + " rows of hidden=" + std::to_string(H) +
+                   (fp8 ? " (fp8 + scales)" : " x " + std::to_string(esize) + " bytes") + " need " +
+                   std::to_string(need) + " bytes but the group's buffers hold " + std::to_string(have) +
+                   " (hidden=" + std::to_string(s->layout.sizes.hidden) + ")");
+  return ffi::Error::Success();
 }
 
 }  // namespace jax_ep::ffi_layer

@@ -1,7 +1,6 @@
 // FFI handlers of the high-throughput dispatch and combine: read shapes from the
 // buffers (shape-polymorphic), check them against the group's buffers, fill the
 // launch parameters. Semantics live in jax_ep/reference.py, kernels in csrc/intranode.
-#include <algorithm>
 
 #include "intranode/params.h"
 #include "xla_ffi/ffi_common.h"
@@ -10,28 +9,18 @@
 namespace jax_ep::ffi_layer {
 namespace {
 
-// Checks that one call fits the buffers the group allocated.
+// Checks that one call fits the buffers the group allocated: routing, the wire row of
+// the payload (raw or FP8), the combine row of a raw payload, the expert count.
 ffi::Error check_fits(const DeviceState* s, int64_t T, int64_t K, int64_t H, int esize, bool fp8, int64_t E) {
-  const BufferSizes& z = s->layout.sizes;
-  if (T > z.max_tokens)
-    return invalid("num_tokens=" + std::to_string(T) +
-                   " exceeds the group's num_max_tokens_per_rank=" + std::to_string(z.max_tokens));
-  if (K > z.num_topk || K > kMaxTopk)
-    return invalid("num_topk=" + std::to_string(K) + " exceeds the group's num_topk=" + std::to_string(z.num_topk));
-  const size_t wire = fp8 ? size_t(H) + size_t(H / kFp8Group) * 4 : size_t(H) * esize;
-  if (wire > s->layout.row_bytes || size_t(H) * esize > s->layout.combine_row_bytes)
-    return invalid("rows of hidden=" + std::to_string(H) + " x " + std::to_string(esize) +
-                   " bytes exceed the group's buffers (hidden=" + std::to_string(z.hidden) + ")");
-  if (fp8 && H % kFp8Group) return invalid("fp8 needs hidden % 128 == 0, got " + std::to_string(H));
-  if (E != int64_t(z.num_local_experts) * s->num_ranks)
-    return invalid("num_experts=" + std::to_string(E) + " but the group has " +
-                   std::to_string(int64_t(z.num_local_experts) * s->num_ranks));
-  return ffi::Error::Success();
+  if (ffi::Error e = check_routing_shape(s, T, K); e.failure()) return e;
+  if (ffi::Error e = check_row(s, H, esize, fp8, true); e.failure()) return e;
+  if (ffi::Error e = check_row(s, H, esize, false, false); e.failure()) return e;
+  return check_num_experts(s, E);
 }
 
 template <bool kSync>
-ffi::Error HtDispatch(cudaStream_t stream, int32_t device, int64_t group_id, int64_t layout_kind,
-                      int64_t num_experts, int64_t fp8, int64_t round_scale, ffi::AnyBuffer x, ffi::AnyBuffer topk_idx,
+ffi::Error HtDispatch(cudaStream_t stream, int32_t device, int64_t group_id, int64_t layout_kind, int64_t num_experts,
+                      int64_t fp8, int64_t round_scale, ffi::AnyBuffer x, ffi::AnyBuffer topk_idx,
                       ffi::AnyBuffer topk_weights, ffi::Result<ffi::AnyBuffer> out_x,
                       ffi::Result<ffi::AnyBuffer> out_scales, ffi::Result<ffi::AnyBuffer> out_topk_idx,
                       ffi::Result<ffi::AnyBuffer> out_topk_weights, ffi::Result<ffi::AnyBuffer> out_counts,

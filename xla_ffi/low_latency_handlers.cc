@@ -8,7 +8,6 @@
 // schedule other work between them, and the receive serves exactly that op. No handler allocates, synchronises (except
 // the
 // "_sync" twins) or keeps host state per call, so the plain ones enter CUDA graphs.
-#include <algorithm>
 #include <initializer_list>
 #include <string>
 #include <utility>
@@ -51,38 +50,10 @@ ffi::Error check_group(const DeviceState* s, int64_t num_experts) {
   const BufferSizes& z = s->layout.sizes;
   if (!z.low_latency)
     return invalid("the group was created without low_latency=True, so it has no low-latency buffers");
-  if (num_experts != int64_t(z.num_local_experts) * s->num_ranks)
-    return invalid("num_experts=" + std::to_string(num_experts) + " but the group has " +
-                   std::to_string(int64_t(z.num_local_experts) * s->num_ranks));
+  if (ffi::Error e = check_num_experts(s, num_experts); e.failure()) return e;
   if (num_experts > kLlMaxExperts)
     return invalid("num_experts=" + std::to_string(num_experts) + " exceeds the low-latency kernels' limit of " +
                    std::to_string(kLlMaxExperts));
-  return ffi::Error::Success();
-}
-
-ffi::Error check_routing_shape(const DeviceState* s, int64_t T, int64_t K) {
-  const BufferSizes& z = s->layout.sizes;
-  if (T > z.max_tokens)
-    return invalid("num_tokens=" + std::to_string(T) +
-                   " exceeds the group's num_max_tokens_per_rank=" + std::to_string(z.max_tokens));
-  if (K < 1 || K > z.num_topk || K > kMaxTopk)
-    return invalid("num_topk=" + std::to_string(K) + " not in [1, " + std::to_string(std::min(z.num_topk, kMaxTopk)) +
-                   "] (the group's num_topk)");
-  return ffi::Error::Success();
-}
-
-// A dispatch message's row (raw, or FP8 + one float per 128 channels) must fit the
-// group's wire rows; a combine row must fit its combine rows.
-ffi::Error check_row(const DeviceState* s, int64_t H, int esize, bool fp8, bool dispatch) {
-  if (H < 1) return invalid("hidden must be positive, got " + std::to_string(H));
-  if (fp8 && H % kFp8Group) return invalid("fp8 needs hidden % 128 == 0, got hidden=" + std::to_string(H));
-  const size_t need = fp8 ? size_t(H) + size_t(H / kFp8Group) * 4 : size_t(H) * esize;
-  const size_t have = dispatch ? s->layout.row_bytes : s->layout.combine_row_bytes;
-  if (need > have)
-    return invalid(std::string(dispatch ? "dispatch" : "combine") + " rows of hidden=" + std::to_string(H) +
-                   (fp8 ? " (fp8 + scales)" : " x " + std::to_string(esize) + " bytes") + " need " +
-                   std::to_string(need) + " bytes but the group's buffers hold " + std::to_string(have) +
-                   " (hidden=" + std::to_string(s->layout.sizes.hidden) + ")");
   return ffi::Error::Success();
 }
 
