@@ -41,6 +41,7 @@ from train_moe import (  # noqa: E402  (the script's own folder is on sys.path)
     Grammar,
     ModelConfig,
     MoELM,
+    add_model_args,
     impl_for,
     make_group,
     make_mesh,
@@ -52,11 +53,7 @@ LOW_LATENCY_BACKENDS = ("jax_ep", "reference")
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--backend",
-        default="jax_ep",
-        choices=["jax_ep", "reference", "ragged_all_to_all", "all_to_all"],
-    )
+    add_model_args(ap)
     ap.add_argument("--batch", type=int, default=64, help="sequences decoded together")
     ap.add_argument("--prompt", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=24)
@@ -66,14 +63,7 @@ def main(argv=None) -> dict:
         default=150,
         help="train on the grammar first (0: random weights)",
     )
-    ap.add_argument("--vocab", type=int, default=64)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--topk", type=int, default=2)
-    ap.add_argument("--expert-hidden", type=int, default=128)
     ap.add_argument("--fp8", action="store_true", help="FP8 low-latency dispatch")
-    ap.add_argument("--devices", type=int, default=None)
     args = ap.parse_args(argv)
 
     mesh = make_mesh(args.devices)

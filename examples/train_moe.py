@@ -299,26 +299,31 @@ def time_steps(runs, repeats: int) -> list[float]:
     return [float(np.median(t)) for t in times]
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """Options shared by this script and decode_moe.py: backend, model sizes, devices."""
     ap.add_argument(
         "--backend",
         default="jax_ep",
         choices=["jax_ep", "reference", "ragged_all_to_all", "all_to_all"],
     )
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=32, help="global sequences per step")
-    ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=64)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--topk", type=int, default=2)
     ap.add_argument("--expert-hidden", type=int, default=128)
+    ap.add_argument("--devices", type=int, default=None, help="EP ranks (default: all)")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(ap)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=32, help="global sequences per step")
+    ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--shared-hidden", type=int, default=0)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--fp8", action="store_true", help="FP8 dispatch (jax_ep/reference only)")
-    ap.add_argument("--devices", type=int, default=None, help="EP ranks (default: all)")
     ap.add_argument(
         "--timing-steps",
         type=int,
