@@ -39,13 +39,13 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from train_moe import (  # noqa: E402  (the script's own folder is on sys.path)
     AXIS,
     Grammar,
-    ModelConfig,
     MoELM,
     add_model_args,
     impl_for,
     make_group,
     make_mesh,
     make_train_step,
+    model_config,
 )
 
 LOW_LATENCY_BACKENDS = ("jax_ep", "reference")
@@ -75,16 +75,7 @@ def main(argv=None) -> dict:
     if args.fp8 and not use_ll:
         raise SystemExit("--fp8 needs a jax_ep backend (the baselines have no FP8 wire)")
     max_len = args.prompt + args.new_tokens
-    cfg = ModelConfig(
-        vocab=args.vocab,
-        hidden=args.hidden,
-        layers=args.layers,
-        experts=args.experts,
-        topk=args.topk,
-        expert_hidden=args.expert_hidden,
-        max_len=max_len,
-        fp8=args.fp8,
-    )
+    cfg = model_config(args, max_len=max_len)
     per_rank = args.batch // num_ranks
     group = make_group(mesh, cfg, per_rank * max_len, args.backend)
     # the decode group's receive buffers hold [E_loc, R * per_rank, H]: one token per sequence

@@ -315,6 +315,20 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--devices", type=int, default=None, help="EP ranks (default: all)")
 
 
+def model_config(args: argparse.Namespace, **fields) -> ModelConfig:
+    """The :class:`ModelConfig` of the :func:`add_model_args` options (plus ``fields``)."""
+    return ModelConfig(
+        vocab=args.vocab,
+        hidden=args.hidden,
+        layers=args.layers,
+        experts=args.experts,
+        topk=args.topk,
+        expert_hidden=args.expert_hidden,
+        fp8=args.fp8,
+        **fields,
+    )
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(ap)
@@ -337,17 +351,7 @@ def main(argv=None) -> dict:
     num_ranks = mesh.shape[AXIS]
     if args.batch % num_ranks:
         raise SystemExit(f"--batch {args.batch} must be divisible by the {num_ranks} devices")
-    cfg = ModelConfig(
-        vocab=args.vocab,
-        hidden=args.hidden,
-        layers=args.layers,
-        experts=args.experts,
-        topk=args.topk,
-        expert_hidden=args.expert_hidden,
-        shared_hidden=args.shared_hidden,
-        max_len=args.seq,
-        fp8=args.fp8,
-    )
+    cfg = model_config(args, shared_hidden=args.shared_hidden, max_len=args.seq)
     group = make_group(mesh, cfg, args.batch // num_ranks * args.seq, args.backend)
     model = MoELM(cfg, group, impl=impl_for(args.backend), rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adam(args.lr), wrt=nnx.Param)
