@@ -7,7 +7,9 @@ rank's buffer address as that device sees it:
 * same process: the raw pointer (peer access is enabled between local GPUs;
   in loopback all virtual ranks' buffers sit on the one device);
 * other process: a CUDA IPC handle, published in the ``jax.distributed``
-  key-value store and opened here.
+  key-value store and opened here;
+* ``Config(transport="nvshmem")``: the buffers live on the NVSHMEM symmetric heap
+  and each peer's address is NVSHMEM's mapping of it (:mod:`jax_ep.nvshmem`).
 """
 
 from __future__ import annotations
@@ -62,6 +64,12 @@ class GroupRuntime:
         self._owned: list[tuple[int, int]] = []  # (device, ptr) we allocated
         self._opened: list[tuple[int, int]] = []  # (device, ptr) opened from IPC handles
         self._devices: list[int] = []
+        self._symmetric: list[int] = []  # buffers on the NVSHMEM heap
+        self._nvshmem = cfg.transport == "nvshmem"
+        if self._nvshmem:
+            from jax_ep import nvshmem
+
+            nvshmem.initialize(self.bytes_per_rank, dict(cfg.nvshmem_env))
         send_blocks = cfg.resolved_num_sms(group.num_ranks)
         common = dict(
             group_id=group.id,
@@ -80,7 +88,13 @@ class GroupRuntime:
                 self._wire_ep_group(members, common, cfg)
         # runs on close(), on garbage collection, or at interpreter exit
         self._finalizer = weakref.finalize(
-            self, _release, ext, self.group_id, list(self._opened), list(self._owned)
+            self,
+            _release,
+            ext,
+            self.group_id,
+            list(self._opened),
+            list(self._owned),
+            list(self._symmetric),
         )
 
     def _alloc(self, ordinal: int) -> int:
@@ -104,6 +118,9 @@ class GroupRuntime:
         me = jax.process_index()
         local = {rank: d for rank, d in enumerate(members) if d.process_index == me}
         if not local:
+            return
+        if self._nvshmem:
+            self._wire_nvshmem(members, local, common, cfg)
             return
         own = {rank: self._alloc(d.local_hardware_id) for rank, d in local.items()}
         for a in local.values():
@@ -135,19 +152,44 @@ class GroupRuntime:
             # nobody may write into a peer's buffer before every peer has mapped all of them
             distributed.barrier(f"g{self.group_id}/ep{members[0].id}/wired", _KV_TIMEOUT_S)
 
+    def _wire_nvshmem(self, members, local, common, cfg):
+        """One rank per process (NVSHMEM PE = process index): a symmetric buffer, zeroed,
+        and every rank's buffer as NVSHMEM maps it on this GPU."""
+        from jax_ep import nvshmem
+
+        ((rank, device),) = local.items()
+        ordinal = device.local_hardware_id
+        own, bases = nvshmem.allocate(self.bytes_per_rank, [d.process_index for d in members])
+        self._symmetric.append(own)
+        self._ext.zero_buffer(ordinal, own, self.bytes_per_rank)
+        self._register(ordinal, rank, 1, bases, common, cfg)
+        # nobody may write into a peer's buffer before every peer has zeroed its own
+        distributed.barrier(f"g{self.group_id}/ep{members[0].id}/nvshmem-wired", _KV_TIMEOUT_S)
+
     def check(self) -> None:
         for ordinal in self._devices:
             msg = self._ext.pending_error(self.group_id, ordinal)
             if msg:
                 raise RuntimeError(msg)
 
+    def call_stats(self) -> list[dict]:
+        return [
+            dict(device=ordinal, **self._ext.call_stats(self.group_id, ordinal))
+            for ordinal in self._devices
+        ]
+
     def close(self) -> None:
         self._finalizer()
 
 
-def _release(ext, group_id, opened, owned):
+def _release(ext, group_id, opened, owned, symmetric):
     """Unmaps peers' buffers, then frees ours (importers must close before exporters free)."""
     ext.unregister_group(group_id)
+    if symmetric:
+        from jax_ep import nvshmem
+
+        for ptr in symmetric:  # collective: every process closes its groups in the same order
+            nvshmem.release(ptr)
     for ordinal, ptr in opened:
         try:
             ext.ipc_close(ordinal, ptr)

@@ -30,14 +30,19 @@ def default_num_sms(num_ranks: int) -> int:
     return max(8, min(24, even))
 
 
+TRANSPORTS = ("ipc", "nvshmem")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Per-group settings. Every field has a safe default.
 
-    num_sms: thread blocks per rank of the kernels that write to peers (the NVLink
-      budget; 0 = :func:`default_num_sms`).
+    num_sms: thread blocks per rank of the high-throughput kernels that write to
+      peers (the NVLink budget; 0 = :func:`default_num_sms`).
     num_copy_sms: thread blocks per rank of the local copy-out/reduce kernels, which
-      are HBM-bound and short (0 = every SM of the device). Lower it when several
+      are HBM-bound and short, and of every low-latency kernel (a decode step has no
+      compute to leave SMs to); 0 = every SM of the device. The low-latency kernels
+      use fewer when their buffers cannot hold enough rows to need them. Lower it when several
       processes share one GPU (CUDA MPS), so spinning receivers leave SMs to senders.
     timeout_s: budget of every wait on a peer inside a kernel (default 100 s, or
       ``JAX_EP_TIMEOUT_S``); on expiry the
@@ -48,6 +53,14 @@ class Config:
       device, or at :meth:`jax_ep.Group.check`.
     fault_inject_rank: testing aid: this rank skips its sends (a peer that never
       arrives), so the others must time out with a clear error. -1 = off.
+    transport: how ranks in other processes reach each other's buffers. ``"ipc"``:
+      ``cudaMalloc`` buffers shared with CUDA IPC handles (peer access within a
+      process). ``"nvshmem"``: buffers on the NVSHMEM symmetric heap (one process per
+      GPU; needs nvshmem4py), see :mod:`jax_ep.nvshmem`.
+    nvshmem_env: NVSHMEM settings exported before NVSHMEM starts, as (name, value)
+      pairs or a dict, e.g. the InfiniBand service level and traffic class
+      (``NVSHMEM_IB_SL``, ``NVSHMEM_IB_TRAFFIC_CLASS``) that put EP traffic on its own
+      virtual lane; NVSHMEM's documentation lists them.
     """
 
     num_sms: int = 0
@@ -55,11 +68,23 @@ class Config:
     timeout_s: float = dataclasses.field(default_factory=_env.default_timeout_s)
     sync_errors: bool = False
     fault_inject_rank: int = -1
+    transport: str = "ipc"
+    nvshmem_env: tuple[tuple[str, str], ...] = ()
 
     def resolved_num_sms(self, num_ranks: int) -> int:
         return self.num_sms if self.num_sms > 0 else default_num_sms(num_ranks)
 
     def __post_init__(self):
+        if self.transport not in TRANSPORTS:
+            raise ValueError(
+                f"Config.transport must be one of {TRANSPORTS}, got {self.transport!r}"
+            )
+        pairs = self.nvshmem_env.items() if isinstance(self.nvshmem_env, dict) else self.nvshmem_env
+        pairs = tuple((str(k), str(v)) for k, v in pairs)
+        bad = [k for k, _ in pairs if not k.startswith("NVSHMEM_")]
+        if bad:
+            raise ValueError(f"Config.nvshmem_env takes NVSHMEM_* variables, got {bad}")
+        object.__setattr__(self, "nvshmem_env", pairs)
         for name in ("num_sms", "num_copy_sms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Config.{name} must be >= 0, got {getattr(self, name)}")

@@ -109,6 +109,11 @@ class Group:
         self.loopback = loopback
         self.low_latency = low_latency
         self.config = config or Config()
+        if self.config.transport == "nvshmem" and loopback:
+            raise ValueError(
+                "jax_ep: loopback runs every rank in one process, while the NVSHMEM transport "
+                "runs one process per GPU: use Config(transport='ipc') with loopback"
+            )
         self.devices = devices
         with _lock:
             self.id = next(_ids)
@@ -172,6 +177,18 @@ class Group:
         """Raise the first device-side error (timeout, bad expert id) recorded on this group."""
         if self._runtime is not None:
             self._runtime.check()
+
+    def call_stats(self) -> list[dict]:
+        """Diagnostics per local device of a CUDA group (``[]`` for the reference backend).
+
+        Each entry: ``device``, ``handler_calls_captured`` / ``handler_calls_direct``
+        (FFI handler calls made while XLA was capturing a command buffer, i.e. a CUDA
+        graph, or not) and ``ops_per_local_rank`` (ops each local rank has executed, by
+        kind, read from the device). Inside a replayed graph the kernels run without a
+        handler call, so ops well above handler calls show that a decode step is
+        replayed from a graph. Synchronises the device: call it outside jit.
+        """
+        return [] if self._runtime is None else self._runtime.call_stats()
 
     def buffer_bytes(self) -> int:
         """Bytes of communication buffer per rank (0 on the reference backend)."""

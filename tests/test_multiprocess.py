@@ -1,7 +1,8 @@
 """Several processes of one jax.distributed job (started by jax_ep.launch).
 
-CPU: the key-value exchange that carries CUDA IPC handles (and NVSHMEM ids), and
-a clear TimeoutError when a process never publishes. GPU: one process per EP
+CPU: the key-value exchange that carries CUDA IPC handles and the NVSHMEM unique
+id, and a clear TimeoutError when a process never publishes. GPU, NVSHMEM: two PEs
+on one GPU run the same ops over the symmetric heap (needs nvshmem4py). GPU: one process per EP
 rank, all on one GPU (CUDA IPC between the processes; run under CUDA MPS so
 their kernels overlap), dispatch + combine checked against the oracle.
 """
@@ -14,6 +15,7 @@ import sys
 import pytest
 from conftest import requires_kernels
 
+from jax_ep import nvshmem
 from jax_ep.launch import launch
 
 WORKERS = os.path.join(os.path.dirname(__file__), "workers")
@@ -41,7 +43,25 @@ def test_peer_that_never_arrives_times_out():
     assert run(2, "kv_exchange.py", "missing", env=CPU_ENV) == 0
 
 
+@pytest.mark.parametrize("n", [2, 3])
+def test_nvshmem_unique_id_reaches_every_process(n):
+    assert run(n, "kv_exchange.py", "uid", env=CPU_ENV) == 0
+
+
+def test_nvshmem_unique_id_that_never_comes_times_out():
+    assert run(2, "kv_exchange.py", "uid-missing", env=CPU_ENV) == 0
+
+
+GPU_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.1", "XLA_FLAGS": ""}
+
+
 @requires_kernels
 def test_two_processes_share_one_gpu():
-    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.1", "XLA_FLAGS": ""}
-    assert run(2, "ht_dispatch.py", share_gpu=True, env=env, timeout=400) == 0
+    assert run(2, "ht_dispatch.py", "ipc", share_gpu=True, env=GPU_ENV, timeout=400) == 0
+
+
+@requires_kernels
+@pytest.mark.skipif(bool(nvshmem.missing_reason()), reason=nvshmem.missing_reason() or "present")
+def test_two_nvshmem_pes_share_one_gpu():
+    """Two NVSHMEM PEs on one GPU map each other's symmetric buffers (nvshmem_ptr)."""
+    assert run(2, "ht_dispatch.py", "nvshmem", share_gpu=True, env=GPU_ENV, timeout=400) == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 from harness import Runner
 
 import jax_ep
+from jax_ep import nvshmem
 
 E, K, T, H = 8, 2, 4, 128
 
@@ -103,6 +106,38 @@ def test_group_errors():
         jax_ep.Group(mesh, "ep", num_experts=8, num_topk=0, hidden=H, num_max_tokens_per_rank=T)
     with pytest.raises(ValueError, match="Config.timeout_s"):
         jax_ep.Config(timeout_s=0)
+
+
+def test_transport_options():
+    with pytest.raises(ValueError, match="Config.transport must be one of"):
+        jax_ep.Config(transport="mpi")
+    with pytest.raises(ValueError, match="NVSHMEM_"):
+        jax_ep.Config(transport="nvshmem", nvshmem_env={"IB_SL": "3"})
+    cfg = jax_ep.Config(transport="nvshmem", nvshmem_env={"NVSHMEM_IB_SL": 3})
+    assert cfg.nvshmem_env == (("NVSHMEM_IB_SL", "3"),)
+    hash(cfg)  # still a frozen, hashable config
+    env = nvshmem.heap_env(1 << 20, dict(cfg.nvshmem_env))
+    assert int(env["NVSHMEM_SYMMETRIC_SIZE"]) > 1 << 20
+    assert env["NVSHMEM_DISABLE_NVLS"] == "1" and env["NVSHMEM_IB_SL"] == "3"
+    mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:1]), ("ep",))
+    with pytest.raises(ValueError, match="loopback runs every rank in one process"):
+        jax_ep.Group(
+            mesh,
+            "ep",
+            num_experts=8,
+            num_topk=K,
+            hidden=H,
+            num_max_tokens_per_rank=T,
+            loopback=2,
+            config=jax_ep.Config(transport="nvshmem"),
+        )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nvshmem") is not None, reason="nvshmem4py present")
+def test_nvshmem_missing_is_a_clear_error():
+    assert "pip install nvshmem4py-cu13" in nvshmem.missing_reason()
+    with pytest.raises(RuntimeError, match="needs NVSHMEM: nvshmem4py is not installed"):
+        nvshmem.initialize(1 << 20)
 
 
 def test_combine_shape_errors(runner, group):

@@ -6,6 +6,7 @@
 #
 #   tools/gpu_session.sh tests            # GPU tests only
 #   tools/gpu_session.sh tests bench      # and the default benchmarks
+#   tools/gpu_session.sh llprof           # low-latency kernel breakdown (profiler)
 #   PYTEST_K="low_latency and cuda" tools/gpu_session.sh tests
 set -u
 OUT=${OUT:-gpu-logs}
@@ -13,6 +14,11 @@ mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 nvidia-smi -L
 python3 -c 'import jax, jaxlib; print("jax", jax.__version__, jaxlib.__version__, jax.devices())'
+# optional wheels carried in .whl/ (e.g. nvshmem4py-cu13: the NVSHMEM transport's tests)
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 t0=$(date +%s)
 if ! python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
   tail -60 "$OUT/build.log"; exit 1
@@ -28,18 +34,25 @@ for stage in "$@"; do
     smoke)
       timeout 240 python3 tools/smoke.py 2>&1 | tee "$OUT/smoke.log" ;;
     tests)
-      JAX_EP_TIMEOUT_S=${JAX_EP_TIMEOUT_S:-20} python3 -m pytest -v -rs ${PYTEST_ARGS:-} --timeout 90 --timeout-method=thread -k "${PYTEST_K:-cuda or kernel or share_one_gpu}" tests \
+      JAX_EP_TIMEOUT_S=${JAX_EP_TIMEOUT_S:-20} python3 -m pytest -v -rs ${PYTEST_ARGS:-} --timeout 90 --timeout-method=thread -k "${PYTEST_K:-cuda or kernel or share_one_gpu or command_buffer or nvshmem}" tests \
         2>&1 | tee "$OUT/tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout" | tail -80
       status=$(( status | ${PIPESTATUS[0]} )) ;;
     bench)
       B="python3 -m jax_ep.bench --calls 10 --repeats 10 --out benchmarks"
       { timeout 240 $B --ranks 1
         timeout 200 $B --loopback 2 --baselines all_to_all
-        timeout 200 $B --mode low-latency --loopback 2 --tokens 128 --experts 288
+        timeout 200 $B --mode low-latency --loopback 2 --tokens 128 --experts 288 --profile
         timeout 150 $B --mode low-latency --ranks 1 --tokens 1 --hidden 128 --experts 8 --topk 1 \
-          --chain 32 --backends cuda --tag empty
+          --chain 32 --backends cuda --tag empty --profile
       } 2>&1 | tee "$OUT/bench.log" | grep -v "^ *$"
       cp benchmarks/*.json "$OUT/" 2>/dev/null ;;
+    llprof)  # where the low-latency time goes: kernel breakdown from the profiler
+      B="python3 -m jax_ep.bench --mode low-latency --graphs on --profile --calls 10 --repeats 10 --out $OUT"
+      { timeout 150 $B --ranks 1 --tokens 1 --hidden 128 --experts 8 --topk 1 --chain 32 \
+          --backends cuda --tag profile-empty
+        timeout 200 $B --loopback 2 --tokens 128 --experts 288 --backends cuda --baselines none \
+          --tag profile-
+      } 2>&1 | tee "$OUT/llprof.log" | grep -v "^ *$" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

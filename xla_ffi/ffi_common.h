@@ -33,6 +33,7 @@ inline ffi::Error lookup(int64_t group_id, int32_t device, cudaStream_t stream, 
     return invalid("group " + std::to_string(group_id) + " has no buffers on device " + std::to_string(device) +
                    " (create the jax_ep.Group with a mesh that contains this device, before jit)");
   }
+  count_call(s, stream);
   std::string pending = take_error(s);
   if (!pending.empty()) return ffi::Error::Internal(pending + " [reported by a later jax_ep call]");
   if (cudaError_t err = rearm_error_claim(s, stream); err != cudaSuccess) return cuda_error(err, "re-arm error claim");
@@ -56,7 +57,7 @@ inline ffi::Error finish(cudaStream_t stream, DeviceState* s, cudaError_t launch
 
 inline CommContext comm_of(const DeviceState* s) {
   CommContext c;
-  c.peers = s->peer_table;
+  std::copy(s->peers.begin(), s->peers.end(), c.peers);
   c.layout = s->layout;
   c.err = s->sink();
   c.timeout_ns = s->timeout_ns;
@@ -66,6 +67,7 @@ inline CommContext comm_of(const DeviceState* s) {
   c.send_blocks = s->send_blocks;
   c.copy_blocks = s->copy_blocks;
   c.fault_inject_rank = s->fault_inject_rank;
+  c.sys_scope = s->num_local_ranks < s->num_ranks;
   return c;
 }
 

@@ -69,11 +69,35 @@ NB_MODULE(_jax_ep_cuda, m) {
       nb::arg("group_id"), nb::arg("device"),
       "Text of a device-side error recorded for the group on that device ('' if none).");
   m.def(
+      "call_stats",
+      [](int64_t group_id, int device) {
+        DeviceState* s = find_state(group_id, device);
+        if (s == nullptr) throw std::invalid_argument("group " + std::to_string(group_id) + " has no state on device " + std::to_string(device));
+        nb::dict out;
+        out["handler_calls_captured"] = s->calls_captured.load();
+        out["handler_calls_direct"] = s->calls_direct.load();
+        nb::list ranks;
+        for (int local = 0; local < s->num_local_ranks; ++local) {
+          std::vector<uint64_t> c = read_counters(s, local);
+          nb::dict ops;
+          ops["ht_dispatch"] = c[kHtDispatchSeq];
+          ops["ht_combine"] = c[kHtCombineSeq];
+          ops["ll_dispatch"] = c[kLlDispatchSendSeq];
+          ops["ll_combine"] = c[kLlCombineSendSeq];
+          ranks.append(ops);
+        }
+        out["ops_per_local_rank"] = ranks;
+        return out;
+      },
+      nb::arg("group_id"), nb::arg("device"),
+      "Handler calls (captured into a CUDA graph / direct) and ops executed per local rank.");
+  m.def(
       "init_device", [](int device) { default_state(device); }, nb::arg("device"),
       "Prepares a device for group-less ops (error record, kernels loaded).");
 
   m.def("alloc_buffer", &alloc_buffer, nb::arg("device"), nb::arg("bytes"));
   m.def("free_buffer", &free_buffer, nb::arg("device"), nb::arg("ptr"));
+  m.def("zero_buffer", &zero_buffer, nb::arg("device"), nb::arg("ptr"), nb::arg("bytes"));
   m.def(
       "ipc_handle",
       [](int device, uint64_t ptr) {

@@ -14,7 +14,10 @@ constexpr int kMaxTopk = 32;   // one lane per top-k slot
 
 // What every launch needs to reach its peers (high-throughput and low-latency kernels).
 struct CommContext {
-  uint8_t* const* peers = nullptr;  // device array [num_ranks]: base of each rank's buffer
+  // Base of each rank's buffer ([num_ranks] used), carried in the launch parameters:
+  // a table in device memory would add a dependent global load to the start of every
+  // kernel, which is most of an empty low-latency kernel's time.
+  uint8_t* peers[kMaxRanks] = {};
   BufferLayout layout;
   ErrorSink err;  // where kernels report timeouts and bad input
   uint64_t timeout_ns = 0;
@@ -24,6 +27,9 @@ struct CommContext {
   int send_blocks = 1;         // blocks per rank of the send kernels (constant per group)
   int copy_blocks = 1;         // blocks per rank of the local copy kernels
   int fault_inject_rank = -1;  // testing: this rank never sends
+  // 1 when a peer is another GPU: flags are released/acquired at system scope. 0 when
+  // every rank runs in this launch (loopback, EP=1): GPU scope is enough and cheaper.
+  int sys_scope = 1;
 };
 
 }  // namespace jax_ep

@@ -39,6 +39,37 @@ __device__ __forceinline__ void add_release_sys(uint64_t* p, uint64_t v) {
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+// The same at the scope a group needs (CommContext::sys_scope): system scope when a
+// peer is another GPU; GPU scope when every rank runs on this GPU (loopback, EP=1),
+// where a system-scope release costs microseconds for nothing.
+__device__ __forceinline__ uint64_t ld_acquire(const uint64_t* p, bool sys) {
+  if (sys) return ld_acquire_sys(p);
+  uint64_t v;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_release(uint64_t* p, uint64_t v, bool sys) {
+  if (sys)
+    st_release_sys(p, v);
+  else
+    asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ void add_release(uint64_t* p, uint64_t v, bool sys) {
+  if (sys)
+    add_release_sys(p, v);
+  else
+    asm volatile("red.release.gpu.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ void fence(bool sys) {
+  if (sys)
+    __threadfence_system();
+  else
+    __threadfence();
+}
+
 // ---------------------------------------------------------------------------
 // failure reporting and bounded waits (docs/protocol.md, "Failure reporting")
 // ---------------------------------------------------------------------------
@@ -65,15 +96,16 @@ struct WaitContext {
   uint64_t timeout_ns;
   int rank;
   int phase;
+  bool sys;  // scope of the flag reads (see ld_acquire)
 };
 
 // Spins until *word >= target. Returns false (after recording who waited for whom)
 // when the budget runs out or another block of this rank already gave up.
 __device__ inline bool wait_geq(const uint64_t* word, uint64_t target, int peer, const WaitContext& ctx) {
-  if (ld_acquire_sys(word) >= target) return true;
+  if (ld_acquire(word, ctx.sys) >= target) return true;
   const uint64_t start = global_timer_ns();
   while (true) {
-    uint64_t seen = ld_acquire_sys(word);
+    uint64_t seen = ld_acquire(word, ctx.sys);
     if (seen >= target) return true;
     if (*(volatile uint64_t*)ctx.abort_flag) return false;
     uint64_t waited = global_timer_ns() - start;
@@ -89,9 +121,13 @@ __device__ inline bool wait_geq(const uint64_t* word, uint64_t target, int peer,
 
 // Same, for a word that must carry tag `tag` in its high 32 bits.
 __device__ inline bool wait_tag(const uint64_t* word, uint32_t tag, int peer, const WaitContext& ctx, uint64_t* value) {
+  if (const uint64_t seen = ld_acquire(word, ctx.sys); uint32_t(seen >> 32) == tag) {
+    *value = seen;
+    return true;
+  }
   const uint64_t start = global_timer_ns();
   while (true) {
-    uint64_t seen = ld_acquire_sys(word);
+    uint64_t seen = ld_acquire(word, ctx.sys);
     if (uint32_t(seen >> 32) == tag) {
       *value = seen;
       return true;

@@ -33,7 +33,7 @@ __device__ inline RankCtx rank_ctx(const CommContext& c, int local, int counter)
 }
 
 __device__ inline WaitContext wait_ctx(const CommContext& c, const RankCtx& r, int phase) {
-  return WaitContext{c.err, counters_of(c, r.self) + kAbortFlag, c.timeout_ns, r.rank, phase};
+  return WaitContext{c.err, counters_of(c, r.self) + kAbortFlag, c.timeout_ns, r.rank, phase, c.sys_scope != 0};
 }
 
 __device__ inline bool aborted(const CommContext& c, const RankCtx& r) {
@@ -59,12 +59,12 @@ __device__ inline bool wait_all_peers(const CommContext& c, const RankCtx& r, si
 // Every block of a send kernel ends here: make its stores visible system-wide,
 // then add one to the arrival word of this rank in every peer's buffer.
 __device__ inline void publish_arrival(const CommContext& c, const RankCtx& r, size_t arrival_offset) {
-  __threadfence_system();
+  fence(c.sys_scope);
   __syncthreads();
   const int p = threadIdx.x;
   if (p < c.num_ranks && p != r.rank) {
     uint64_t* word = reinterpret_cast<uint64_t*>(c.peers[p] + arrival_offset) + r.rank;
-    add_release_sys(word, 1);
+    add_release(word, 1, c.sys_scope);
   }
 }
 

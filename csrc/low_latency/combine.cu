@@ -60,7 +60,8 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_combine_send(LlCombineSe
   // --- one flag per live home rank, after every block's rows
   if (finish_send(c, r, kLlCombineSendSeq, c.send_blocks) && sends && !aborted(c, r)) {
     const int p = threadIdx.x;
-    if (p < R && active[p]) st_release_sys(ll_combine_signal(L, peers[p], r.parity, r.rank), ll_signal(r.seq, 1));
+    if (p < R && active[p])
+      st_release(ll_combine_signal(L, peers[p], r.parity, r.rank), ll_signal(r.seq, 1), c.sys_scope != 0);
   }
 }
 
@@ -113,16 +114,23 @@ cudaError_t prepare_ll_kernels() {
   return err != cudaSuccess ? err : cudaFuncGetAttributes(&attr, ll_combine_recv);
 }
 
-cudaError_t launch_ll_combine_send(const LlCombineSendArgs& a, cudaStream_t stream) {
-  const CommContext& c = a.c;
-  const size_t smem = (size_t(2) * (a.num_experts / c.num_ranks) + 1) * sizeof(int);
-  ll_combine_send<<<c.num_local_ranks * c.send_blocks, kLlSendThreads, smem, stream>>>(a);
+cudaError_t launch_ll_combine_send(const LlCombineSendArgs& args, cudaStream_t stream) {
+  LlCombineSendArgs a = args;
+  const size_t row_bytes = size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);
+  // every SM, as the dispatch send (launch_ll_dispatch_send says why)
+  a.c.send_blocks = blocks_for(ll_max_recv_rows(a.c.layout) * row_units(row_bytes, kCopyUnitBytes), kLlSendWarps,
+                               a.c.copy_blocks);
+  const size_t smem = (size_t(2) * (a.num_experts / a.c.num_ranks) + 1) * sizeof(int);
+  ll_combine_send<<<a.c.num_local_ranks * a.c.send_blocks, kLlSendThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
-cudaError_t launch_ll_combine_recv(const LlCombineRecvArgs& a, cudaStream_t stream) {
-  const CommContext& c = a.c;
-  ll_combine_recv<<<c.num_local_ranks * c.copy_blocks, kLlRecvThreads, 0, stream>>>(a);
+cudaError_t launch_ll_combine_recv(const LlCombineRecvArgs& args, cudaStream_t stream) {
+  LlCombineRecvArgs a = args;
+  const size_t row_bytes = size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);
+  a.c.copy_blocks = blocks_for((long long)a.num_tokens * row_units(row_bytes, kSumUnitBytes), kLlRecvWarps,
+                               a.c.copy_blocks);
+  ll_combine_recv<<<a.c.num_local_ranks * a.c.copy_blocks, kLlRecvThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 

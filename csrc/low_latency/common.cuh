@@ -63,7 +63,7 @@ constexpr int kSumUnitBytes = 32 * 16;             // weighted_sum_rows: 16 byte
 
 // Units of a row; a row that is not a multiple of 16 bytes stays whole, so every
 // piece keeps the vector width (and alignment) the movers pick for the whole row.
-__device__ inline int row_units(size_t bytes, int unit_bytes) {
+JAX_EP_HD inline int row_units(size_t bytes, int unit_bytes) {
   return bytes % 16 ? 1 : int((bytes + unit_bytes - 1) / unit_bytes);
 }
 
@@ -74,6 +74,21 @@ struct ByteRange {
 __device__ inline ByteRange unit_range(size_t bytes, int units, int unit_bytes, int u0, int u1) {
   if (units == 1) return {0, bytes};
   return {size_t(u0) * unit_bytes, min(bytes, size_t(u1) * unit_bytes)};
+}
+
+// Blocks per rank for `pieces` (row, unit) pairs spread over warps of `warps_per_block`,
+// at most `limit`: a launch sized to the most rows its buffers can hold, so a small
+// decode batch does not pay for starting and retiring a block on every SM.
+inline int blocks_for(long long pieces, int warps_per_block, int limit) {
+  const long long need = (pieces + warps_per_block - 1) / warps_per_block;
+  return int(need < 1 ? 1 : need < limit ? need : limit);
+}
+
+// Most rows one rank can receive in a low-latency dispatch: each source token sends
+// once per distinct expert, and at most num_topk (or all local experts) live here.
+inline long long ll_max_recv_rows(const BufferLayout& L) {
+  const int k = L.sizes.num_topk < L.sizes.num_local_experts ? L.sizes.num_topk : L.sizes.num_local_experts;
+  return (long long)L.sizes.num_ranks * L.sizes.max_tokens * k;
 }
 
 // Calls f(item, u0, u1) for each item's units [u0, u1) in worker's share of
@@ -192,11 +207,15 @@ __device__ inline bool peer_received(const CommContext& c, const RankCtx& r, con
   return wait_geq(counters_of(c, c.peers[p]) + recv_counter, 2 * (r.seq - 2), p, wait_ctx(c, r, phase));
 }
 
-// End of a send kernel's data phase: every thread fences its peer stores system-wide
-// first, so the last block may publish the op's signals after it. That block bumps
-// the op counter (every block has read the sequence number by then).
+// End of a send kernel's data phase. The last block to get here publishes the op's
+// signals, and they must cover every block's peer stores: each block's stores are
+// ordered before its arrival by the barrier and fence in last_block (the pattern of
+// cooperative groups' grid sync), the last block observes every arrival, and its
+// signal stores are releases at the group's scope, which is cumulative over all of
+// that. One release per signal instead of a system fence per thread or block: a
+// system-scope fence costs microseconds. That block also bumps the op counter (every
+// block has read the sequence number by then).
 __device__ inline bool finish_send(const CommContext& c, const RankCtx& r, int counter, int blocks_per_rank) {
-  __threadfence_system();
   const bool last = last_block(c, r, blocks_per_rank);
   if (last && threadIdx.x == 0) counters_of(c, r.self)[counter] = r.seq;
   return last;
@@ -207,7 +226,7 @@ __device__ inline bool finish_send(const CommContext& c, const RankCtx& r, int c
 __device__ inline void finish_recv(const CommContext& c, const RankCtx& r, int counter, int blocks_per_rank) {
   if (last_block(c, r, blocks_per_rank) && threadIdx.x == 0) {
     uint64_t* word = counters_of(c, r.self) + counter;
-    st_release_sys(word, received_record(*word, r.seq));
+    st_release(word, received_record(*word, r.seq), c.sys_scope != 0);
   }
 }
 

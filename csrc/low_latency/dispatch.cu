@@ -157,8 +157,8 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_dispatch_send(LlDispatch
     for (int e = threadIdx.x; e < E; e += kLlSendThreads) {
       const int dest = e / e_loc;
       if (active[dest])
-        st_release_sys(ll_dispatch_signal(L, peers[dest], r.parity, e - dest * e_loc, r.rank),
-                       ll_signal(r.seq, uint32_t(total[e])));
+        st_release(ll_dispatch_signal(L, peers[dest], r.parity, e - dest * e_loc, r.rank),
+                   ll_signal(r.seq, uint32_t(total[e])), c.sys_scope != 0);
     }
   }
 }
@@ -255,17 +255,24 @@ cudaError_t prepare_ll_dispatch_kernels() {
   return err != cudaSuccess ? err : cudaFuncGetAttributes(&attr, ll_dispatch_recv);
 }
 
-cudaError_t launch_ll_dispatch_send(const LlDispatchSendArgs& a, cudaStream_t stream) {
-  const CommContext& c = a.c;
+cudaError_t launch_ll_dispatch_send(const LlDispatchSendArgs& args, cudaStream_t stream) {
+  // Every SM, like the receive (a decode step has no compute to leave SMs to, and a
+  // block's share of rows is moved with little memory parallelism per warp, so time
+  // falls with blocks); blocks split the tokens: no more blocks than tokens.
+  LlDispatchSendArgs a = args;
+  a.c.send_blocks = blocks_for(a.num_tokens, 1, a.c.copy_blocks);
   const size_t smem = size_t(2) * a.num_experts * sizeof(int);
-  ll_dispatch_send<<<c.num_local_ranks * c.send_blocks, kLlSendThreads, smem, stream>>>(a);
+  ll_dispatch_send<<<a.c.num_local_ranks * a.c.send_blocks, kLlSendThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
-cudaError_t launch_ll_dispatch_recv(const LlDispatchRecvArgs& a, cudaStream_t stream) {
-  const CommContext& c = a.c;
+cudaError_t launch_ll_dispatch_recv(const LlDispatchRecvArgs& args, cudaStream_t stream) {
+  LlDispatchRecvArgs a = args;
+  const size_t payload = a.fp8 ? size_t(a.hidden) : size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);
+  a.c.copy_blocks = blocks_for(ll_max_recv_rows(a.c.layout) * row_units(payload, kCopyUnitBytes), kLlRecvWarps,
+                               a.c.copy_blocks);
   const size_t smem = (size_t(2) * a.num_experts + 1) * sizeof(int);
-  ll_dispatch_recv<<<c.num_local_ranks * c.copy_blocks, kLlRecvThreads, smem, stream>>>(a);
+  ll_dispatch_recv<<<a.c.num_local_ranks * a.c.copy_blocks, kLlRecvThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }
 

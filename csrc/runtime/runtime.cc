@@ -59,7 +59,6 @@ void check_cuda(cudaError_t err, const char* what) {
 
 DeviceState::~DeviceState() {
   cudaSetDevice(device);
-  if (peer_table) cudaFree(peer_table);
   if (err_claim) cudaFree(err_claim);
   if (err_host) cudaFreeHost(err_host);
 }
@@ -86,9 +85,6 @@ DeviceState* register_state(const DeviceStateConfig& cfg) {
   s->timeout_ns = uint64_t(cfg.timeout_s * 1e9);
   s->fault_inject_rank = cfg.fault_inject_rank;
   for (uint64_t p : cfg.peer_bases) s->peers.push_back(reinterpret_cast<uint8_t*>(p));
-  check_cuda(cudaMalloc(&s->peer_table, sizeof(uint8_t*) * s->peers.size()), "cudaMalloc(peer table)");
-  check_cuda(cudaMemcpy(s->peer_table, s->peers.data(), sizeof(uint8_t*) * s->peers.size(), cudaMemcpyHostToDevice),
-             "cudaMemcpy(peer table)");
   alloc_error_record(s.get());
   preload_kernels(cfg.device);
   Registry& r = registry();
@@ -171,6 +167,33 @@ cudaError_t rearm_error_claim(DeviceState* state, cudaStream_t stream) {
   if (!state->claim_reset_pending) return cudaSuccess;
   state->claim_reset_pending = false;
   return cudaMemsetAsync(state->err_claim, 0, sizeof(int), stream);
+}
+
+void count_call(DeviceState* state, cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  // a failed query counts as direct: the count is a diagnostic, never a reason to fail
+  if (cudaStreamIsCapturing(stream, &status) == cudaSuccess && status == cudaStreamCaptureStatusActive)
+    state->calls_captured.fetch_add(1, std::memory_order_relaxed);
+  else
+    state->calls_direct.fetch_add(1, std::memory_order_relaxed);
+}
+
+std::vector<uint64_t> read_counters(DeviceState* state, int local) {
+  if (local < 0 || local >= state->num_local_ranks)
+    throw std::out_of_range("local rank " + std::to_string(local) + " not in [0, " +
+                            std::to_string(state->num_local_ranks) + ")");
+  DeviceGuard guard(state->device);
+  std::vector<uint64_t> out(kNumCounters);
+  const uint8_t* base = state->peers[state->first_rank + local] + state->layout.counters;
+  check_cuda(cudaMemcpy(out.data(), base, out.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost),
+             "cudaMemcpy(counters)");
+  return out;
+}
+
+void zero_buffer(int device, uint64_t ptr, size_t bytes) {
+  DeviceGuard guard(device);
+  check_cuda(cudaMemset(reinterpret_cast<void*>(ptr), 0, bytes), "cudaMemset(communication buffer)");
+  check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
 }
 
 uint64_t alloc_buffer(int device, size_t bytes) {

@@ -7,6 +7,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
@@ -37,12 +38,16 @@ struct DeviceState {
   int copy_blocks = 1;
   uint64_t timeout_ns = 0;
   int fault_inject_rank = -1;
-  std::vector<uint8_t*> peers;        // host copy of the table
-  uint8_t** peer_table = nullptr;     // device copy, [num_ranks]
+  std::vector<uint8_t*> peers;        // [num_ranks] buffer bases, copied into each launch
   ErrorRecord* err_host = nullptr;    // pinned, mapped
   ErrorRecord* err_device = nullptr;  // its device alias
   int* err_claim = nullptr;           // device memory (see ErrorSink)
   bool claim_reset_pending = false;   // an input error was taken: re-arm the claim
+  // Handler calls, split by whether XLA was capturing the stream into a command buffer
+  // (CUDA graph): a replayed graph runs the kernels without calling the handler again,
+  // so ops executed (the device sequence counters) minus handler calls = replays.
+  std::atomic<int64_t> calls_captured{0};
+  std::atomic<int64_t> calls_direct{0};
 
   ErrorSink sink() const { return ErrorSink{err_device, err_claim}; }
 
@@ -78,9 +83,17 @@ std::string take_error(DeviceState* state);
 // (stream-ordered, so it is also captured correctly in a CUDA graph).
 cudaError_t rearm_error_claim(DeviceState* state, cudaStream_t stream);
 
+// Counts a handler call on `stream` (captured into a CUDA graph or run directly).
+void count_call(DeviceState* state, cudaStream_t stream);
+// The private counters (sequence numbers per op kind, Counter order) of local rank
+// `local` of a state; synchronous copy, for diagnostics outside jit.
+std::vector<uint64_t> read_counters(DeviceState* state, int local);
+
 // Buffers (one allocation per rank, zeroed).
 uint64_t alloc_buffer(int device, size_t bytes);
 void free_buffer(int device, uint64_t ptr);
+// Zeroes `bytes` at `ptr` on `device` and waits (buffers allocated elsewhere, e.g. NVSHMEM).
+void zero_buffer(int device, uint64_t ptr, size_t bytes);
 std::string ipc_handle(int device, uint64_t ptr);
 uint64_t ipc_open(int device, const std::string& handle);
 void ipc_close(int device, uint64_t ptr);

@@ -44,6 +44,11 @@ def _parse(argv=None):
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--chain", type=int, default=16, help="ops per program (low-latency)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="low-latency: add a kernel breakdown from the JAX profiler to each result",
+    )
     p.add_argument("--no-fp8", action="store_true", help="low-latency: BF16 dispatch")
     p.add_argument(
         "--graphs",
@@ -143,6 +148,7 @@ def _run(args) -> int:
             repeats=args.repeats,
             fp8=not args.no_fp8,
             config=config,
+            profile=args.profile,
         )
     else:
         record["copy_bandwidth_GBps"] = timing.copy_bandwidth_gbps(jax.devices()[0])

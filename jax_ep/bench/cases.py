@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_ep
 from jax_ep import baselines
+from jax_ep.bench.profile import kernel_breakdown
 from jax_ep.bench.timing import measure
 
 
@@ -300,6 +301,7 @@ def ll_cases(
     fp8: bool,
     config: jax_ep.Config,
     tokens: int | None = None,
+    profile: bool = False,
 ) -> list[dict]:
     T = tokens or setup.tokens
     x, idx, w = setup.routing(T)
@@ -309,11 +311,17 @@ def ll_cases(
     out = []
     for backend in backends:
         group = setup.group(backend, low_latency=True, max_tokens=T, config=config)
+        y, handle = setup.per_rank(functools.partial(_ll_expert_inputs, group=group, fp8=fp8))(
+            xd, idxd
+        )
         for what in ("dispatch", "combine", "pair"):
-            step = setup.per_rank(
+            chain_fn = setup.per_rank(
                 functools.partial(_ll_chain, group=group, what=what, fp8=fp8, chain=chain)
             )
+            step = functools.partial(_with_expert_inputs, chain_fn, y, handle)
+            calls_before = _handler_calls(group)
             res = measure(lambda s=step: s(xd, idxd, wd), calls=calls, repeats=repeats)
+            calls_after = _handler_calls(group)
             res = {k: (v / chain if k.endswith("_us") else v) for k, v in res.items()}
             msg = 16 + wire_row_bytes(H, fp8)
             link = {
@@ -329,24 +337,66 @@ def ll_cases(
                 chain=chain,
                 **rates(res, link, 0.0),
             )
-            out.append(row)
             print(
                 f"  ll_{what:8s} {backend:10s} fp8={int(fp8)} {row['median_us']:8.2f} us/call"
                 f"  link {row['link_GBps']:6.1f} GB/s",
                 flush=True,
             )
+            if backend == "cuda":
+                # captured: made while XLA recorded a CUDA graph; replays make none
+                row["handler_calls"] = {k: calls_after[k] - calls_before[k] for k in calls_after}
+            if profile:
+                row["profile"] = _per_op(kernel_breakdown(lambda s=step: s(xd, idxd, wd)), chain)
+                _print_profile(row["profile"])
+            out.append(row)
         group.close()
     return out
 
 
-def _ll_chain(x, idx, w, *, group, what, fp8, chain):
+def _handler_calls(group) -> dict:
+    stats = group.call_stats()
+    return {k: sum(s[f"handler_calls_{k}"] for s in stats) for k in ("captured", "direct")}
+
+
+def _per_op(breakdown: dict, chain: int) -> dict:
+    """A profile of ``chain``-op programs, per op."""
+    if not breakdown:
+        return {}
+    for k in breakdown["kernels"].values():
+        k["per_call"] /= chain
+    for key in ("busy_us_per_call", "span_us_per_call"):
+        breakdown[key] /= chain
+    return breakdown
+
+
+def _print_profile(p: dict) -> None:
+    if not p:
+        print("    (no GPU kernels in the profile)", flush=True)
+        return
+    for name, k in p["kernels"].items():
+        print(f"    {k['per_call']:5.2f} x {k['median_us']:7.2f} us  {name}", flush=True)
+    print(
+        f"    per op: kernels busy {p['busy_us_per_call']:.2f} us of a "
+        f"{p['span_us_per_call']:.2f} us span",
+        flush=True,
+    )
+
+
+def _with_expert_inputs(chain_fn, y, handle, x, idx, w):
+    return chain_fn(x, idx, w, y, handle)
+
+
+def _ll_expert_inputs(x, idx, *, group, fp8):
+    """One dispatch's handle and its rows as the expert stand-in's output (bf16): made
+    once, outside the timed programs (a dequantise of the whole [E_loc, R*T_max, H]
+    receive buffer would otherwise be timed with every program)."""
+    out = jax_ep.low_latency_dispatch(x, idx, group=group, fp8=fp8)
+    rows = jax_ep.dequantize_fp8(out.x, out.scales, jnp.float32) if fp8 else out.x
+    return rows.astype(jnp.bfloat16), out.handle
+
+
+def _ll_chain(x, idx, w, y, handle, *, group, what, fp8, chain):
     """``chain`` dependent low-latency ops in one program (a decode loop's shape)."""
-    handle_out = jax_ep.low_latency_dispatch(x, idx, group=group, fp8=fp8)
-    y = (
-        handle_out.x.astype(jnp.float32)
-        if not fp8
-        else jax_ep.dequantize_fp8(handle_out.x, handle_out.scales, jnp.float32)
-    ).astype(jnp.bfloat16)
     acc = jnp.zeros((), jnp.float32)
     for _ in range(chain):
         # the next call depends on this one through a tiny select XLA cannot fold away
@@ -354,11 +404,15 @@ def _ll_chain(x, idx, w, *, group, what, fp8, chain):
             o = jax_ep.low_latency_dispatch(x, idx, group=group, fp8=fp8)
             idx = jnp.where(o.counts[0] < -1, idx + 1, idx)
         elif what == "combine":
-            c = jax_ep.low_latency_combine(y, idx, w, handle_out.handle, group=group)
+            c = jax_ep.low_latency_combine(y, idx, w, handle, group=group)
             w = jnp.where(c[0, 0] > 1e30, w * 2, w)
+            # the send reads only (y, handle): without a dependence XLA would merge the
+            # chain's identical sends into one (a custom call without side effects)
+            handle = dataclasses.replace(
+                handle,
+                recv_count=jnp.where(c[0, 0] > 1e30, handle.recv_count + 1, handle.recv_count),
+            )
         else:
-            # the expert stand-in is the first dispatch's dequantised rows: dequantising
-            # every step would time a [E_loc, R*T_max, H] elementwise pass, not the exchange
             o = jax_ep.low_latency_dispatch(x, idx, group=group, fp8=fp8)
             x = jax_ep.low_latency_combine(y, idx, w, o.handle, group=group)
         acc = acc + 1

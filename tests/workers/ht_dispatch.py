@@ -1,6 +1,9 @@
-"""Worker of test_multiprocess: one process per EP rank (CUDA IPC), dispatch + combine vs oracle.
+"""Worker of test_multiprocess: one process per EP rank, dispatch + combine (high-throughput
+and low-latency) vs the oracle.
 
-All processes may share one GPU (CUDA MPS makes their kernels run side by side).
+argv[1]: the transport, "ipc" (cudaMalloc + CUDA IPC, default) or "nvshmem" (NVSHMEM
+symmetric heap). All processes may share one GPU (CUDA MPS makes their kernels run
+side by side).
 """
 
 import os
@@ -15,7 +18,15 @@ pid, count = initialize(timeout_s=120)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from harness import assert_equal, make_routing, make_tokens, oracle_combine, oracle_dispatch  # noqa: E402
+from harness import (  # noqa: E402
+    assert_equal,
+    make_routing,
+    make_tokens,
+    oracle_combine,
+    oracle_dispatch,
+    oracle_low_latency,
+    oracle_low_latency_combine,
+)
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -24,7 +35,8 @@ import jax_ep  # noqa: E402
 E, K, T, H = 16, 4, 24, 512
 mesh = Mesh(np.array(jax.devices()), ("ep",))
 R = mesh.shape["ep"]
-config = jax_ep.Config(num_sms=4, num_copy_sms=8, timeout_s=60)
+transport = sys.argv[1] if len(sys.argv) > 1 else "ipc"
+config = jax_ep.Config(num_sms=4, num_copy_sms=8, timeout_s=60, transport=transport)
 group = jax_ep.Group(
     mesh,
     "ep",
@@ -33,6 +45,7 @@ group = jax_ep.Group(
     hidden=H,
     num_max_tokens_per_rank=T,
     backend="cuda",
+    low_latency=True,
     config=config,
 )
 idx, w = make_routing("skewed", R, T, K, E, seed=42)
@@ -60,5 +73,32 @@ for step in range(3):  # buffer reuse across calls
     all_want = oracle_dispatch(x, idx, w, E, "ragged", cap)
     expect = oracle_combine([o["x"] for o in all_want], all_want, idx, E, "ragged", jnp.bfloat16)
     assert_equal(local[1], expect[pid], f"rank {pid} combine step {step}")
+
+
+def ll_per_rank(x, idx, w):
+    out = jax_ep.low_latency_dispatch(x[0], idx[0], group=group, fp8=False)
+    y = jax_ep.low_latency_combine(out.x, idx[0], w[0], out.handle, group=group)
+    return jax.tree.map(lambda a: a[None], (out.x, out.counts, y))
+
+
+g = jax.jit(jax.shard_map(ll_per_rank, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+for step in range(3):
+    lx, lcounts, ly = jax.tree.map(
+        lambda a: np.asarray(a.addressable_shards[0].data)[0], g(put(x), put(idx), put(w))
+    )
+    want, _ = oracle_low_latency(x, idx, E, T)
+    assert_equal(lcounts, want[pid]["counts"], f"rank {pid} ll counts step {step}")
+    for e, n in enumerate(want[pid]["counts"]):
+        assert_equal(lx[e, :n], want[pid]["x"][e], f"rank {pid} ll e{e} x step {step}")
+    # every rank's dispatched rows, to build the combine oracle (rows are the oracle's)
+    rows = [[o["x"][e] for e in range(E // R)] for o in want]
+    ys = []
+    for r in range(R):
+        buf = np.zeros((E // R, R * T, H), np.float32)
+        for e, block in enumerate(rows[r]):
+            buf[e, : len(block)] = np.asarray(block, np.float32)
+        ys.append(buf.astype(jnp.bfloat16))
+    expect = oracle_low_latency_combine(ys, idx, w, E, T, jnp.bfloat16)
+    assert_equal(ly, expect[pid], f"rank {pid} ll combine step {step}")
 group.check()
-print(f"rank {pid}/{count} OK on {jax.local_devices()[0].device_kind}")
+print(f"rank {pid}/{count} ({transport}) OK on {jax.local_devices()[0].device_kind}")

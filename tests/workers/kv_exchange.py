@@ -1,8 +1,9 @@
-"""Worker of test_multiprocess: key-value exchange between processes, and a bounded wait."""
+"""Worker of test_multiprocess: key-value exchange between processes, and bounded waits
+(also of the NVSHMEM unique id, which travels the same way)."""
 
 import sys
 
-from jax_ep import distributed
+from jax_ep import distributed, nvshmem
 from jax_ep.launch import initialize
 
 pid, count = initialize(timeout_s=60)
@@ -23,3 +24,19 @@ elif mode == "missing":
             print(f"timeout OK: {e}")
         else:
             raise SystemExit("fetch of a key nobody publishes returned")
+elif mode == "uid":
+    # process 0 makes the id (here: stand-in bytes), every process gets the same bytes
+    uid = nvshmem.share_unique_id(lambda: bytes(range(128)), timeout_s=60)
+    assert uid == bytes(range(128)), uid[:8]
+    distributed.barrier("test/uid-done", 60)
+    print(f"uid OK {pid}/{count}")
+elif mode == "uid-missing":
+    if pid == 1:  # process 0 never creates the id: a clear, bounded error
+        try:
+            nvshmem.share_unique_id(lambda: b"", timeout_s=2)
+        except TimeoutError as e:
+            assert "NVSHMEM unique id" in str(e) and "process 1" in str(e), e
+            print(f"uid timeout OK: {e}")
+        else:
+            raise SystemExit("fetch of an id nobody publishes returned")
+    distributed.barrier("test/uid-missing-done", 60)  # process 0 (the coordinator) stays up
