@@ -9,11 +9,14 @@ rank's buffer address as that device sees it:
 * other process: a CUDA IPC handle, published in the ``jax.distributed``
   key-value store and opened here;
 * ``Config(transport="nvshmem")``: the buffers live on the NVSHMEM symmetric heap
-  and each peer's address is NVSHMEM's mapping of it (:mod:`jax_ep.nvshmem`).
+  and each peer of this rank's node is NVSHMEM's mapping of it; ranks of other
+  nodes have no address here (0): the kernels reach them with NVSHMEM puts
+  (:mod:`jax_ep.nvshmem`).
 """
 
 from __future__ import annotations
 
+import socket
 import weakref
 
 import jax
@@ -51,6 +54,9 @@ class GroupRuntime:
         self._ext = ext
         self.group_id = group.id
         cfg = group.config
+        self._nvshmem = cfg.transport == "nvshmem"
+        # ranks per node and nodes: the two-level (internode) kernels run when > 1 node
+        self.node_size = self._node_size(group) if self._nvshmem else group.num_ranks
         self._sizes = dict(
             num_ranks=group.num_ranks,
             max_tokens=group.num_max_tokens_per_rank,
@@ -59,17 +65,20 @@ class GroupRuntime:
             num_topk=group.num_topk,
             num_local_experts=group.num_local_experts,
             low_latency=group.low_latency,
+            num_nodes=group.num_ranks // self.node_size,
         )
         self.bytes_per_rank = ext.buffer_bytes(**self._sizes)
         self._owned: list[tuple[int, int]] = []  # (device, ptr) we allocated
         self._opened: list[tuple[int, int]] = []  # (device, ptr) opened from IPC handles
         self._devices: list[int] = []
         self._symmetric: list[int] = []  # buffers on the NVSHMEM heap
-        self._nvshmem = cfg.transport == "nvshmem"
+        net_ops = 0
         if self._nvshmem:
             from jax_ep import nvshmem
 
             nvshmem.initialize(self.bytes_per_rank, dict(cfg.nvshmem_env))
+            if self._sizes["num_nodes"] > 1:
+                net_ops = nvshmem.net_ops()
         send_blocks = cfg.resolved_num_sms(group.num_ranks)
         common = dict(
             group_id=group.id,
@@ -77,6 +86,7 @@ class GroupRuntime:
             timeout_s=cfg.timeout_s,
             fault_inject_rank=cfg.fault_inject_rank,
             send_blocks=send_blocks,
+            net_ops=net_ops,
         )
         if group.loopback:
             dev = group.devices[0]
@@ -96,6 +106,24 @@ class GroupRuntime:
             list(self._owned),
             list(self._symmetric),
         )
+
+    @staticmethod
+    def _node_size(group) -> int:
+        """Ranks per node of this process's EP group (Config.node_size, or per host)."""
+        from jax_ep import nvshmem
+
+        me = jax.process_index()
+        members = next(
+            m
+            for m in _ep_groups(group.mesh, group.axis_name)
+            if any(d.process_index == me for d in m)
+        )
+        processes = [d.process_index for d in members]
+        if set(processes) == {me}:
+            hosts = [socket.gethostname()] * len(members)
+        else:
+            hosts = nvshmem.host_names(processes)
+        return nvshmem.node_size(hosts, group.config.node_size)
 
     def _alloc(self, ordinal: int) -> int:
         ptr = self._ext.alloc_buffer(ordinal, self.bytes_per_rank)
@@ -159,7 +187,12 @@ class GroupRuntime:
 
         ((rank, device),) = local.items()
         ordinal = device.local_hardware_id
-        own, bases = nvshmem.allocate(self.bytes_per_rank, [d.process_index for d in members])
+        node = [r // self.node_size for r in range(len(members))]
+        own, bases = nvshmem.allocate(
+            self.bytes_per_rank,
+            [d.process_index for d in members],
+            [n == node[rank] for n in node],
+        )
         self._symmetric.append(own)
         self._ext.zero_buffer(ordinal, own, self.bytes_per_rank)
         self._register(ordinal, rank, 1, bases, common, cfg)

@@ -35,3 +35,35 @@ def require() -> ModuleType:
     if ext is None:
         raise RuntimeError(f"jax_ep: {why}")
     return ext
+
+
+@functools.cache
+def _load_nvshmem() -> tuple[ModuleType | None, str]:
+    try:
+        # nvshmem4py loads the wheel's libnvshmem_host.so.3 first: the module's own
+        # reference to it then resolves to that same library (one NVSHMEM per process)
+        import nvshmem.core  # noqa: F401
+    except Exception as e:
+        return None, f"nvshmem4py is not importable ({e})"
+    try:
+        from jax_ep import _jax_ep_nvshmem  # type: ignore[attr-defined]
+    except ImportError as e:
+        return None, (
+            "the jax_ep NVSHMEM module is not built or failed to load "
+            f"({e}); reinstall with nvidia-nvshmem-cu13 present at build time (a build "
+            "requirement on Linux x86-64) or NVSHMEM_HOME set"
+        )
+    return _jax_ep_nvshmem, ""
+
+
+def nvshmem_missing_reason() -> str:
+    """Why groups spanning nodes cannot run here ('' when they can)."""
+    return _load_nvshmem()[1]
+
+
+def require_nvshmem() -> ModuleType:
+    """The NVSHMEM kernels' module (groups spanning nodes), or a clear error."""
+    mod, why = _load_nvshmem()
+    if mod is None:
+        raise RuntimeError(f"jax_ep: a group spanning nodes needs the NVSHMEM kernels: {why}")
+    return mod

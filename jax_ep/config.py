@@ -57,6 +57,12 @@ class Config:
       ``cudaMalloc`` buffers shared with CUDA IPC handles (peer access within a
       process). ``"nvshmem"``: buffers on the NVSHMEM symmetric heap (one process per
       GPU; needs nvshmem4py), see :mod:`jax_ep.nvshmem`.
+    node_size: ranks per node of the two-level internode path (``transport="nvshmem"``):
+      ranks ``[n * node_size, (n + 1) * node_size)`` form node ``n``; tokens cross
+      between nodes once per node through NVSHMEM and are forwarded inside a node over
+      NVLink. 0 = the ranks of each host (found from the processes' host names). A
+      smaller value splits one host into virtual nodes, so the internode path runs (and
+      is tested) on one machine, even on one GPU.
     nvshmem_env: NVSHMEM settings exported before NVSHMEM starts, as (name, value)
       pairs or a dict, e.g. the InfiniBand service level and traffic class
       (``NVSHMEM_IB_SL``, ``NVSHMEM_IB_TRAFFIC_CLASS``) that put EP traffic on its own
@@ -69,6 +75,7 @@ class Config:
     sync_errors: bool = False
     fault_inject_rank: int = -1
     transport: str = "ipc"
+    node_size: int = 0
     nvshmem_env: tuple[tuple[str, str], ...] = ()
 
     def resolved_num_sms(self, num_ranks: int) -> int:
@@ -85,6 +92,13 @@ class Config:
         if bad:
             raise ValueError(f"Config.nvshmem_env takes NVSHMEM_* variables, got {bad}")
         object.__setattr__(self, "nvshmem_env", pairs)
+        if self.node_size < 0:
+            raise ValueError(f"Config.node_size must be >= 0, got {self.node_size}")
+        if self.node_size and self.transport != "nvshmem":
+            raise ValueError(
+                "Config.node_size splits ranks into nodes for the NVSHMEM transport: "
+                "use it with transport='nvshmem'"
+            )
         for name in ("num_sms", "num_copy_sms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Config.{name} must be >= 0, got {getattr(self, name)}")

@@ -10,10 +10,12 @@ symmetric heap instead of ``cudaMalloc`` + CUDA IPC:
   process that never arrives gives a clear ``TimeoutError``.
 * heap: sized from the group's buffer (``NVSHMEM_SYMMETRIC_SIZE`` is set before
   init; a later group that does not fit is a clear error, since the heap cannot grow).
-* peers: each rank's buffer as this GPU maps it (``nvshmem_ptr``), so the kernels
-  reach peers on the same host over NVLink as with CUDA IPC. Peers on other hosts
-  need the RDMA (IBGDA) kernels, which are not built yet: such a group is refused
-  with a message saying so.
+* nodes: ranks are split into nodes (``Config.node_size``; by default the ranks of
+  each host, found from the processes' host names). Ranks of one node reach each
+  other's buffers as this GPU maps them (``nvshmem_ptr``), over NVLink as with CUDA
+  IPC; ranks of other nodes are reached with NVSHMEM puts by the kernels of the
+  ``_jax_ep_nvshmem`` module (IBGDA or the proxy over RDMA, peer-to-peer between
+  virtual nodes of one host), set up here once NVSHMEM runs.
 * traffic options: ``Config.nvshmem_env`` (e.g. ``NVSHMEM_IB_SL``,
   ``NVSHMEM_IB_TRAFFIC_CLASS``) is exported before init.
 * finalisation at interpreter exit, after the buffers are freed.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 from collections.abc import Callable
 
 import jax
@@ -37,7 +40,9 @@ _UID_TIMEOUT_S = 300.0
 # NVSHMEM keeps its own bookkeeping in the heap: room on top of the buffers.
 _HEAP_MARGIN_BYTES = 64 << 20
 
-_state: dict = {}
+_state: dict = {}  # NVSHMEM runs in this process when not empty
+_HOST_TIMEOUT_S = 300.0
+_host_published = False
 
 
 def missing_reason() -> str:
@@ -59,6 +64,53 @@ def share_unique_id(make_uid: Callable[[], bytes], timeout_s: float = _UID_TIMEO
         distributed.publish(_UID_KEY, uid)
         return uid
     return distributed.fetch(_UID_KEY, timeout_s, what="NVSHMEM unique id from process 0")
+
+
+def host_names(processes: list[int], timeout_s: float = _HOST_TIMEOUT_S) -> list[str]:
+    """Host name of each process in ``processes`` (key-value store; this process publishes once)."""
+    global _host_published
+    me = jax.process_index()
+    if not _host_published:
+        distributed.publish(f"host/{me}", socket.gethostname().encode())
+        _host_published = True
+    return [
+        socket.gethostname()
+        if p == me
+        else distributed.fetch(f"host/{p}", timeout_s, what=f"host name of process {p}").decode()
+        for p in processes
+    ]
+
+
+def node_size(hosts: list[str], requested: int) -> int:
+    """Ranks per node for ranks on ``hosts`` (rank order): ``requested``, or (0) the
+    ranks of one host, which must be contiguous runs of one size."""
+    R = len(hosts)
+    if requested:
+        if R % requested:
+            raise ValueError(
+                f"jax_ep: Config.node_size={requested} does not divide the {R} ranks of the group"
+            )
+        for n in range(0, R, requested):
+            if len(set(hosts[n : n + requested])) != 1:
+                raise ValueError(
+                    f"jax_ep: Config.node_size={requested} puts ranks {n}..{n + requested - 1} of "
+                    f"hosts {sorted(set(hosts[n : n + requested]))} in one node; a node's ranks "
+                    "must share a host (they write each other's memory over NVLink)"
+                )
+        return requested
+    runs = [1]
+    for a, b in zip(hosts, hosts[1:], strict=False):
+        if a == b:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+    if len(set(runs)) != 1 or len(runs) != len(set(hosts)):
+        raise ValueError(
+            f"jax_ep: the group's ranks sit on hosts {hosts}: every host must hold one "
+            "contiguous run of ranks of the same length (order the mesh by host), or set "
+            "Config.node_size"
+        )
+    return runs[0]
 
 
 def heap_env(heap_bytes: int, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -124,30 +176,45 @@ def _uid_bytes(uid) -> bytes:
     return _uid_view(uid).tobytes()
 
 
-def allocate(nbytes: int, peer_pes: list[int]) -> tuple[int, list[int]]:
+def allocate(nbytes: int, peer_pes: list[int], near: list[bool]) -> tuple[int, list[int]]:
     """Collective: a symmetric buffer of ``nbytes``; returns (own pointer, pointer of
-    each PE in ``peer_pes`` as this GPU maps it)."""
+    each PE in ``peer_pes`` as this GPU maps it, 0 where ``near`` is False: ranks of
+    other nodes are reached with NVSHMEM puts, never through a pointer)."""
     nvshmem = _state["nvshmem"]
     buf = nvshmem.buffer(nbytes)
     _state["buffers"].append(buf)
     ptrs = []
-    for pe in peer_pes:
+    for pe, is_near in zip(peer_pes, near, strict=True):
+        if not is_near:
+            ptrs.append(0)
+            continue
         try:
             peer = nvshmem.get_peer_buffer(buf, pe)
         except Exception as e:  # nvshmem4py raises its own error types
-            raise NotImplementedError(_remote_message(pe, e)) from e
+            raise RuntimeError(_unmapped_message(pe, e)) from e
         if peer is None or not int(peer.handle):
-            raise NotImplementedError(_remote_message(pe, "no peer mapping"))
+            raise RuntimeError(_unmapped_message(pe, "no peer mapping"))
         ptrs.append(int(peer.handle))
     return int(buf.handle), ptrs
 
 
-def _remote_message(pe: int, why) -> str:
+def _unmapped_message(pe: int, why) -> str:
     return (
-        f"jax_ep: NVSHMEM PE {pe} is not reachable with loads/stores from process "
-        f"{jax.process_index()} ({why}): it is on another host, and the RDMA (IBGDA) kernels "
-        "for ranks on other hosts are not built yet"
+        f"jax_ep: NVSHMEM PE {pe} is in the node of process {jax.process_index()} but its "
+        f"memory cannot be mapped here ({why}): the ranks of a node must share a host with "
+        "NVLink (or PCIe) peer access"
     )
+
+
+def net_ops() -> int:
+    """The NVSHMEM kernels' launcher table, set up once NVSHMEM runs (groups spanning nodes)."""
+    if "net_ops" not in _state:
+        from jax_ep import _ext
+
+        mod = _ext.require_nvshmem()
+        mod.init()
+        _state["net_ops"] = mod.net_ops()
+    return _state["net_ops"]
 
 
 def release(ptr: int) -> None:

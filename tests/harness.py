@@ -207,9 +207,15 @@ def oracle_dispatch(x, idx, w, num_experts: int, layout: str, capacity: int):
     return outs
 
 
-def oracle_combine(ys, handles, idx, num_experts: int, layout: str, dtype):
-    """``[R, T, H]`` expected combine of per-rank layout rows ``ys`` (contract order, float32)."""
+def oracle_combine(ys, handles, idx, num_experts: int, layout: str, dtype, node_size=None):
+    """``[R, T, H]`` expected combine of per-rank layout rows ``ys`` (contract order, float32).
+
+    ``node_size``: the internode order (docs/protocol.md, "Internode"): a token's partials
+    are summed per node (ascending ranks, float32, rounded to ``dtype``), then the nodes'
+    rows in ascending node order. One node (the default) is the intranode order.
+    """
     num_ranks, num_tokens, _ = idx.shape
+    node_size = node_size or num_ranks
     e_loc = num_experts // num_ranks
     hidden = ys[0].shape[-1]
     partial = {}
@@ -232,8 +238,12 @@ def oracle_combine(ys, handles, idx, num_experts: int, layout: str, dtype):
         for t in range(num_tokens):
             ranks = sorted({int(e) // e_loc for e in idx[s, t] if e >= 0})
             acc = np.zeros(hidden, np.float32)
-            for d in ranks:
-                acc = (acc + partial[(d, s * num_tokens + t)]).astype(np.float32)
+            for node in sorted({d // node_size for d in ranks}):
+                part = np.zeros(hidden, np.float32)
+                for d in ranks:
+                    if d // node_size == node:
+                        part = (part + partial[(d, s * num_tokens + t)]).astype(np.float32)
+                acc = (acc + _to(dtype, part).astype(np.float32)).astype(np.float32)
             out[s, t] = acc
     return _to(dtype, out)
 

@@ -15,7 +15,7 @@ import sys
 import pytest
 from conftest import requires_kernels
 
-from jax_ep import nvshmem
+from jax_ep import _ext, nvshmem
 from jax_ep.launch import launch
 
 WORKERS = os.path.join(os.path.dirname(__file__), "workers")
@@ -60,8 +60,35 @@ def test_two_processes_share_one_gpu():
     assert run(2, "ht_dispatch.py", "ipc", share_gpu=True, env=GPU_ENV, timeout=400) == 0
 
 
+requires_nvshmem = pytest.mark.skipif(
+    bool(nvshmem.missing_reason()), reason=nvshmem.missing_reason() or "present"
+)
+
+
 @requires_kernels
-@pytest.mark.skipif(bool(nvshmem.missing_reason()), reason=nvshmem.missing_reason() or "present")
+@requires_nvshmem
 def test_two_nvshmem_pes_share_one_gpu():
     """Two NVSHMEM PEs on one GPU map each other's symmetric buffers (nvshmem_ptr)."""
     assert run(2, "ht_dispatch.py", "nvshmem", share_gpu=True, env=GPU_ENV, timeout=400) == 0
+
+
+requires_nvshmem_kernels = pytest.mark.skipif(
+    bool(_ext.nvshmem_missing_reason()), reason=_ext.nvshmem_missing_reason() or "present"
+)
+
+
+@requires_kernels
+@requires_nvshmem_kernels
+@pytest.mark.parametrize("procs,node_size", [(2, 1), (4, 2), (4, 1)])
+def test_internode_on_virtual_nodes(procs, node_size):
+    """One GPU split into virtual nodes: tokens between nodes go through NVSHMEM puts to
+    the relay rank, then NVLink forwarding (HT); LL sends put to other nodes' ranks."""
+    args = ("nvshmem", str(node_size))
+    assert run(procs, "ht_dispatch.py", *args, share_gpu=True, env=GPU_ENV, timeout=400) == 0
+
+
+@requires_kernels
+@requires_nvshmem_kernels
+def test_internode_peer_that_never_sends_times_out():
+    args = ("nvshmem", "1", "fault")
+    assert run(2, "ht_dispatch.py", *args, share_gpu=True, env=GPU_ENV, timeout=400) == 0

@@ -133,6 +133,26 @@ def test_transport_options():
         )
 
 
+def test_node_layout():
+    """Ranks per node: Config.node_size (checked against hosts), or the runs of one host."""
+    hosts = ["a", "a", "b", "b"]
+    assert nvshmem.node_size(hosts, 0) == 2
+    assert nvshmem.node_size(hosts, 1) == 1  # virtual nodes inside a host
+    assert nvshmem.node_size(["a"] * 4, 0) == 4
+    with pytest.raises(ValueError, match="does not divide"):
+        nvshmem.node_size(hosts, 3)
+    with pytest.raises(ValueError, match="must share a host"):
+        nvshmem.node_size(hosts, 4)
+    with pytest.raises(ValueError, match="contiguous run"):
+        nvshmem.node_size(["a", "b", "a", "b"], 0)
+    with pytest.raises(ValueError, match="contiguous run"):
+        nvshmem.node_size(["a", "a", "a", "b"], 0)
+    with pytest.raises(ValueError, match="with transport='nvshmem'"):
+        jax_ep.Config(node_size=2)
+    with pytest.raises(ValueError, match="node_size must be >= 0"):
+        jax_ep.Config(transport="nvshmem", node_size=-1)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("nvshmem") is not None, reason="nvshmem4py present")
 def test_nvshmem_missing_is_a_clear_error():
     assert "pip install nvshmem4py-cu13" in nvshmem.missing_reason()

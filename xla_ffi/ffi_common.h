@@ -68,6 +68,7 @@ inline CommContext comm_of(const DeviceState* s) {
   c.copy_blocks = s->copy_blocks;
   c.fault_inject_rank = s->fault_inject_rank;
   c.sys_scope = s->num_local_ranks < s->num_ranks;
+  c.net = s->net;
   return c;
 }
 

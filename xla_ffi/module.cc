@@ -10,6 +10,17 @@
 namespace nb = nanobind;
 using namespace jax_ep;
 
+namespace {
+
+// The buffer sizes Python passes (Group fields), as the layout takes them.
+BufferSizes sizes_of(int num_ranks, int max_tokens, int hidden, int elem_bytes, int num_topk, int num_local_experts,
+                     bool low_latency, int num_nodes) {
+  return BufferSizes{num_ranks, max_tokens, hidden, elem_bytes, num_topk, num_local_experts, low_latency ? 1 : 0,
+                     num_nodes};
+}
+
+}  // namespace
+
 NB_MODULE(_jax_ep_cuda, m) {
   m.doc() = "jax_ep CUDA kernels: XLA FFI handlers and communication buffers";
 
@@ -26,24 +37,27 @@ NB_MODULE(_jax_ep_cuda, m) {
   m.def(
       "buffer_bytes",
       [](int num_ranks, int max_tokens, int hidden, int elem_bytes, int num_topk, int num_local_experts,
-         bool low_latency) {
-        BufferSizes s{num_ranks, max_tokens, hidden, elem_bytes, num_topk, num_local_experts, low_latency ? 1 : 0};
-        return make_layout(s).total_bytes;
+         bool low_latency, int num_nodes) {
+        return make_layout(sizes_of(num_ranks, max_tokens, hidden, elem_bytes, num_topk, num_local_experts,
+                                    low_latency, num_nodes))
+            .total_bytes;
       },
       nb::arg("num_ranks"), nb::arg("max_tokens"), nb::arg("hidden"), nb::arg("elem_bytes"), nb::arg("num_topk"),
-      nb::arg("num_local_experts"), nb::arg("low_latency"),
+      nb::arg("num_local_experts"), nb::arg("low_latency"), nb::arg("num_nodes") = 1,
       "Bytes of one rank's communication buffer for these sizes.");
 
   m.def(
       "register_state",
       [](int64_t group_id, int device, int num_ranks, int max_tokens, int hidden, int elem_bytes, int num_topk,
-         int num_local_experts, bool low_latency, int first_rank, int num_local_ranks, int send_blocks, int copy_blocks,
-         double timeout_s, int fault_inject_rank, std::vector<uint64_t> peer_bases) {
+         int num_local_experts, bool low_latency, int num_nodes, int first_rank, int num_local_ranks, int send_blocks,
+         int copy_blocks, double timeout_s, int fault_inject_rank, std::vector<uint64_t> peer_bases,
+         uint64_t net_ops) {
         DeviceStateConfig cfg;
         cfg.group_id = group_id;
         cfg.device = device;
-        cfg.sizes =
-            BufferSizes{num_ranks, max_tokens, hidden, elem_bytes, num_topk, num_local_experts, low_latency ? 1 : 0};
+        cfg.sizes = sizes_of(num_ranks, max_tokens, hidden, elem_bytes, num_topk, num_local_experts, low_latency,
+                             num_nodes);
+        cfg.net_ops = net_ops;
         cfg.first_rank = first_rank;
         cfg.num_local_ranks = num_local_ranks;
         cfg.send_blocks = send_blocks;
@@ -55,8 +69,9 @@ NB_MODULE(_jax_ep_cuda, m) {
       },
       nb::arg("group_id"), nb::arg("device"), nb::arg("num_ranks"), nb::arg("max_tokens"), nb::arg("hidden"),
       nb::arg("elem_bytes"), nb::arg("num_topk"), nb::arg("num_local_experts"), nb::arg("low_latency"),
-      nb::arg("first_rank"), nb::arg("num_local_ranks"), nb::arg("send_blocks"), nb::arg("copy_blocks"),
-      nb::arg("timeout_s"), nb::arg("fault_inject_rank"), nb::arg("peer_bases"),
+      nb::arg("num_nodes"), nb::arg("first_rank"), nb::arg("num_local_ranks"), nb::arg("send_blocks"),
+      nb::arg("copy_blocks"), nb::arg("timeout_s"), nb::arg("fault_inject_rank"), nb::arg("peer_bases"),
+      nb::arg("net_ops") = 0,
       "Registers a group's state on one device (buffers of every rank must already be mapped there).");
 
   m.def("unregister_group", &unregister_group, nb::arg("group_id"));

@@ -33,6 +33,9 @@ struct BufferSizes {
   int num_topk = 1;    // K (max)
   int num_local_experts = 1;
   int low_latency = 0;  // allocate the low-latency regions too
+  // Nodes the ranks are split into (internode groups, NVSHMEM transport): ranks
+  // [n * R/N, (n+1) * R/N) form node n. 1 = every rank reachable over NVLink.
+  int num_nodes = 1;
 };
 
 // Bytes of one token row on the wire: the raw payload, or FP8 + one float scale per
@@ -61,6 +64,19 @@ struct BufferLayout {
   size_t ll_dispatch_data = 0;     // [2][E_loc][R][T_max][ll_message_bytes]
   size_t ll_combine_signal = 0;    // u64 [2][R]
   size_t ll_combine_data = 0;      // [2][T_max][K][combine_row_bytes]
+  // --- internode (num_nodes > 1): written by peers of other nodes through NVSHMEM,
+  // except the tags, which node-local peers write (docs/protocol.md, "Internode")
+  size_t net_dispatch_signal = 0;  // u64 [N]: send blocks of node n's source that finished
+  size_t net_combine_signal = 0;   // u64 [N]: relay blocks of node n that finished
+  size_t net_dispatch_meta = 0;    // [2][N][T_max][K] ids then weights, from (n, my local index)
+  size_t net_dispatch_data = 0;    // [2][N][T_max][row_bytes]
+  size_t net_combine_data = 0;     // [2][N][T_max][combine_row_bytes]: node n's partial of my token
+  size_t net_combine_tag = 0;      // u32 [2][R][T_max]: seq of the partial in ht_combine_data's row
+  size_t net_stage_meta = 0;       // [T_max][K] (private: NVSHMEM's source buffers)
+  size_t net_stage_data = 0;       // [T_max][row_bytes]
+  size_t net_stage_combine = 0;    // [N][T_max][combine_row_bytes]
+  size_t ll_stage_dispatch = 0;    // [T_max][K][ll_message_bytes] (low-latency + internode)
+  size_t ll_stage_combine = 0;     // [R*T_max*min(K, E_loc)][combine_row_bytes]
   // --- private to the owning rank ---------------------------------------------
   size_t counters = 0;  // u64 [kNumCounters]: per-op sequence numbers, abort flag
   size_t bitmaps = 0;   // u32 [E_loc + 1][bitmap_words]
@@ -70,6 +86,7 @@ struct BufferLayout {
 
   JAX_EP_HD size_t ll_message_bytes() const { return kLowLatencyHeaderBytes + row_bytes; }
   JAX_EP_HD size_t meta_bytes_per_token() const { return size_t(sizes.num_topk) * 8; }
+  JAX_EP_HD int ranks_per_node() const { return sizes.num_ranks / sizes.num_nodes; }
 };
 
 // Counter slots in the private region.
@@ -108,6 +125,22 @@ JAX_EP_HD inline BufferLayout make_layout(const BufferSizes& s) {
     L.ll_dispatch_data = take(2 * E * R * T * L.ll_message_bytes());
     L.ll_combine_signal = take(2 * R * 8);
     L.ll_combine_data = take(2 * T * K * L.combine_row_bytes);
+  }
+  if (s.num_nodes > 1) {
+    const size_t N = s.num_nodes, meta = L.meta_bytes_per_token();
+    L.net_dispatch_signal = take(N * 8);
+    L.net_combine_signal = take(N * 8);
+    L.net_dispatch_meta = take(2 * N * T * meta);
+    L.net_dispatch_data = take(2 * N * T * L.row_bytes);
+    L.net_combine_data = take(2 * N * T * L.combine_row_bytes);
+    L.net_combine_tag = take(2 * R * T * 4);
+    L.net_stage_meta = take(T * meta);
+    L.net_stage_data = take(T * L.row_bytes);
+    L.net_stage_combine = take(N * T * L.combine_row_bytes);
+    if (s.low_latency) {
+      L.ll_stage_dispatch = take(T * K * L.ll_message_bytes());
+      L.ll_stage_combine = take(R * T * (K < E ? K : E) * L.combine_row_bytes);
+    }
   }
   L.counters = take(kNumCounters * 8);
   L.bitmaps = take((E + 1) * L.bitmap_words * 4);

@@ -12,6 +12,8 @@ namespace jax_ep {
 constexpr int kMaxRanks = 64;  // destination sets are 64-bit masks
 constexpr int kMaxTopk = 32;   // one lane per top-k slot
 
+struct NetOps;  // internode launchers (internode/net_ops.h), from the NVSHMEM module
+
 // What every launch needs to reach its peers (high-throughput and low-latency kernels).
 struct CommContext {
   // Base of each rank's buffer ([num_ranks] used), carried in the launch parameters:
@@ -30,6 +32,9 @@ struct CommContext {
   // 1 when a peer is another GPU: flags are released/acquired at system scope. 0 when
   // every rank runs in this launch (loopback, EP=1): GPU scope is enough and cheaper.
   int sys_scope = 1;
+  // Host-side table of the launchers that use NVSHMEM (set when layout.sizes.num_nodes
+  // > 1); kernels never read it.
+  const NetOps* net = nullptr;
 };
 
 }  // namespace jax_ep

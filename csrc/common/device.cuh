@@ -99,19 +99,31 @@ struct WaitContext {
   bool sys;  // scope of the flag reads (see ld_acquire)
 };
 
-// Spins until *word >= target. Returns false (after recording who waited for whom)
-// when the budget runs out or another block of this rank already gave up.
-__device__ inline bool wait_geq(const uint64_t* word, uint64_t target, int peer, const WaitContext& ctx) {
-  if (ld_acquire(word, ctx.sys) >= target) return true;
+// Spins until the word `load()` returns is done: >= target, or (tagged) carrying
+// `target` in its high 32 bits. Returns false (after recording who waited for whom)
+// when the budget runs out or another block of this rank already gave up. `load` is
+// a local acquire load, or a remote read of a peer on another node.
+template <typename Load>
+__device__ inline bool wait_word(Load load, uint64_t target, bool tagged, int peer, const WaitContext& ctx,
+                                 uint64_t* value) {
+  const auto done = [&](uint64_t seen) { return tagged ? uint32_t(seen >> 32) == uint32_t(target) : seen >= target; };
+  uint64_t seen = load();
+  if (done(seen)) {
+    *value = seen;
+    return true;
+  }
   const uint64_t start = global_timer_ns();
   while (true) {
-    uint64_t seen = ld_acquire(word, ctx.sys);
-    if (seen >= target) return true;
+    seen = load();
+    if (done(seen)) {
+      *value = seen;
+      return true;
+    }
     if (*(volatile uint64_t*)ctx.abort_flag) return false;
     uint64_t waited = global_timer_ns() - start;
     if (waited > ctx.timeout_ns) {
-      record_error(ctx.err, kErrTimeout, ctx.rank, peer, ctx.phase, (long long)target, (long long)seen,
-                   (long long)waited);
+      record_error(ctx.err, kErrTimeout, ctx.rank, peer, ctx.phase, (long long)target,
+                   (long long)(tagged ? seen >> 32 : seen), (long long)waited);
       atomicExch((unsigned long long*)ctx.abort_flag, 1ull);
       return false;
     }
@@ -119,29 +131,15 @@ __device__ inline bool wait_geq(const uint64_t* word, uint64_t target, int peer,
   }
 }
 
+// Spins until *word >= target (see wait_word).
+__device__ inline bool wait_geq(const uint64_t* word, uint64_t target, int peer, const WaitContext& ctx) {
+  uint64_t seen;
+  return wait_word([&] { return ld_acquire(word, ctx.sys); }, target, false, peer, ctx, &seen);
+}
+
 // Same, for a word that must carry tag `tag` in its high 32 bits.
 __device__ inline bool wait_tag(const uint64_t* word, uint32_t tag, int peer, const WaitContext& ctx, uint64_t* value) {
-  if (const uint64_t seen = ld_acquire(word, ctx.sys); uint32_t(seen >> 32) == tag) {
-    *value = seen;
-    return true;
-  }
-  const uint64_t start = global_timer_ns();
-  while (true) {
-    uint64_t seen = ld_acquire(word, ctx.sys);
-    if (uint32_t(seen >> 32) == tag) {
-      *value = seen;
-      return true;
-    }
-    if (*(volatile uint64_t*)ctx.abort_flag) return false;
-    uint64_t waited = global_timer_ns() - start;
-    if (waited > ctx.timeout_ns) {
-      record_error(ctx.err, kErrTimeout, ctx.rank, peer, ctx.phase, (long long)tag, (long long)(seen >> 32),
-                   (long long)waited);
-      atomicExch((unsigned long long*)ctx.abort_flag, 1ull);
-      return false;
-    }
-    __nanosleep(64);
-  }
+  return wait_word([&] { return ld_acquire(word, ctx.sys); }, tag, true, peer, ctx, value);
 }
 
 // ---------------------------------------------------------------------------

@@ -25,6 +25,8 @@ enum Phase : int {
   kPhaseLlCombineSignal = 4,
   kPhaseLlDispatchReuse = 5,  // a peer still receives the dispatch two ops back
   kPhaseLlCombineReuse = 6,
+  kPhaseNetDispatchArrival = 7,  // a relay waits for a source node's tokens (NVSHMEM)
+  kPhaseNetCombineArrival = 8,   // a home rank waits for a node's summed expert outputs
 };
 
 // Where kernels report: the host-mapped record plus a claim word in device memory.
@@ -60,6 +62,10 @@ inline const char* phase_name(int phase) {
       return "low-latency dispatch send: waiting for the peer to finish receiving the dispatch two ops back";
     case kPhaseLlCombineReuse:
       return "low-latency combine send: waiting for the peer to finish receiving the combine two ops back";
+    case kPhaseNetDispatchArrival:
+      return "internode dispatch: waiting for the tokens of the peer's node (NVSHMEM)";
+    case kPhaseNetCombineArrival:
+      return "internode combine: waiting for the summed expert outputs of the peer's node (NVSHMEM)";
     default:
       return "unknown phase";
   }

@@ -40,15 +40,28 @@ __device__ inline bool aborted(const CommContext& c, const RankCtx& r) {
   return *reinterpret_cast<volatile uint64_t*>(counters_of(c, r.self) + kAbortFlag) != 0;
 }
 
-// Waits (threads 0..R-1 of the block, one peer each) until every peer but `skip`
-// has added `target` to this rank's arrival word; returns false on timeout/abort.
+// Nodes (internode groups): ranks [n * P, (n + 1) * P) form node n, P = ranks_per_node.
+__host__ __device__ inline int node_of(const CommContext& c, int rank) {
+  return rank / c.layout.ranks_per_node();
+}
+
+// The ranks of `rank`'s node, as a mask (every rank when there is one node).
+__host__ __device__ inline uint64_t node_peers(const CommContext& c, int rank) {
+  const int P = c.layout.ranks_per_node();
+  const uint64_t block = P >= 64 ? ~0ull : (1ull << P) - 1;
+  return block << (node_of(c, rank) * P);
+}
+
+// Waits (threads 0..R-1 of the block, one peer each) until every peer in `peers`
+// but this rank has added `target` to this rank's arrival word; returns false on
+// timeout/abort.
 __device__ inline bool wait_all_peers(const CommContext& c, const RankCtx& r, size_t arrival_offset, uint64_t target,
-                                      int phase) {
+                                      int phase, uint64_t peers = ~0ull) {
   __shared__ int failed;
   if (threadIdx.x == 0) failed = 0;
   __syncthreads();
   const int p = threadIdx.x;
-  if (p < c.num_ranks && p != r.rank) {
+  if (p < c.num_ranks && p != r.rank && ((peers >> p) & 1)) {
     const uint64_t* word = reinterpret_cast<const uint64_t*>(r.self + arrival_offset) + p;
     if (!wait_geq(word, target, p, wait_ctx(c, r, phase))) failed = 1;
   }
@@ -57,12 +70,13 @@ __device__ inline bool wait_all_peers(const CommContext& c, const RankCtx& r, si
 }
 
 // Every block of a send kernel ends here: make its stores visible system-wide,
-// then add one to the arrival word of this rank in every peer's buffer.
+// then add one to the arrival word of this rank in every peer's buffer of its node
+// (all peers when there is one node; other nodes hear through NVSHMEM signals).
 __device__ inline void publish_arrival(const CommContext& c, const RankCtx& r, size_t arrival_offset) {
   fence(c.sys_scope);
   __syncthreads();
   const int p = threadIdx.x;
-  if (p < c.num_ranks && p != r.rank) {
+  if (p < c.num_ranks && p != r.rank && ((node_peers(c, r.rank) >> p) & 1)) {
     uint64_t* word = reinterpret_cast<uint64_t*>(c.peers[p] + arrival_offset) + r.rank;
     add_release(word, 1, c.sys_scope);
   }

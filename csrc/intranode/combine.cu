@@ -7,8 +7,13 @@
 //   recv  home side: wait for every peer, then add the partials of the ranks each
 //         token went to, in ascending rank order, in float32.
 // Both orders are fixed, so results are deterministic and match the reference.
+// Internode groups (docs/protocol.md, "Internode") send partials to the relay of the
+// home rank's local index on the writer's node instead, tagged with the op's sequence
+// number; the relay sums its node's partials and puts one row per node home
+// (ht_net_combine_relay), and the receive adds the nodes' rows in ascending order.
 #include "common/rows.cuh"
-#include "intranode/common.cuh"
+#include "internode/common.cuh"
+#include "internode/net_ops.h"
 
 namespace jax_ep {
 namespace {
@@ -46,14 +51,21 @@ __global__ void __launch_bounds__(kThreads) ht_combine_send(HtCombineArgs a) {
   const int* recv_rows = a.recv_rows + local * RT * kr;
   const float* weights = a.weights ? a.weights + local * RT * kr : nullptr;
   const int n = a.num_recv[local];
+  const bool net = c.layout.sizes.num_nodes > 1;
   uint8_t* out = static_cast<uint8_t*>(a.out) + size_t(local) * T * row_bytes;
   for (int i = block * kWarps + warp_id(); i < n; i += blocks * kWarps) {
     const int p = recv_src[i], src = p / T, t = p % T;
     const int row = lane < kr ? recv_rows[size_t(i) * kr + lane] : -1;
     const float w = lane < kr ? (weights ? weights[size_t(i) * kr + lane] : 1.f) : 0.f;
     const uint8_t* my_row = row >= 0 ? y + size_t(row) * row_bytes : nullptr;
-    uint8_t* dst = src == r.rank && home_only(a, r, t) ? out + size_t(t) * row_bytes
-                                                       : combine_row(c.layout, c.peers[src], r.parity, r.rank, t);
+    uint8_t* dst;
+    if (src == r.rank && home_only(a, r, t)) {
+      dst = out + size_t(t) * row_bytes;
+    } else {
+      const int relay = relay_rank(c, r.rank, src), slot = relay_slot(c, r.rank, src);
+      dst = combine_row(c.layout, c.peers[relay], r.parity, slot, t);
+      if (net && lane == 0) *net_combine_tag(c.layout, c.peers[relay], r.parity, slot, t) = uint32_t(r.seq);
+    }
     weighted_sum_rows(my_row, w, kr, false, a.dtype, a.hidden, dst);
   }
   publish_arrival(c, r, c.layout.ht_combine_arrival);
@@ -61,25 +73,31 @@ __global__ void __launch_bounds__(kThreads) ht_combine_send(HtCombineArgs a) {
 
 __global__ void __launch_bounds__(kThreads) ht_combine_recv(HtCombineArgs a) {
   const CommContext& c = a.c;
+  const BufferLayout& L = c.layout;
   const int local = blockIdx.x / c.copy_blocks, block = blockIdx.x % c.copy_blocks;
   const RankCtx r = rank_ctx(c, local, kHtCombineSeq);
-  const uint64_t target = r.seq * uint64_t(c.copy_blocks);  // one arrival per send block
-  if (wait_all_peers(c, r, c.layout.ht_combine_arrival, target, kPhaseHtCombineArrival)) {
-    const int lane = lane_id();
+  const uint64_t target = r.seq * uint64_t(c.copy_blocks);  // one arrival per send (or relay) block
+  const bool net = L.sizes.num_nodes > 1;
+  const int P = L.ranks_per_node(), me_local = r.rank % P;
+  // one node: every peer's partials; several: every other node's summed row (our own
+  // node's relay is this rank, whose relay kernel ran before this one)
+  const bool ok = net ? wait_nodes(c, r, L.net_combine_signal, r.rank / P, target, kPhaseNetCombineArrival,
+                                   [&](int m) { return m * P + me_local; })
+                      : wait_all_peers(c, r, L.ht_combine_arrival, target, kPhaseHtCombineArrival);
+  if (ok) {
     const int T = a.num_tokens;
     const int esize = a.dtype == kF32 ? 4 : 2;
     uint8_t* out = static_cast<uint8_t*>(a.out) + size_t(local) * T * a.hidden * esize;
     for (int t = block * kWarps + warp_id(); t < T; t += c.copy_blocks * kWarps) {
-      uint64_t ranks = token_ranks(a, local, t);
+      const uint64_t ranks = token_ranks(a, local, t);
       if (ranks == (1ull << r.rank)) continue;  // written by the send kernel
-      // lane j holds the j-th contributing rank's partial, in ascending rank order
-      const int n = __popcll(ranks);
-      const uint8_t* my_row = nullptr;
-      for (int j = 0; j < n; ++j) {
-        const int d = __ffsll(ranks) - 1;
-        ranks &= ranks - 1;
-        if (lane == j) my_row = combine_row(c.layout, r.self, r.parity, d, t);
-      }
+      // lane j holds the j-th contributing rank's (or node's) row, in ascending order
+      const uint8_t* my_row;
+      const int n = net ? lanes_of_units(
+                              nodes_of(ranks, P), [&](int m) { return net_combine_row(L, r.self, r.parity, m, t); },
+                              &my_row)
+                        : lanes_of_units(
+                              ranks, [&](int d) { return combine_row(L, r.self, r.parity, d, t); }, &my_row);
       weighted_sum_rows(my_row, 1.f, n, true, a.dtype, a.hidden, out + size_t(t) * a.hidden * esize);
     }
   }
@@ -100,6 +118,9 @@ cudaError_t launch_ht_combine(const HtCombineArgs& a, cudaStream_t stream) {
   // The send kernel's main work is the expert-side reduction, which reads every expert
   // row from local memory: it gets the copy kernels' blocks, not the NVLink budget.
   ht_combine_send<<<L * c.copy_blocks, kThreads, 0, stream>>>(a);
+  if (c.layout.sizes.num_nodes > 1) {
+    if (cudaError_t err = c.net->ht_combine_relay(a, stream); err != cudaSuccess) return err;
+  }
   ht_combine_recv<<<L * c.copy_blocks, kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }

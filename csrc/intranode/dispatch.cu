@@ -11,9 +11,13 @@
 //   copy     token-major copy-out: read each received token once, write it to its
 //            rows (one per rank, or one per distinct local expert), fill the handle;
 //   pad      zero the rows and handle entries past the valid ones.
+// Internode groups replace the send by two hops (internode/forward.cu), which fill
+// the same slots and arrival words.
 // Slot of (token, expert) = number of earlier received tokens that chose the expert,
 // exactly the reference's order (jax_ep/reference.py).
 #include "common/rows.cuh"
+#include "internode/launch.h"
+#include "internode/net_ops.h"
 #include "intranode/common.cuh"
 
 namespace jax_ep {
@@ -418,7 +422,13 @@ cudaError_t launch_ht_dispatch(const HtDispatchArgs& a, cudaStream_t stream) {
   const size_t bitmap_smem = a.layout_kind == kPerRank ? 0 : size_t(kBitmapThreads / 32) * e_loc * 4;
   const size_t offsets_ints = size_t((e_loc + 1) & ~1);
   const size_t copy_smem = offsets_ints * 4 + size_t(kWarps) * 32 * 2 * sizeof(void*);
-  ht_dispatch_send<<<L * c.send_blocks, kThreads, 0, stream>>>(a);
+  if (c.layout.sizes.num_nodes > 1) {
+    // two hops: NVSHMEM to each destination node's relay, NVLink from there
+    if (cudaError_t err = c.net->ht_dispatch_send(a, stream); err != cudaSuccess) return err;
+    if (cudaError_t err = launch_ht_dispatch_forward(a, stream); err != cudaSuccess) return err;
+  } else {
+    ht_dispatch_send<<<L * c.send_blocks, kThreads, 0, stream>>>(a);
+  }
   ht_dispatch_bitmap<<<L * c.copy_blocks, kBitmapThreads, bitmap_smem, stream>>>(a);
   ht_dispatch_scan<<<L * num_buckets, kScanThreads, 0, stream>>>(a);
   ht_dispatch_copy<<<L * c.copy_blocks, kThreads, copy_smem, stream>>>(a);

@@ -7,6 +7,7 @@
 #include "common/rank.cuh"
 #include "common/rows.cuh"
 #include "low_latency/params.h"
+#include "low_latency/transport.cuh"
 
 namespace jax_ep {
 
@@ -86,7 +87,7 @@ inline int blocks_for(long long pieces, int warps_per_block, int limit) {
 
 // Most rows one rank can receive in a low-latency dispatch: each source token sends
 // once per distinct expert, and at most num_topk (or all local experts) live here.
-inline long long ll_max_recv_rows(const BufferLayout& L) {
+JAX_EP_HD inline long long ll_max_recv_rows(const BufferLayout& L) {
   const int k = L.sizes.num_topk < L.sizes.num_local_experts ? L.sizes.num_topk : L.sizes.num_local_experts;
   return (long long)L.sizes.num_ranks * L.sizes.max_tokens * k;
 }
@@ -197,14 +198,21 @@ __device__ __forceinline__ uint64_t received_record(uint64_t record, uint64_t se
 
 // Buffer reuse: op `seq` overwrites the half that op seq-2 used in every destination,
 // so each live rank (ourselves included: XLA orders our own receive only by data)
-// must have finished its receive of op seq-2. Threads p < R each check rank p;
-// returns this thread's verdict (combine with __syncthreads_and, so the remote read
-// overlaps the caller's own work).
+// must have finished its receive of op seq-2. Threads p < R each check rank p (a
+// remote read for a rank on another node); returns this thread's verdict (combine
+// with __syncthreads_and, so the read overlaps the caller's own work).
+template <class Net>
 __device__ inline bool peer_received(const CommContext& c, const RankCtx& r, const int* active, int recv_counter,
                                      int phase) {
   const int p = threadIdx.x;
   if (r.seq <= 2 || p >= c.num_ranks || !active[p]) return true;
-  return wait_geq(counters_of(c, c.peers[p]) + recv_counter, 2 * (r.seq - 2), p, wait_ctx(c, r, phase));
+  const uint64_t target = 2 * (r.seq - 2);
+  if (is_far<Net>(c, r, p)) {
+    const uint64_t* word = counters_of(c, r.self) + recv_counter;  // symmetric: p's copy
+    uint64_t seen;
+    return wait_word([&] { return Net::get_u64(word, p); }, target, false, p, wait_ctx(c, r, phase), &seen);
+  }
+  return wait_geq(counters_of(c, c.peers[p]) + recv_counter, target, p, wait_ctx(c, r, phase));
 }
 
 // End of a send kernel's data phase. The last block to get here publishes the op's

@@ -6,6 +6,8 @@
 #include <mutex>
 #include <utility>
 
+#include "internode/launch.h"
+#include "internode/net_ops.h"
 #include "intranode/params.h"
 #include "layout/layout.h"
 #include "low_latency/params.h"
@@ -72,8 +74,21 @@ DeviceState* register_state(const DeviceStateConfig& cfg) {
     throw std::invalid_argument("jax_ep: at most " + std::to_string(kMaxRanks) + " EP ranks are supported, got " +
                                 std::to_string(cfg.sizes.num_ranks));
   }
+  const int N = cfg.sizes.num_nodes;
+  if (N < 1 || cfg.sizes.num_ranks % N != 0 || cfg.sizes.num_ranks / N > 32) {
+    throw std::invalid_argument("jax_ep: " + std::to_string(cfg.sizes.num_ranks) + " ranks cannot form " +
+                                std::to_string(N) + " nodes of equal size <= 32");
+  }
+  const NetOps* net = reinterpret_cast<const NetOps*>(cfg.net_ops);
+  if (N > 1 && (net == nullptr || net->abi != kNetOpsAbi)) {
+    throw std::invalid_argument(net == nullptr ? "jax_ep: a group spanning nodes needs the NVSHMEM module's launchers"
+                                               : "jax_ep: the NVSHMEM module was built from another jax_ep version "
+                                                 "(launcher table ABI " + std::to_string(net->abi) + ", expected " +
+                                                     std::to_string(kNetOpsAbi) + "); rebuild both");
+  }
   DeviceGuard guard(cfg.device);
   auto s = std::make_unique<DeviceState>();
+  s->net = N > 1 ? net : nullptr;
   s->group_id = cfg.group_id;
   s->device = cfg.device;
   s->layout = make_layout(cfg.sizes);
@@ -264,6 +279,7 @@ void preload_kernels(int device) {
   check_cuda(prepare_ht_dispatch_kernels(), "loading the dispatch kernels");
   check_cuda(prepare_ht_combine_kernels(), "loading the combine kernels");
   check_cuda(prepare_ll_kernels(), "loading the low-latency kernels");
+  check_cuda(prepare_internode_kernels(), "loading the internode kernels");
 }
 
 }  // namespace jax_ep

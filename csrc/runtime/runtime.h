@@ -19,6 +19,8 @@
 
 namespace jax_ep {
 
+struct NetOps;
+
 // A CUDA call that failed, with the call's text; thrown by the runtime functions.
 class CudaError : public std::runtime_error {
  public:
@@ -38,7 +40,8 @@ struct DeviceState {
   int copy_blocks = 1;
   uint64_t timeout_ns = 0;
   int fault_inject_rank = -1;
-  std::vector<uint8_t*> peers;        // [num_ranks] buffer bases, copied into each launch
+  std::vector<uint8_t*> peers;        // [num_ranks] buffer bases (null: another node), copied into each launch
+  const NetOps* net = nullptr;        // the NVSHMEM module's launchers (groups spanning nodes)
   ErrorRecord* err_host = nullptr;    // pinned, mapped
   ErrorRecord* err_device = nullptr;  // its device alias
   int* err_claim = nullptr;           // device memory (see ErrorSink)
@@ -64,7 +67,8 @@ struct DeviceStateConfig {
   int copy_blocks;
   double timeout_s;
   int fault_inject_rank;
-  std::vector<uint64_t> peer_bases;  // [num_ranks] buffer base of every rank, valid on `device`
+  std::vector<uint64_t> peer_bases;  // [num_ranks] buffer base of every rank, valid on `device` (0: another node)
+  uint64_t net_ops = 0;              // address of the NVSHMEM module's NetOps (sizes.num_nodes > 1)
 };
 
 // Registers (and owns) a state; replaces an existing one for the same key.

@@ -2,8 +2,10 @@
 and low-latency) vs the oracle.
 
 argv[1]: the transport, "ipc" (cudaMalloc + CUDA IPC, default) or "nvshmem" (NVSHMEM
-symmetric heap). All processes may share one GPU (CUDA MPS makes their kernels run
-side by side).
+symmetric heap); argv[2]: Config.node_size (NVSHMEM; 0 = ranks per host), so one host
+splits into virtual nodes and the two-level internode kernels run; argv[3] = "fault":
+rank 1 never sends, every rank must fail with a timeout error instead of hanging. All
+processes may share one GPU (CUDA MPS makes their kernels run side by side).
 """
 
 import os
@@ -36,7 +38,17 @@ E, K, T, H = 16, 4, 24, 512
 mesh = Mesh(np.array(jax.devices()), ("ep",))
 R = mesh.shape["ep"]
 transport = sys.argv[1] if len(sys.argv) > 1 else "ipc"
-config = jax_ep.Config(num_sms=4, num_copy_sms=8, timeout_s=60, transport=transport)
+node_size = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+fault = len(sys.argv) > 3 and sys.argv[3] == "fault"
+config = jax_ep.Config(
+    num_sms=4,
+    num_copy_sms=8,
+    timeout_s=2 if fault else 60,
+    transport=transport,
+    node_size=node_size,
+    fault_inject_rank=1 if fault else -1,
+    sync_errors=fault,
+)
 group = jax_ep.Group(
     mesh,
     "ep",
@@ -63,6 +75,17 @@ def per_rank(x, idx, w):
 
 
 f = jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+if fault:
+    try:
+        jax.block_until_ready(f(put(x), put(idx), put(w)))
+    except Exception as e:  # JaxRuntimeError with the kernel's record
+        assert "timed out" in str(e) and "waiting for rank" in str(e), e
+        print(f"rank {pid}: timeout reported: {str(e).splitlines()[0][:300]}")
+        sys.exit(0)
+    raise SystemExit(f"rank {pid}: a peer that never sends did not time out")
+nodes = R // group._runtime.node_size
+if node_size:  # the two-level kernels run: ranks split into nodes of node_size
+    assert group._runtime.node_size == node_size and nodes > 1, group._runtime.node_size
 for step in range(3):  # buffer reuse across calls
     out, combined = f(put(x), put(idx), put(w))
     local = jax.tree.map(lambda a: np.asarray(a.addressable_shards[0].data)[0], (out, combined))
@@ -71,7 +94,9 @@ for step in range(3):  # buffer reuse across calls
     assert_equal(local[0].x, want["x"], f"rank {pid} x step {step}")
     assert_equal(local[0].counts, want["counts"], f"rank {pid} counts")
     all_want = oracle_dispatch(x, idx, w, E, "ragged", cap)
-    expect = oracle_combine([o["x"] for o in all_want], all_want, idx, E, "ragged", jnp.bfloat16)
+    expect = oracle_combine(
+        [o["x"] for o in all_want], all_want, idx, E, "ragged", jnp.bfloat16, R // nodes
+    )
     assert_equal(local[1], expect[pid], f"rank {pid} combine step {step}")
 
 
@@ -101,4 +126,4 @@ for step in range(3):
     expect = oracle_low_latency_combine(ys, idx, w, E, T, jnp.bfloat16)
     assert_equal(ly, expect[pid], f"rank {pid} ll combine step {step}")
 group.check()
-print(f"rank {pid}/{count} ({transport}) OK on {jax.local_devices()[0].device_kind}")
+print(f"rank {pid}/{count} ({transport}, {nodes} node(s)) OK on {jax.local_devices()[0].device_kind}")

@@ -1,0 +1,113 @@
+// Slot addressing of the internode regions (common/buffer_layout.h) and the rank
+// arithmetic of the two-level exchange (docs/protocol.md, "Internode").
+//
+// Rank r sits on node r / P at local index r % P (P = ranks_per_node). A token goes
+// once to each destination node, to its *relay*: the rank of the source's local
+// index there. The relay forwards it over NVLink; combine runs the same way back.
+#pragma once
+
+#include "common/rank.cuh"
+#include "intranode/common.cuh"
+
+namespace jax_ep {
+
+struct NodeCtx {
+  int N, P;   // nodes, ranks per node
+  int node;   // this rank's node
+  int local;  // this rank's index inside its node
+};
+
+__device__ inline NodeCtx node_ctx(const CommContext& c, const RankCtx& r) {
+  const int P = c.layout.ranks_per_node();
+  return NodeCtx{c.layout.sizes.num_nodes, P, r.rank / P, r.rank % P};
+}
+
+__device__ inline uint8_t* net_dispatch_meta(const BufferLayout& L, uint8_t* base, int parity, int node, int t) {
+  return base + L.net_dispatch_meta +
+         ((size_t(parity) * L.sizes.num_nodes + node) * L.sizes.max_tokens + t) * L.meta_bytes_per_token();
+}
+
+__device__ inline uint8_t* net_dispatch_row(const BufferLayout& L, uint8_t* base, int parity, int node, int t) {
+  return base + L.net_dispatch_data +
+         ((size_t(parity) * L.sizes.num_nodes + node) * L.sizes.max_tokens + t) * L.row_bytes;
+}
+
+__device__ inline uint8_t* net_combine_row(const BufferLayout& L, uint8_t* base, int parity, int node, int t) {
+  return base + L.net_combine_data +
+         ((size_t(parity) * L.sizes.num_nodes + node) * L.sizes.max_tokens + t) * L.combine_row_bytes;
+}
+
+// Row of ht_combine_data (and tag) at the relay where writer `writer` leaves its
+// partial of token t of source `src`: one row per (writer's local index, source's
+// node). With one node this is [writer][t], the intranode slot.
+__device__ inline int relay_slot(const CommContext& c, int writer, int src) {
+  const int P = c.layout.ranks_per_node();
+  return (writer % P) * c.layout.sizes.num_nodes + src / P;
+}
+
+// The relay of `src`'s tokens on `writer`'s node (`src` itself with one node).
+__device__ inline int relay_rank(const CommContext& c, int writer, int src) {
+  const int P = c.layout.ranks_per_node();
+  return (writer / P) * P + src % P;
+}
+
+__device__ inline uint32_t* net_combine_tag(const BufferLayout& L, uint8_t* base, int parity, int slot, int t) {
+  return reinterpret_cast<uint32_t*>(base + L.net_combine_tag) +
+         (size_t(parity) * L.sizes.num_ranks + slot) * L.sizes.max_tokens + t;
+}
+
+__device__ inline uint64_t* net_signal(uint8_t* base, size_t region, int node) {
+  return reinterpret_cast<uint64_t*>(base + region) + node;
+}
+
+// The nodes of the ranks in `ranks` (bit n set when a rank of node n is in it).
+__device__ inline uint64_t nodes_of(uint64_t ranks, int P) {
+  uint64_t nodes = 0;
+  while (ranks) {
+    nodes |= 1ull << ((__ffsll(ranks) - 1) / P);
+    ranks &= ranks - 1;
+  }
+  return nodes;
+}
+
+// Lane j (< popc(units)) gets at(u) of the j-th unit set in `units` (warp-uniform);
+// returns the count. The row lists of the reductions, built in ascending unit order.
+template <typename Ptr, typename At>
+__device__ inline int lanes_of_units(uint64_t units, At at, Ptr* mine) {
+  int n = 0;
+  *mine = nullptr;
+  while (units) {
+    const int u = __ffsll(units) - 1;
+    units &= units - 1;
+    if (lane_id() == n) *mine = at(u);
+    ++n;
+  }
+  return n;
+}
+
+// A token's block of its source's token range: every rank splits its tokens in the
+// same contiguous ranges, so the relay knows which block's signal covers a token.
+__device__ inline void block_tokens(int T, int blocks, int block, int* t_begin, int* t_end) {
+  const int per = (T + blocks - 1) / blocks;
+  *t_begin = min(T, block * per);
+  *t_end = min(T, *t_begin + per);
+}
+
+// Waits (threads n < N of the block, one node each but `skip`) until `region`[n] of
+// this rank reaches `target`; false on timeout/abort. `peer_of(n)` names the waited-for
+// rank in the error record.
+template <typename PeerOf>
+__device__ inline bool wait_nodes(const CommContext& c, const RankCtx& r, size_t region, int skip, uint64_t target,
+                                  int phase, PeerOf peer_of) {
+  __shared__ int failed;
+  if (threadIdx.x == 0) failed = 0;
+  __syncthreads();
+  const int n = threadIdx.x;
+  if (n < c.layout.sizes.num_nodes && n != skip &&
+      !wait_geq(net_signal(r.self, region, n), target, peer_of(n), wait_ctx(c, r, phase)))
+    failed = 1;
+  __syncthreads();
+  return failed == 0;
+}
+
+}  // namespace jax_ep

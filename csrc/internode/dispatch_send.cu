@@ -1,0 +1,87 @@
+// HT dispatch, first hop (docs/protocol.md, "Internode"): every token crosses the
+// network once per destination node. Each block stages its contiguous token range in
+// this rank's symmetric buffer (the routing row, and the payload raw or quantised to
+// FP8, once per token) and puts each token's row to the relay of our local index on
+// every other node that holds one of its experts, then the block's routing rows to
+// every other node (which tell the relay which tokens came). After its puts complete,
+// the block adds one to our node's signal word at each such relay.
+#include "common/rows.cuh"
+#include "internode/common.cuh"
+#include "internode/net_kernels.h"
+#include "internode/nvshmem_device.cuh"
+
+namespace jax_ep {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+
+__global__ void __launch_bounds__(kThreads) ht_net_dispatch_send(HtDispatchArgs a) {
+  const CommContext& c = a.c;
+  const BufferLayout& L = c.layout;
+  const RankCtx r = rank_ctx(c, 0, kHtDispatchSeq);  // NVSHMEM: one rank per process
+  if (r.rank == c.fault_inject_rank) return;         // testing: a peer that never arrives
+  const NodeCtx nd = node_ctx(c, r);
+  const int T = a.num_tokens, K = a.num_topk, H = a.hidden, E = a.num_experts, e_loc = E / c.num_ranks;
+  const int esize = a.dtype == kF32 ? 4 : 2, lane = lane_id();
+  const size_t raw_bytes = size_t(H) * esize, meta_bytes = L.meta_bytes_per_token();
+  const size_t payload = a.fp8 ? size_t(H) + size_t(H / kFp8Group) * 4 : raw_bytes;
+  const uint8_t* x = static_cast<const uint8_t*>(a.x);
+  int t_begin, t_end;
+  block_tokens(T, c.send_blocks, blockIdx.x, &t_begin, &t_end);
+
+  for (int t = t_begin + warp_id(); t < t_end; t += kWarps) {
+    int e = lane < K ? a.topk_idx[size_t(t) * K + lane] : -1;
+    if (lane < K && (e < -1 || e >= E)) record_error(c.err, kErrBadExpert, r.rank, t, lane, E, e, 0);
+    const bool valid = lane < K && e >= 0 && e < E;
+    if (!valid) e = -1;
+    const float w = valid && a.topk_weights ? a.topk_weights[size_t(t) * K + lane] : 0.f;
+    uint8_t* meta = r.self + L.net_stage_meta + size_t(t) * meta_bytes;
+    if (lane < K) {
+      reinterpret_cast<int*>(meta)[lane] = e;
+      reinterpret_cast<float*>(meta)[K + lane] = w;
+    }
+    const uint64_t nodes = nodes_of(dest_mask(valid, valid ? e / e_loc : 0), nd.P);
+    if (!nodes) continue;
+    // staged once: our own node's relay (this rank) forwards it from here too
+    uint8_t* staged = r.self + L.net_stage_data + size_t(t) * L.row_bytes;
+    uint8_t* my_dst = lane == 0 ? staged : nullptr;
+    const uint8_t* x_row = x + size_t(t) * raw_bytes;
+    if (a.fp8)
+      quantize_row_multi(x_row, a.dtype, H, a.round_scale, my_dst, reinterpret_cast<float*>(my_dst + H), 1);
+    else
+      copy_row_any(x_row, false, raw_bytes, my_dst, 1);
+    __syncwarp();
+    for (uint64_t to = nodes & ~(1ull << nd.node); to; to &= to - 1) {
+      const int m = __ffsll(to) - 1;
+      net_put_warp(net_dispatch_row(L, r.self, r.parity, nd.node, t), staged, payload, m * nd.P + nd.local);
+    }
+  }
+  __syncthreads();  // the block's routing rows are staged
+  if (t_end > t_begin) {
+    for (int m = warp_id(); m < nd.N; m += kWarps) {
+      if (m == nd.node) continue;
+      net_put_warp(net_dispatch_meta(L, r.self, r.parity, nd.node, t_begin),
+                   r.self + L.net_stage_meta + size_t(t_begin) * meta_bytes, size_t(t_end - t_begin) * meta_bytes,
+                   m * nd.P + nd.local);
+    }
+  }
+  net_quiet();
+  __syncthreads();
+  const int m = threadIdx.x;
+  if (m < nd.N && m != nd.node) net_signal_add(net_signal(r.self, L.net_dispatch_signal, nd.node), 1, m * nd.P + nd.local);
+}
+
+}  // namespace
+
+cudaError_t prepare_net_dispatch_kernels() {
+  cudaFuncAttributes attr;
+  return cudaFuncGetAttributes(&attr, ht_net_dispatch_send);
+}
+
+cudaError_t launch_ht_net_dispatch_send(const HtDispatchArgs& a, cudaStream_t stream) {
+  ht_net_dispatch_send<<<a.c.send_blocks, kThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace jax_ep

@@ -1,0 +1,86 @@
+// HT dispatch, second hop (docs/protocol.md, "Internode"). The relay, the rank of local
+// index l on node n, holds the tokens of every node's rank of index l: its own staged
+// by ht_net_dispatch_send, the others' put there through NVSHMEM. It forwards each over
+// NVLink into the [source][token] slots of its node's ranks that the intranode send
+// fills, then adds to their arrival words: from there on, the intranode receive kernels
+// (bitmap, scan, copy, pad) run unchanged.
+#include "common/rows.cuh"
+#include "internode/common.cuh"
+#include "internode/launch.h"
+
+namespace jax_ep {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+
+__global__ void __launch_bounds__(kThreads) ht_dispatch_forward(HtDispatchArgs a) {
+  const CommContext& c = a.c;
+  const BufferLayout& L = c.layout;
+  const RankCtx r = rank_ctx(c, 0, kHtDispatchSeq);  // NVSHMEM: one rank per process
+  if (r.rank == c.fault_inject_rank) return;         // testing: a peer that never arrives
+  const NodeCtx nd = node_ctx(c, r);
+  const int T = a.num_tokens, K = a.num_topk, e_loc = a.num_experts / c.num_ranks;
+  int t_begin, t_end;
+  block_tokens(T, c.send_blocks, blockIdx.x, &t_begin, &t_end);
+  // every other node's source sends with send_blocks blocks, each signalling once
+  const auto relay_of = [&](int m) { return m * nd.P + nd.local; };
+  if (!wait_nodes(c, r, L.net_dispatch_signal, nd.node, r.seq * c.send_blocks, kPhaseNetDispatchArrival, relay_of))
+    return;
+
+  const int lane = lane_id(), span = t_end - t_begin;
+  const size_t payload = a.fp8 ? size_t(a.hidden) + size_t(a.hidden / kFp8Group) * 4
+                               : size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);
+  const uint64_t node_ranks = node_peers(c, r.rank);
+  for (int i = warp_id(); i < nd.N * span; i += kWarps) {
+    const int m = i / span, t = t_begin + i % span, src = relay_of(m);
+    const bool own = src == r.rank;
+    const uint8_t* meta = own ? r.self + L.net_stage_meta + size_t(t) * L.meta_bytes_per_token()
+                              : net_dispatch_meta(L, r.self, r.parity, m, t);
+    const uint8_t* row = own ? r.self + L.net_stage_data + size_t(t) * L.row_bytes
+                             : net_dispatch_row(L, r.self, r.parity, m, t);
+    // the source canonicalised its rows: -1 for masked or out-of-range ids
+    const int e = lane < K ? __ldcg(reinterpret_cast<const int*>(meta) + lane) : -1;
+    const float w = lane < K ? __ldcg(reinterpret_cast<const float*>(meta) + K + lane) : 0.f;
+    const uint64_t dests = dest_mask(e >= 0, e >= 0 ? e / e_loc : 0) & node_ranks;
+    // routing rows to every rank of the node (their bitmap kernels read every candidate);
+    // our own tokens' row is our input, read in place
+    for (uint64_t to = node_ranks; to; to &= to - 1) {
+      const int d = __ffsll(to) - 1;
+      if (own && d == r.rank) continue;
+      uint8_t* dst = dispatch_meta(L, c.peers[d], r.parity, src, t);
+      if (lane < K) {
+        reinterpret_cast<int*>(dst)[lane] = e;
+        reinterpret_cast<float*>(dst)[K + lane] = w;
+      }
+    }
+    const uint64_t to_rows = own ? dests & ~(1ull << r.rank) : dests;
+    if (!to_rows) continue;
+    uint8_t* my_dst;
+    const int ndst =
+        lanes_of_units(to_rows, [&](int d) { return dispatch_row(L, c.peers[d], r.parity, src, t); }, &my_dst);
+    copy_row_any(row, true, payload, my_dst, ndst);
+  }
+
+  // one arrival per block for every (source, rank of the node) pair but a rank's own
+  fence(c.sys_scope);
+  __syncthreads();
+  for (int i = threadIdx.x; i < nd.N * nd.P; i += kThreads) {
+    const int src = relay_of(i / nd.P), d = nd.node * nd.P + i % nd.P;
+    if (src != d) add_release(reinterpret_cast<uint64_t*>(c.peers[d] + L.ht_dispatch_arrival) + src, 1, c.sys_scope);
+  }
+}
+
+}  // namespace
+
+cudaError_t prepare_internode_kernels() {
+  cudaFuncAttributes attr;
+  return cudaFuncGetAttributes(&attr, ht_dispatch_forward);
+}
+
+cudaError_t launch_ht_dispatch_forward(const HtDispatchArgs& a, cudaStream_t stream) {
+  ht_dispatch_forward<<<a.c.send_blocks, kThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace jax_ep

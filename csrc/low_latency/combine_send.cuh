@@ -1,0 +1,93 @@
+// The send half of the low-latency combine (docs/protocol.md, "Low-latency
+// dispatch/combine"), a template on the transport (low_latency/transport.cuh): every
+// received row goes back unreduced to its home rank's [token][first k] slot (the
+// handle says which); then the rank's last block sets a flag in every live home rank.
+// Home ranks on other nodes get the row staged here and put there.
+#pragma once
+
+#include "low_latency/common.cuh"
+
+namespace jax_ep {
+namespace {
+
+template <class Net>
+__global__ void __launch_bounds__(kLlSendThreads, 1) ll_combine_send(LlCombineSendArgs a) {
+  extern __shared__ int smem[];
+  __shared__ uint8_t* peers[kMaxRanks];
+  __shared__ int active[kMaxRanks];
+  const CommContext& c = a.c;
+  const BufferLayout& L = c.layout;
+  const int R = c.num_ranks, e_loc = a.num_experts / R, T_max = L.sizes.max_tokens;
+  const size_t RT = size_t(R) * T_max;
+  int* counts = smem;           // [E_loc] rows per local expert
+  int* offsets = smem + e_loc;  // [E_loc + 1] flat exclusive prefix
+  const int local = blockIdx.x / c.send_blocks, block = blockIdx.x % c.send_blocks;
+  const RankCtx r = rank_ctx(c, local, kLlCombineSendSeq);
+
+  for (int e = threadIdx.x; e < e_loc; e += kLlSendThreads)
+    counts[e] = min(max(a.recv_count[size_t(local) * e_loc + e], 0), int(RT));
+  if (threadIdx.x < R) {
+    peers[threadIdx.x] = c.peers[threadIdx.x];
+    active[threadIdx.x] = a.active_ranks[size_t(local) * R + threadIdx.x] != 0;
+  }
+  __syncthreads();
+  const bool sends = active[r.rank] && r.rank != c.fault_inject_rank;
+  bool ok = !sends || peer_received<Net>(c, r, active, kLlCombineRecvSeq, kPhaseLlCombineReuse);
+  block_exclusive_scan(counts, offsets, e_loc);
+  ok = __syncthreads_and(ok);
+  if (block == 0 && threadIdx.x == 0) write_ticket(a.ticket, r);
+
+  if (sends && ok) {
+    const size_t row_bytes = size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);
+    const uint8_t* y = static_cast<const uint8_t*>(a.y) + size_t(local) * e_loc * RT * row_bytes;
+    const int* src_info = a.src_info + size_t(local) * e_loc * RT;
+    const int* topk_slot = a.topk_slot + size_t(local) * e_loc * RT;
+    const int units = row_units(row_bytes, kCopyUnitBytes);
+    const int worker = block * kLlSendWarps + warp_id();
+    for_each_piece(offsets[e_loc], units, worker, c.send_blocks * kLlSendWarps, [&](int g, int u0, int u1) {
+      const int e = segment_of(offsets, e_loc, g);
+      const size_t row = size_t(e) * RT + (g - offsets[e]);
+      const int src = __ldg(src_info + row), k = __ldg(topk_slot + row);
+      const int s = src / T_max, t = src - s * T_max;
+      // a handle that did not come from this group's dispatch: skip rather than scribble
+      if (src < 0 || s >= R || !active[s] || k < 0 || k >= L.sizes.num_topk) return;
+      const ByteRange b = unit_range(row_bytes, units, kCopyUnitBytes, u0, u1);
+      // a home rank on another node: staged here (row g of the staging region), put there
+      const bool far = is_far<Net>(c, r, s);
+      if (far && size_t(g) >= ll_max_recv_rows(L)) return;  // staging holds what a dispatch delivers
+      uint8_t* dst = far ? r.self + L.ll_stage_combine + size_t(g) * L.combine_row_bytes
+                         : ll_combine_row(L, peers[s], r.parity, t, k);
+      copy_row_any(y + row * row_bytes + b.begin, false, b.end - b.begin, dst + b.begin, 1);
+      if (far) {
+        __syncwarp();
+        Net::put_warp(ll_combine_row(L, r.self, r.parity, t, k) + b.begin, dst + b.begin, b.end - b.begin, s);
+      }
+    });
+  }
+
+  // --- one flag per live home rank, after every block's rows (and puts)
+  Net::quiet();
+  if (finish_send(c, r, kLlCombineSendSeq, c.send_blocks) && sends && !aborted(c, r)) {
+    const int p = threadIdx.x;
+    if (p < R && active[p])
+      publish_signal<Net>(
+          c, r, peers, p, [&](uint8_t* base) { return ll_combine_signal(L, base, r.parity, r.rank); },
+          ll_signal(r.seq, 1));
+  }
+}
+
+// Blocks for the most rows a dispatch can deliver here, spread over every warp (as the
+// dispatch send, launch_ll_dispatch_send_with says why), at most copy_blocks.
+template <class Net>
+cudaError_t launch_ll_combine_send_with(const LlCombineSendArgs& args, cudaStream_t stream) {
+  LlCombineSendArgs a = args;
+  const size_t row_bytes = size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);
+  a.c.send_blocks = blocks_for(ll_max_recv_rows(a.c.layout) * row_units(row_bytes, kCopyUnitBytes), kLlSendWarps,
+                               a.c.copy_blocks);
+  const size_t smem = (size_t(2) * (a.num_experts / a.c.num_ranks) + 1) * sizeof(int);
+  ll_combine_send<Net><<<a.c.num_local_ranks * a.c.send_blocks, kLlSendThreads, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace
+}  // namespace jax_ep
