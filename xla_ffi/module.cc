@@ -15,8 +15,8 @@ namespace {
 // The buffer sizes Python passes (Group fields), as the layout takes them.
 BufferSizes sizes_of(int num_ranks, int max_tokens, int hidden, int elem_bytes, int num_topk, int num_local_experts,
                      bool low_latency, int num_nodes) {
-  return BufferSizes{num_ranks, max_tokens, hidden, elem_bytes, num_topk, num_local_experts, low_latency ? 1 : 0,
-                     num_nodes};
+  return BufferSizes{num_ranks,         max_tokens,          hidden,   elem_bytes, num_topk,
+                     num_local_experts, low_latency ? 1 : 0, num_nodes};
 }
 
 }  // namespace
@@ -38,8 +38,8 @@ NB_MODULE(_jax_ep_cuda, m) {
       "buffer_bytes",
       [](int num_ranks, int max_tokens, int hidden, int elem_bytes, int num_topk, int num_local_experts,
          bool low_latency, int num_nodes) {
-        return make_layout(sizes_of(num_ranks, max_tokens, hidden, elem_bytes, num_topk, num_local_experts,
-                                    low_latency, num_nodes))
+        return make_layout(sizes_of(num_ranks, max_tokens, hidden, elem_bytes, num_topk, num_local_experts, low_latency,
+                                    num_nodes))
             .total_bytes;
       },
       nb::arg("num_ranks"), nb::arg("max_tokens"), nb::arg("hidden"), nb::arg("elem_bytes"), nb::arg("num_topk"),
@@ -50,13 +50,12 @@ NB_MODULE(_jax_ep_cuda, m) {
       "register_state",
       [](int64_t group_id, int device, int num_ranks, int max_tokens, int hidden, int elem_bytes, int num_topk,
          int num_local_experts, bool low_latency, int num_nodes, int first_rank, int num_local_ranks, int send_blocks,
-         int copy_blocks, double timeout_s, int fault_inject_rank, std::vector<uint64_t> peer_bases,
-         uint64_t net_ops) {
+         int copy_blocks, double timeout_s, int fault_inject_rank, std::vector<uint64_t> peer_bases, uint64_t net_ops) {
         DeviceStateConfig cfg;
         cfg.group_id = group_id;
         cfg.device = device;
-        cfg.sizes = sizes_of(num_ranks, max_tokens, hidden, elem_bytes, num_topk, num_local_experts, low_latency,
-                             num_nodes);
+        cfg.sizes =
+            sizes_of(num_ranks, max_tokens, hidden, elem_bytes, num_topk, num_local_experts, low_latency, num_nodes);
         cfg.net_ops = net_ops;
         cfg.first_rank = first_rank;
         cfg.num_local_ranks = num_local_ranks;
@@ -87,7 +86,9 @@ NB_MODULE(_jax_ep_cuda, m) {
       "call_stats",
       [](int64_t group_id, int device) {
         DeviceState* s = find_state(group_id, device);
-        if (s == nullptr) throw std::invalid_argument("group " + std::to_string(group_id) + " has no state on device " + std::to_string(device));
+        if (s == nullptr)
+          throw std::invalid_argument("group " + std::to_string(group_id) + " has no state on device " +
+                                      std::to_string(device));
         nb::dict out;
         out["handler_calls_captured"] = s->calls_captured.load();
         out["handler_calls_direct"] = s->calls_direct.load();

@@ -38,10 +38,11 @@ __global__ void __launch_bounds__(kThreads) ht_net_combine_relay(HtCombineArgs a
     const uint32_t writers = __ballot_sync(kFullMask, tagged);
     if (!writers) continue;  // the token has no expert on this node
     const uint8_t* my_row;
-    const int n = lanes_of_units(
-        writers, [&](int w) { return combine_row(L, r.self, r.parity, w * nd.N + m, t); }, &my_row);
-    uint8_t* sum = m == nd.node ? net_combine_row(L, r.self, r.parity, nd.node, t)
-                                : r.self + L.net_stage_combine + (size_t(m) * L.sizes.max_tokens + t) * L.combine_row_bytes;
+    const int n =
+        lanes_of_units(writers, [&](int w) { return combine_row(L, r.self, r.parity, w * nd.N + m, t); }, &my_row);
+    uint8_t* sum = m == nd.node
+                       ? net_combine_row(L, r.self, r.parity, nd.node, t)
+                       : r.self + L.net_stage_combine + (size_t(m) * L.sizes.max_tokens + t) * L.combine_row_bytes;
     weighted_sum_rows(my_row, 1.f, n, true, a.dtype, a.hidden, sum);
     if (m == nd.node) continue;
     __syncwarp();
@@ -50,7 +51,8 @@ __global__ void __launch_bounds__(kThreads) ht_net_combine_relay(HtCombineArgs a
   net_quiet();
   __syncthreads();
   const int m = threadIdx.x;
-  if (m < nd.N && m != nd.node) net_signal_add(net_signal(r.self, L.net_combine_signal, nd.node), 1, m * nd.P + nd.local);
+  if (m < nd.N && m != nd.node)
+    net_signal_add(net_signal(r.self, L.net_combine_signal, nd.node), 1, m * nd.P + nd.local);
 }
 
 }  // namespace

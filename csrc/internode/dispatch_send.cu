@@ -69,7 +69,8 @@ __global__ void __launch_bounds__(kThreads) ht_net_dispatch_send(HtDispatchArgs 
   net_quiet();
   __syncthreads();
   const int m = threadIdx.x;
-  if (m < nd.N && m != nd.node) net_signal_add(net_signal(r.self, L.net_dispatch_signal, nd.node), 1, m * nd.P + nd.local);
+  if (m < nd.N && m != nd.node)
+    net_signal_add(net_signal(r.self, L.net_dispatch_signal, nd.node), 1, m * nd.P + nd.local);
 }
 
 }  // namespace

@@ -29,16 +29,16 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_forward(HtDispatchArgs a
     return;
 
   const int lane = lane_id(), span = t_end - t_begin;
-  const size_t payload = a.fp8 ? size_t(a.hidden) + size_t(a.hidden / kFp8Group) * 4
-                               : size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);
+  const size_t payload =
+      a.fp8 ? size_t(a.hidden) + size_t(a.hidden / kFp8Group) * 4 : size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);
   const uint64_t node_ranks = node_peers(c, r.rank);
   for (int i = warp_id(); i < nd.N * span; i += kWarps) {
     const int m = i / span, t = t_begin + i % span, src = relay_of(m);
     const bool own = src == r.rank;
     const uint8_t* meta = own ? r.self + L.net_stage_meta + size_t(t) * L.meta_bytes_per_token()
                               : net_dispatch_meta(L, r.self, r.parity, m, t);
-    const uint8_t* row = own ? r.self + L.net_stage_data + size_t(t) * L.row_bytes
-                             : net_dispatch_row(L, r.self, r.parity, m, t);
+    const uint8_t* row =
+        own ? r.self + L.net_stage_data + size_t(t) * L.row_bytes : net_dispatch_row(L, r.self, r.parity, m, t);
     // the source canonicalised its rows: -1 for masked or out-of-range ids
     const int e = lane < K ? __ldcg(reinterpret_cast<const int*>(meta) + lane) : -1;
     const float w = lane < K ? __ldcg(reinterpret_cast<const float*>(meta) + K + lane) : 0.f;

@@ -93,11 +93,10 @@ __global__ void __launch_bounds__(kThreads) ht_combine_recv(HtCombineArgs a) {
       if (ranks == (1ull << r.rank)) continue;  // written by the send kernel
       // lane j holds the j-th contributing rank's (or node's) row, in ascending order
       const uint8_t* my_row;
-      const int n = net ? lanes_of_units(
-                              nodes_of(ranks, P), [&](int m) { return net_combine_row(L, r.self, r.parity, m, t); },
-                              &my_row)
-                        : lanes_of_units(
-                              ranks, [&](int d) { return combine_row(L, r.self, r.parity, d, t); }, &my_row);
+      const int n =
+          net ? lanes_of_units(
+                    nodes_of(ranks, P), [&](int m) { return net_combine_row(L, r.self, r.parity, m, t); }, &my_row)
+              : lanes_of_units(ranks, [&](int d) { return combine_row(L, r.self, r.parity, d, t); }, &my_row);
       weighted_sum_rows(my_row, 1.f, n, true, a.dtype, a.hidden, out + size_t(t) * a.hidden * esize);
     }
   }

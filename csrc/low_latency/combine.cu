@@ -68,8 +68,8 @@ cudaError_t launch_ll_combine_send(const LlCombineSendArgs& a, cudaStream_t stre
 cudaError_t launch_ll_combine_recv(const LlCombineRecvArgs& args, cudaStream_t stream) {
   LlCombineRecvArgs a = args;
   const size_t row_bytes = size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);
-  a.c.copy_blocks = blocks_for((long long)a.num_tokens * row_units(row_bytes, kSumUnitBytes), kLlRecvWarps,
-                               a.c.copy_blocks);
+  a.c.copy_blocks =
+      blocks_for((long long)a.num_tokens * row_units(row_bytes, kSumUnitBytes), kLlRecvWarps, a.c.copy_blocks);
   ll_combine_recv<<<a.c.num_local_ranks * a.c.copy_blocks, kLlRecvThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }

@@ -83,7 +83,8 @@ DeviceState* register_state(const DeviceStateConfig& cfg) {
   if (N > 1 && (net == nullptr || net->abi != kNetOpsAbi)) {
     throw std::invalid_argument(net == nullptr ? "jax_ep: a group spanning nodes needs the NVSHMEM module's launchers"
                                                : "jax_ep: the NVSHMEM module was built from another jax_ep version "
-                                                 "(launcher table ABI " + std::to_string(net->abi) + ", expected " +
+                                                 "(launcher table ABI " +
+                                                     std::to_string(net->abi) + ", expected " +
                                                      std::to_string(kNetOpsAbi) + "); rebuild both");
   }
   DeviceGuard guard(cfg.device);

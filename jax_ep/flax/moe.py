@@ -345,7 +345,8 @@ class MoE(nnx.Module):
                 raise ValueError(
                     f"MoE(dtype={jnp.dtype(dtype).name}) dispatches {jnp.dtype(dtype).name} rows, "
                     f"but the jax_ep.Group buffers hold {g.dtype.name}: create the Group with "
-                    f"dtype={jnp.dtype(dtype).name}")
+                    f"dtype={jnp.dtype(dtype).name}"
+                )
         exchange = _make_exchange(
             impl, group, num_experts, fp8, capacity_factor, ragged_all_to_all_emulation
         )

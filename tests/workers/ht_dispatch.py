@@ -126,4 +126,5 @@ for step in range(3):
     expect = oracle_low_latency_combine(ys, idx, w, E, T, jnp.bfloat16)
     assert_equal(ly, expect[pid], f"rank {pid} ll combine step {step}")
 group.check()
-print(f"rank {pid}/{count} ({transport}, {nodes} node(s)) OK on {jax.local_devices()[0].device_kind}")
+kind = jax.local_devices()[0].device_kind
+print(f"rank {pid}/{count} ({transport}, {nodes} node(s)) OK on {kind}")
