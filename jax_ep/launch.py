@@ -2,6 +2,7 @@
 
     python -m jax_ep.launch -n 2 train.py --steps 100
     python -m jax_ep.launch -n 2 --share-gpu test_script.py   # both processes on GPU 0
+    python -m jax_ep.launch -n 8 -m jax_ep.bench --transport nvshmem   # a module, like python -m
 
 Each process gets ``JAX_EP_COORDINATOR``, ``JAX_EP_NUM_PROCESSES`` and
 ``JAX_EP_PROCESS_ID`` and (unless ``--share-gpu``) its own GPU through
@@ -143,12 +144,13 @@ def main(argv=None) -> int:
     p.add_argument("-n", "--num-processes", type=int, required=True)
     p.add_argument("--share-gpu", action="store_true", help="all processes on the first GPU")
     p.add_argument("--timeout", type=float, default=None, help="seconds before the job is stopped")
-    p.add_argument("script")
+    p.add_argument("-m", dest="module", action="store_true", help="run `script` as a module")
+    p.add_argument("script", help="the script (or, with -m, the module) every process runs")
     p.add_argument("args", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
     return launch(
         a.num_processes,
-        [sys.executable, a.script, *a.args],
+        [sys.executable, *(["-m"] if a.module else []), a.script, *a.args],
         share_gpu=a.share_gpu,
         timeout_s=a.timeout,
     )

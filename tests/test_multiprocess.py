@@ -92,3 +92,10 @@ def test_internode_on_virtual_nodes(procs, node_size):
 def test_internode_peer_that_never_sends_times_out():
     args = ("nvshmem", "1", "fault")
     assert run(2, "ht_dispatch.py", *args, share_gpu=True, env=GPU_ENV, timeout=400) == 0
+
+
+def test_launcher_runs_a_module():
+    """``python -m jax_ep.launch -n 2 -m MODULE`` (the bench's multi-process form)."""
+    from jax_ep.launch import main
+
+    assert main(["-n", "2", "-m", "platform"]) == 0

@@ -7,6 +7,8 @@ Examples::
     python -m jax_ep.bench --ranks 1 --layouts ragged   # EP=1: the kernels' own efficiency
     python -m jax_ep.bench --mode low-latency --tokens 128 --experts 288
     python -m jax_ep.bench --sweep 128,512,2048,8192    # time vs tokens per rank
+    # internode path, one process per GPU, the GPUs split into 2 virtual nodes:
+    python -m jax_ep.launch -n 8 -m jax_ep.bench --transport nvshmem --node-size 4
 """
 
 from __future__ import annotations
@@ -41,6 +43,21 @@ def _parse(argv=None):
     )
     p.add_argument("--sweep", default="", help="comma list of token counts (ht)")
     p.add_argument("--num-sms", type=int, default=0, help="SMs of the send kernels (0: default)")
+    p.add_argument(
+        "--num-copy-sms", type=int, default=0, help="SMs of the copy kernels (0: all SMs)"
+    )
+    p.add_argument(
+        "--transport",
+        choices=["ipc", "nvshmem"],
+        default="ipc",
+        help="how processes reach each other's buffers (one process per GPU, jax_ep.launch)",
+    )
+    p.add_argument(
+        "--node-size",
+        type=int,
+        default=0,
+        help="nvshmem: ranks per node (0: per host); smaller splits a host into virtual nodes",
+    )
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--chain", type=int, default=16, help="ops per program (low-latency)")
@@ -94,9 +111,16 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
+    from jax_ep import launch
+
+    if launch.ENV_COORDINATOR in os.environ:  # one process per GPU, started by jax_ep.launch
+        launch.initialize()
     import jax
 
     import jax_ep
+
+    if jax.process_index() != 0:  # process 0 reports for the job
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     from jax_ep.bench import cases, timing
 
     env = timing.environment()
@@ -106,7 +130,12 @@ def _run(args) -> int:
     num_gpus = len(jax.devices())
     loopback = args.loopback is not None
     ranks = args.loopback if loopback else (args.ranks or num_gpus)
-    config = jax_ep.Config(num_sms=args.num_sms)
+    config = jax_ep.Config(
+        num_sms=args.num_sms,
+        num_copy_sms=args.num_copy_sms,
+        transport=args.transport,
+        node_size=args.node_size,
+    )
     backends = [b for b in args.backends.split(",") if b]
     if jax_ep.default_backend() != "cuda":
         print(
@@ -116,7 +145,9 @@ def _run(args) -> int:
         )
         backends = [b for b in backends if b != "cuda"]
     base = [] if args.baselines == "none" else [b for b in args.baselines.split(",") if b]
-    setup = cases.Setup(ranks, loopback, tokens, args.hidden, args.topk, experts)
+    setup = cases.Setup(
+        ranks, loopback, tokens, args.hidden, args.topk, experts, node_size=args.node_size or ranks
+    )
     print(
         f"jax_ep.bench {args.mode}: {ranks} rank(s) ({setup.transport}) on {env['device']}, "
         f"{tokens} tokens/rank, hidden {args.hidden}, top-{args.topk} of {experts}",
@@ -134,6 +165,10 @@ def _run(args) -> int:
             topk=args.topk,
             experts=experts,
             num_sms=args.num_sms or None,
+            num_copy_sms=args.num_copy_sms or None,
+            processes=jax.process_count(),
+            transport_option=args.transport,
+            node_size=args.node_size or None,
             calls=args.calls,
             repeats=args.repeats,
         ),
@@ -167,10 +202,14 @@ def _run(args) -> int:
                 config=config,
             )
         record["results"] = results
+    if jax.process_index() != 0:
+        return 0
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = env["device"].replace(" ", "-")
     name = f"{env['date'][:10]}_{device}_{args.mode}_{'lb' if loopback else 'ep'}{ranks}"
+    if args.transport == "nvshmem":
+        name += f"_nvshmem-nodes{ranks // setup.node_size}"
     path = out_dir / f"{name}{'_' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(record, indent=1))
     print(f"wrote {path}", flush=True)

@@ -28,8 +28,10 @@ class Setup:
     topk: int
     experts: int
     seed: int = 0
+    node_size: int = 0  # ranks per node (internode: nodes exchange through NVSHMEM)
 
     def __post_init__(self):
+        self.node_size = self.node_size or self.num_ranks
         devices = jax.devices()
         self.mesh = Mesh(
             np.array(devices[:1] if self.loopback else devices[: self.num_ranks]), ("ep",)
@@ -41,6 +43,14 @@ class Setup:
             return "host (no GPU)"
         if self.num_ranks == 1:
             return "none (EP=1)"
+        if self.node_size < self.num_ranks:
+            share = " on one GPU" if len({d.id for d in self.mesh.devices.flat}) < 2 else ""
+            return (
+                f"NVSHMEM between {self.num_ranks // self.node_size} nodes of "
+                f"{self.node_size} ranks, NVLink inside a node{share}"
+            )
+        if jax.process_count() > 1:
+            return "NVLink, one process per GPU"
         return (
             "loopback: all ranks on one GPU, 'link' bytes go through HBM"
             if self.loopback
@@ -61,7 +71,10 @@ class Setup:
         if self.loopback:
             return [jax.device_put(a, self.mesh.devices.flat[0]) for a in arrays]
         sharding = NamedSharding(self.mesh, P("ep"))
-        return [jax.device_put(a, sharding) for a in arrays]
+        # every process holds the whole array; each device takes its rank's slice
+        return [
+            jax.make_array_from_callback(a.shape, sharding, lambda i, a=a: a[i]) for a in arrays
+        ]
 
     def per_rank(self, fn):
         """Jitted callable on stacked ``[R, ...]`` arrays running ``fn`` once per rank."""
@@ -105,10 +118,14 @@ def wire_row_bytes(hidden: int, fp8: bool) -> int:
     return hidden + hidden // 128 * 4 if fp8 else hidden * 2
 
 
-def traffic(idx: np.ndarray, experts: int) -> dict:
+def traffic(idx: np.ndarray, experts: int, node_size: int | None = None) -> dict:
     """Counts of what must move: (token, remote rank) pairs, (token, remote expert) pairs,
-    received tokens and rows, per rank on average."""
+    received tokens and rows, per rank on average. With nodes (``node_size`` < ranks):
+    ``net_token_node_pairs`` (token, other destination node): the rows NVSHMEM carries,
+    once per node; ``nvlink_token_rank_pairs``: the rows a relay or source forwards over
+    NVLink inside a node; ``net_expert_rows`` the low-latency messages to other nodes."""
     R, T, _ = idx.shape
+    P = node_size or R
     e_loc = experts // R
     ranks = np.where(idx >= 0, idx // e_loc, -1)
     token_rank = (ranks[..., None] == np.arange(R)).any(axis=2)  # [R, T, R]
@@ -127,23 +144,43 @@ def traffic(idx: np.ndarray, experts: int) -> dict:
         )
         / R
     )
-    return dict(
+    out = dict(
         remote_token_rank_pairs=remote_pairs,
         received_tokens=received,
         expert_rows=rows,
         remote_expert_rows=remote_rows,
     )
+    if P < R:
+        token_node = token_rank.reshape(R, T, R // P, P).any(axis=3)  # [R, T, N]
+        own_node = (np.arange(R) // P)[:, None, None] == np.arange(R // P)[None, None, :]
+        # a relay of the source's local index receives over the network; others by NVLink
+        forwarded = token_rank & (dst % P != src % P)
+        net_rows = sum(
+            len({int(e) for e in idx[s, t] if e >= 0 and e // e_loc // P != s // P})
+            for s in range(R)
+            for t in range(T)
+        )
+        out.update(
+            net_token_node_pairs=(token_node & ~own_node).sum() / R,
+            nvlink_token_rank_pairs=forwarded.sum() / R,
+            net_expert_rows=net_rows / R,
+        )
+    return out
 
 
-def rates(result: dict, link_bytes: float, hbm_bytes: float) -> dict:
+def rates(result: dict, link_bytes: float, hbm_bytes: float, net_bytes: float = 0.0) -> dict:
+    """GB/s of the bytes that cross NVLink (``link``), HBM, and (internode) NVSHMEM."""
     t = result["median_us"] * 1e-6
-    return dict(
+    out = dict(
         result,
         link_bytes=link_bytes,
         link_GBps=link_bytes / t / 1e9 if link_bytes else 0.0,
         hbm_bytes=hbm_bytes,
         hbm_GBps=hbm_bytes / t / 1e9,
     )
+    if net_bytes:
+        out.update(net_bytes=net_bytes, net_GBps=net_bytes / t / 1e9)
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -163,24 +200,30 @@ def ht_cases(
 ) -> list[dict]:
     x, idx, w = setup.routing()
     xd, idxd, wd = setup.put(x, idx, w)
-    tr = traffic(idx, setup.experts)
+    tr = traffic(idx, setup.experts, setup.node_size)
     H, T = setup.hidden, setup.tokens
+    internode = "net_token_node_pairs" in tr
     out = []
 
     def record(name, backend, layout, fp8, res, link, hbm, **extra):
+        net = 0.0
+        if internode and backend == "cuda":  # two hops: bytes per node over NVSHMEM, then NVLink
+            row_b = wire_row_bytes(H, fp8) if name == "dispatch" else 2 * H
+            net, link = tr["net_token_node_pairs"] * row_b, tr["nvlink_token_rank_pairs"] * row_b
         row = dict(
             op=name,
             backend=backend,
             layout=layout,
             fp8=fp8,
             tokens=T,
-            **rates(res, link, hbm),
+            **rates(res, link, hbm, net),
             **extra,
         )
         out.append(row)
         print(
             f"  {name:9s} {backend:18s} {layout:12s} fp8={int(fp8)} {row['median_us']:9.1f} us"
-            f"  link {row['link_GBps']:7.1f} GB/s  hbm {row['hbm_GBps']:7.1f} GB/s",
+            f"  link {row['link_GBps']:7.1f} GB/s  hbm {row['hbm_GBps']:7.1f} GB/s"
+            + (f"  nvshmem {row['net_GBps']:7.1f} GB/s" if net else ""),
             flush=True,
         )
 
@@ -306,7 +349,7 @@ def ll_cases(
     T = tokens or setup.tokens
     x, idx, w = setup.routing(T)
     xd, idxd, wd = setup.put(x, idx, w)
-    tr = traffic(idx, setup.experts)
+    tr = traffic(idx, setup.experts, setup.node_size)
     H = setup.hidden
     out = []
     for backend in backends:
@@ -324,18 +367,17 @@ def ll_cases(
             calls_after = _handler_calls(group)
             res = {k: (v / chain if k.endswith("_us") else v) for k, v in res.items()}
             msg = 16 + wire_row_bytes(H, fp8)
-            link = {
-                "dispatch": tr["remote_expert_rows"] * msg,
-                "combine": tr["remote_expert_rows"] * 2 * H,
-                "pair": tr["remote_expert_rows"] * (msg + 2 * H),
-            }[what]
+            per_row = {"dispatch": msg, "combine": 2 * H, "pair": msg + 2 * H}[what]
+            # internode: messages to other nodes' ranks go through NVSHMEM, the rest NVLink
+            net_rows = tr.get("net_expert_rows", 0.0) if backend == "cuda" else 0.0
+            link = (tr["remote_expert_rows"] - net_rows) * per_row
             row = dict(
                 op=f"ll_{what}",
                 backend=backend,
                 fp8=fp8,
                 tokens=T,
                 chain=chain,
-                **rates(res, link, 0.0),
+                **rates(res, link, 0.0, net_rows * per_row),
             )
             print(
                 f"  ll_{what:8s} {backend:10s} fp8={int(fp8)} {row['median_us']:8.2f} us/call"
