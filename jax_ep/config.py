@@ -42,7 +42,8 @@ class Config:
     num_copy_sms: thread blocks per rank of the local copy-out/reduce kernels, which
       are HBM-bound and short, and of every low-latency kernel (a decode step has no
       compute to leave SMs to); 0 = every SM of the device. The low-latency kernels
-      use fewer when their buffers cannot hold enough rows to need them. Lower it when several
+      use fewer when their buffers cannot hold enough rows to need them, and in loopback
+      the virtual ranks of a launch share them (one wave). Lower it when several
       processes share one GPU (CUDA MPS), so spinning receivers leave SMs to senders.
     timeout_s: budget of every wait on a peer inside a kernel (default 100 s, or
       ``JAX_EP_TIMEOUT_S``); on expiry the

@@ -7,6 +7,8 @@
 #   tools/gpu_session.sh tests            # GPU tests only
 #   tools/gpu_session.sh tests bench      # and the default benchmarks
 #   tools/gpu_session.sh llprof           # low-latency kernel breakdown (profiler)
+#   tools/gpu_session.sh internode        # NVSHMEM path: 2 processes on GPU 0 as 2 virtual nodes
+# Benchmark JSON goes to $OUT/json, packed into $OUT/json.tgz at the end (few files come back).
 #   PYTEST_K="low_latency and cuda" tools/gpu_session.sh tests
 set -u
 OUT=${OUT:-gpu-logs}
@@ -38,14 +40,26 @@ for stage in "$@"; do
         2>&1 | tee "$OUT/tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout" | tail -80
       status=$(( status | ${PIPESTATUS[0]} )) ;;
     bench)
-      B="python3 -m jax_ep.bench --calls 10 --repeats 10 --out benchmarks"
+      B="python3 -m jax_ep.bench --calls 10 --repeats 10 --out $OUT/json"
       { timeout 240 $B --ranks 1
         timeout 200 $B --loopback 2 --baselines all_to_all
         timeout 200 $B --mode low-latency --loopback 2 --tokens 128 --experts 288 --profile
         timeout 150 $B --mode low-latency --ranks 1 --tokens 1 --hidden 128 --experts 8 --topk 1 \
           --chain 32 --backends cuda --tag empty --profile
-      } 2>&1 | tee "$OUT/bench.log" | grep -v "^ *$"
-      cp benchmarks/*.json "$OUT/" 2>/dev/null ;;
+      } 2>&1 | tee "$OUT/bench.log" | grep -v "^ *$" ;;
+    llbench)  # the low-latency benchmarks of the bench stage alone
+      B="python3 -m jax_ep.bench --calls 10 --repeats 10 --out $OUT/json --mode low-latency"
+      { timeout 200 $B --loopback 2 --tokens 128 --experts 288 --profile
+        timeout 150 $B --ranks 1 --tokens 1 --hidden 128 --experts 8 --topk 1 --chain 32 --backends cuda \
+          --tag empty --profile
+      } 2>&1 | tee "$OUT/llbench.log" | grep -v "^ *$" ;;
+    internode)  # one process per rank on one GPU (MPS): numbers show the path, not link speed
+      B="python3 -m jax_ep.launch -n 2 --share-gpu --timeout 280 -m jax_ep.bench --transport nvshmem
+         --node-size 1 --num-sms 8 --num-copy-sms 32 --calls 10 --repeats 10 --out $OUT/json
+         --backends cuda --baselines none"
+      { XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 timeout 300 $B --tokens 4096 --layouts ragged
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 timeout 300 $B --mode low-latency --graphs on --tokens 128 --experts 288
+      } 2>&1 | tee "$OUT/internode.log" | grep -v "^ *$" ;;
     llprof)  # where the low-latency time goes: kernel breakdown from the profiler
       B="python3 -m jax_ep.bench --mode low-latency --graphs on --profile --calls 10 --repeats 10 --out $OUT"
       { timeout 150 $B --ranks 1 --tokens 1 --hidden 128 --experts 8 --topk 1 --chain 32 \
@@ -56,4 +70,5 @@ for stage in "$@"; do
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
+if [ -d "$OUT/json" ]; then tar czf "$OUT/json.tgz" -C "$OUT" json && rm -rf "$OUT/json"; fi
 exit $status

@@ -69,7 +69,7 @@ cudaError_t launch_ll_combine_recv(const LlCombineRecvArgs& args, cudaStream_t s
   LlCombineRecvArgs a = args;
   const size_t row_bytes = size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);
   a.c.copy_blocks =
-      blocks_for((long long)a.num_tokens * row_units(row_bytes, kSumUnitBytes), kLlRecvWarps, a.c.copy_blocks);
+      blocks_for((long long)a.num_tokens * row_units(row_bytes, kSumUnitBytes), kLlRecvWarps, ll_block_limit(a.c));
   ll_combine_recv<<<a.c.num_local_ranks * a.c.copy_blocks, kLlRecvThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }

@@ -82,8 +82,8 @@ template <class Net>
 cudaError_t launch_ll_combine_send_with(const LlCombineSendArgs& args, cudaStream_t stream) {
   LlCombineSendArgs a = args;
   const size_t row_bytes = size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);
-  a.c.send_blocks =
-      blocks_for(ll_max_recv_rows(a.c.layout) * row_units(row_bytes, kCopyUnitBytes), kLlSendWarps, a.c.copy_blocks);
+  a.c.send_blocks = blocks_for(ll_max_recv_rows(a.c.layout) * row_units(row_bytes, kCopyUnitBytes), kLlSendWarps,
+                               ll_block_limit(a.c));
   const size_t smem = (size_t(2) * (a.num_experts / a.c.num_ranks) + 1) * sizeof(int);
   ll_combine_send<Net><<<a.c.num_local_ranks * a.c.send_blocks, kLlSendThreads, smem, stream>>>(a);
   return cudaGetLastError();

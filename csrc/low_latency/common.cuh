@@ -85,6 +85,15 @@ inline int blocks_for(long long pieces, int warps_per_block, int limit) {
   return int(need < 1 ? 1 : need < limit ? need : limit);
 }
 
+// Most blocks per rank of a low-latency launch: Config.num_copy_sms (default every SM),
+// shared by the ranks of the launch (loopback runs every virtual rank in one launch).
+// One block fits an SM (__launch_bounds__(..., 1)), so this keeps a launch to one wave:
+// a second wave would pay every block's fixed start (counts, waits, scans) again.
+inline int ll_block_limit(const CommContext& c) {
+  const int share = c.copy_blocks / c.num_local_ranks;
+  return share > 1 ? share : 1;
+}
+
 // Most rows one rank can receive in a low-latency dispatch: each source token sends
 // once per distinct expert, and at most num_topk (or all local experts) live here.
 JAX_EP_HD inline long long ll_max_recv_rows(const BufferLayout& L) {

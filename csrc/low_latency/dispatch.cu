@@ -112,7 +112,7 @@ cudaError_t launch_ll_dispatch_recv(const LlDispatchRecvArgs& args, cudaStream_t
   LlDispatchRecvArgs a = args;
   const size_t payload = a.fp8 ? size_t(a.hidden) : size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);
   a.c.copy_blocks =
-      blocks_for(ll_max_recv_rows(a.c.layout) * row_units(payload, kCopyUnitBytes), kLlRecvWarps, a.c.copy_blocks);
+      blocks_for(ll_max_recv_rows(a.c.layout) * row_units(payload, kCopyUnitBytes), kLlRecvWarps, ll_block_limit(a.c));
   const size_t smem = (size_t(2) * a.num_experts + 1) * sizeof(int);
   ll_dispatch_recv<<<a.c.num_local_ranks * a.c.copy_blocks, kLlRecvThreads, smem, stream>>>(a);
   return cudaGetLastError();

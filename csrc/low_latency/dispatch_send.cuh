@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_dispatch_send(LlDispatch
 template <class Net>
 cudaError_t launch_ll_dispatch_send_with(const LlDispatchSendArgs& args, cudaStream_t stream) {
   LlDispatchSendArgs a = args;
-  a.c.send_blocks = blocks_for(a.num_tokens, 1, a.c.copy_blocks);
+  a.c.send_blocks = blocks_for(a.num_tokens, 1, ll_block_limit(a.c));
   const size_t smem = size_t(2) * a.num_experts * sizeof(int);
   ll_dispatch_send<Net><<<a.c.num_local_ranks * a.c.send_blocks, kLlSendThreads, smem, stream>>>(a);
   return cudaGetLastError();
