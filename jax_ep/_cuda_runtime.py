@@ -76,7 +76,7 @@ class GroupRuntime:
         if self._nvshmem:
             from jax_ep import nvshmem
 
-            nvshmem.initialize(self.bytes_per_rank, dict(cfg.nvshmem_env))
+            nvshmem.initialize(self.bytes_per_rank, cfg.nvshmem_environment())
             if self._sizes["num_nodes"] > 1:
                 net_ops = nvshmem.net_ops()
         send_blocks = cfg.resolved_num_sms(group.num_ranks)

@@ -64,6 +64,15 @@ class Config:
       NVLink. 0 = the ranks of each host (found from the processes' host names). A
       smaller value splits one host into virtual nodes, so the internode path runs (and
       is tested) on one machine, even on one GPU.
+    ib_service_level: InfiniBand service level of the NVSHMEM traffic
+      (``NVSHMEM_IB_SL``, 0-15): puts EP traffic on its own virtual lane. Adaptive
+      routing is a property the fabric's switches give a service level, so a level
+      configured for adaptive routing turns it on for this traffic. None = NVSHMEM's default.
+    ib_traffic_class: InfiniBand traffic class (``NVSHMEM_IB_TRAFFIC_CLASS``, 0-255),
+      the QoS/DSCP class on RoCE. None = NVSHMEM's default.
+    ibgda: GPU-initiated RDMA (``NVSHMEM_IB_ENABLE_IBGDA``): the kernels post RDMA
+      work themselves instead of through NVSHMEM's CPU proxy (needs GPUDirect RDMA and
+      a Mellanox NIC). None = NVSHMEM's default.
     nvshmem_env: NVSHMEM settings exported before NVSHMEM starts, as (name, value)
       pairs or a dict, e.g. the InfiniBand service level and traffic class
       (``NVSHMEM_IB_SL``, ``NVSHMEM_IB_TRAFFIC_CLASS``) that put EP traffic on its own
@@ -77,7 +86,22 @@ class Config:
     fault_inject_rank: int = -1
     transport: str = "ipc"
     node_size: int = 0
+    ib_service_level: int | None = None
+    ib_traffic_class: int | None = None
+    ibgda: bool | None = None
     nvshmem_env: tuple[tuple[str, str], ...] = ()
+
+    def nvshmem_environment(self) -> dict[str, str]:
+        """What NVSHMEM must see in its environment before it starts (the fields above)."""
+        env = {}
+        if self.ib_service_level is not None:
+            env["NVSHMEM_IB_SL"] = str(self.ib_service_level)
+        if self.ib_traffic_class is not None:
+            env["NVSHMEM_IB_TRAFFIC_CLASS"] = str(self.ib_traffic_class)
+        if self.ibgda is not None:
+            env["NVSHMEM_IB_ENABLE_IBGDA"] = "1" if self.ibgda else "0"
+        env.update(self.nvshmem_env)
+        return env
 
     def resolved_num_sms(self, num_ranks: int) -> int:
         return self.num_sms if self.num_sms > 0 else default_num_sms(num_ranks)
@@ -93,6 +117,10 @@ class Config:
         if bad:
             raise ValueError(f"Config.nvshmem_env takes NVSHMEM_* variables, got {bad}")
         object.__setattr__(self, "nvshmem_env", pairs)
+        for name, top in (("ib_service_level", 15), ("ib_traffic_class", 255)):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= top:
+                raise ValueError(f"Config.{name} must be in [0, {top}], got {value}")
         if self.node_size < 0:
             raise ValueError(f"Config.node_size must be >= 0, got {self.node_size}")
         if self.node_size and self.transport != "nvshmem":

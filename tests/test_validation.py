@@ -116,7 +116,17 @@ def test_transport_options():
     cfg = jax_ep.Config(transport="nvshmem", nvshmem_env={"NVSHMEM_IB_SL": 3})
     assert cfg.nvshmem_env == (("NVSHMEM_IB_SL", "3"),)
     hash(cfg)  # still a frozen, hashable config
-    env = nvshmem.heap_env(1 << 20, dict(cfg.nvshmem_env))
+    traffic = jax_ep.Config(
+        transport="nvshmem", ib_service_level=5, ib_traffic_class=106, ibgda=True
+    ).nvshmem_environment()
+    assert traffic == {
+        "NVSHMEM_IB_SL": "5",
+        "NVSHMEM_IB_TRAFFIC_CLASS": "106",
+        "NVSHMEM_IB_ENABLE_IBGDA": "1",
+    }
+    with pytest.raises(ValueError, match=r"ib_service_level must be in \[0, 15\]"):
+        jax_ep.Config(transport="nvshmem", ib_service_level=16)
+    env = nvshmem.heap_env(1 << 20, cfg.nvshmem_environment())
     assert int(env["NVSHMEM_SYMMETRIC_SIZE"]) > 1 << 20
     assert env["NVSHMEM_DISABLE_NVLS"] == "1" and env["NVSHMEM_IB_SL"] == "3"
     mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:1]), ("ep",))

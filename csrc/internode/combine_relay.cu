@@ -48,11 +48,7 @@ __global__ void __launch_bounds__(kThreads) ht_net_combine_relay(HtCombineArgs a
     __syncwarp();
     net_put_warp(net_combine_row(L, r.self, r.parity, nd.node, t), sum, row_bytes, m * nd.P + nd.local);
   }
-  net_quiet();
-  __syncthreads();
-  const int m = threadIdx.x;
-  if (m < nd.N && m != nd.node)
-    net_signal_add(net_signal(r.self, L.net_combine_signal, nd.node), 1, m * nd.P + nd.local);
+  signal_other_nodes(r.self, L.net_combine_signal, nd);
 }
 
 }  // namespace

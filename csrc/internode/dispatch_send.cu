@@ -66,11 +66,7 @@ __global__ void __launch_bounds__(kThreads) ht_net_dispatch_send(HtDispatchArgs 
                    m * nd.P + nd.local);
     }
   }
-  net_quiet();
-  __syncthreads();
-  const int m = threadIdx.x;
-  if (m < nd.N && m != nd.node)
-    net_signal_add(net_signal(r.self, L.net_dispatch_signal, nd.node), 1, m * nd.P + nd.local);
+  signal_other_nodes(r.self, L.net_dispatch_signal, nd);
 }
 
 }  // namespace

@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "internode/common.cuh"
+
 namespace jax_ep {
 
 // Non-blocking put by the whole warp; complete after net_quiet().
@@ -32,6 +34,15 @@ __device__ __forceinline__ void net_signal_set(uint64_t* word, uint64_t value, i
 // A word of `pe`'s copy of a symmetric object (a remote read: microseconds over RDMA).
 __device__ __forceinline__ uint64_t net_get_u64(const uint64_t* word, int pe) {
   return nvshmem_uint64_g(word, pe);
+}
+
+// End of a block of an NVSHMEM hop: once the block's puts have landed, +1 on our
+// node's word of `region` at the rank of our local index on every other node.
+__device__ inline void signal_other_nodes(uint8_t* self, size_t region, const NodeCtx& nd) {
+  net_quiet();
+  __syncthreads();
+  const int m = threadIdx.x;
+  if (m < nd.N && m != nd.node) net_signal_add(net_signal(self, region, nd.node), 1, m * nd.P + nd.local);
 }
 
 }  // namespace jax_ep

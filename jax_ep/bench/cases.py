@@ -44,10 +44,9 @@ class Setup:
         if self.num_ranks == 1:
             return "none (EP=1)"
         if self.node_size < self.num_ranks:
-            share = " on one GPU" if len({d.id for d in self.mesh.devices.flat}) < 2 else ""
             return (
                 f"NVSHMEM between {self.num_ranks // self.node_size} nodes of "
-                f"{self.node_size} ranks, NVLink inside a node{share}"
+                f"{self.node_size} ranks, NVLink inside a node"
             )
         if jax.process_count() > 1:
             return "NVLink, one process per GPU"

@@ -15,11 +15,17 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 def _fmt_row(r: dict) -> str:
     layout = r.get("layout", "ll")
-    link = f"{r['link_GBps']:.0f}" if r.get("link_GBps") else "-"
-    hbm = f"{r['hbm_GBps']:.0f}" if r.get("hbm_GBps") else "-"
+    dtype = "fp8" if r.get("fp8") else "bf16"
+    if "hidden_us" in r:  # send / matmul / receive overlap
+        return (
+            f"| {r['op']} | {r['backend']} | {layout} | {dtype} | {r['tokens']} | "
+            f"{r['overlapped_us']:.1f} | send+recv {r['split_us']:.1f} µs + matmul "
+            f"{r['matmul_us']:.1f} µs: {r['hidden_us']:.1f} µs hidden | - | - |"
+        )
+    gbps = [f"{r[k]:.0f}" if r.get(k) else "-" for k in ("link_GBps", "net_GBps", "hbm_GBps")]
     return (
-        f"| {r['op']} | {r['backend']} | {layout} | {'fp8' if r.get('fp8') else 'bf16'} | "
-        f"{r['tokens']} | {r['median_us']:.1f} | {link} | {hbm} |"
+        f"| {r['op']} | {r['backend']} | {layout} | {dtype} | "
+        f"{r['tokens']} | {r['median_us']:.1f} | " + " | ".join(gbps) + " |"
     )
 
 
@@ -30,13 +36,16 @@ def table(record: dict, source: str) -> str:
         f"({c['transport']}), hidden {c['hidden']}, top-{c['topk']} of {c['experts']} "
         f"experts, jax {record['jax']}, commit {record['commit']} — `{source}`"
     )
+    if c.get("processes", 1) > 1:
+        head += f"; {c['processes']} processes (jax_ep.launch)"
     if record.get("copy_bandwidth_GBps"):
         head += f"; plain copy in the same run: {record['copy_bandwidth_GBps']:.0f} GB/s"
     if record["mode"] == "low-latency":
         head += f"; command buffers {c.get('graphs', '?')}, {c.get('chain')} ops per program"
     rows = [
-        "| op | backend | layout | dtype | tokens/rank | µs (median) | link GB/s | HBM GB/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| op | backend | layout | dtype | tokens/rank | µs (median) | NVLink GB/s "
+        "| NVSHMEM GB/s | HBM GB/s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     rows += [_fmt_row(r) for r in record["results"]]
     return head + "\n\n" + "\n".join(rows)
