@@ -55,9 +55,14 @@ def test_nvshmem_unique_id_that_never_comes_times_out():
 GPU_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.1", "XLA_FLAGS": ""}
 
 
+def run_on_one_gpu(n, *args):
+    """``n`` processes of the dispatch/combine worker, all on the first GPU (CUDA MPS)."""
+    return run(n, "ht_dispatch.py", *args, share_gpu=True, env=GPU_ENV, timeout=400)
+
+
 @requires_kernels
 def test_two_processes_share_one_gpu():
-    assert run(2, "ht_dispatch.py", "ipc", share_gpu=True, env=GPU_ENV, timeout=400) == 0
+    assert run_on_one_gpu(2, "ipc") == 0
 
 
 requires_nvshmem = pytest.mark.skipif(
@@ -69,7 +74,7 @@ requires_nvshmem = pytest.mark.skipif(
 @requires_nvshmem
 def test_two_nvshmem_pes_share_one_gpu():
     """Two NVSHMEM PEs on one GPU map each other's symmetric buffers (nvshmem_ptr)."""
-    assert run(2, "ht_dispatch.py", "nvshmem", share_gpu=True, env=GPU_ENV, timeout=400) == 0
+    assert run_on_one_gpu(2, "nvshmem") == 0
 
 
 requires_nvshmem_kernels = pytest.mark.skipif(
@@ -83,15 +88,13 @@ requires_nvshmem_kernels = pytest.mark.skipif(
 def test_internode_on_virtual_nodes(procs, node_size):
     """One GPU split into virtual nodes: tokens between nodes go through NVSHMEM puts to
     the relay rank, then NVLink forwarding (HT); LL sends put to other nodes' ranks."""
-    args = ("nvshmem", str(node_size))
-    assert run(procs, "ht_dispatch.py", *args, share_gpu=True, env=GPU_ENV, timeout=400) == 0
+    assert run_on_one_gpu(procs, "nvshmem", str(node_size)) == 0
 
 
 @requires_kernels
 @requires_nvshmem_kernels
 def test_internode_peer_that_never_sends_times_out():
-    args = ("nvshmem", "1", "fault")
-    assert run(2, "ht_dispatch.py", *args, share_gpu=True, env=GPU_ENV, timeout=400) == 0
+    assert run_on_one_gpu(2, "nvshmem", "1", "fault") == 0
 
 
 def test_launcher_runs_a_module():
