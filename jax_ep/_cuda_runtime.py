@@ -16,7 +16,6 @@ rank's buffer address as that device sees it:
 
 from __future__ import annotations
 
-import socket
 import weakref
 
 import jax
@@ -118,11 +117,7 @@ class GroupRuntime:
             for m in _ep_groups(group.mesh, group.axis_name)
             if any(d.process_index == me for d in m)
         )
-        processes = [d.process_index for d in members]
-        if set(processes) == {me}:
-            hosts = [socket.gethostname()] * len(members)
-        else:
-            hosts = nvshmem.host_names(processes)
+        hosts = nvshmem.host_names([d.process_index for d in members])
         return nvshmem.node_size(hosts, group.config.node_size)
 
     def _alloc(self, ordinal: int) -> int:

@@ -39,12 +39,13 @@ def require() -> ModuleType:
 
 @functools.cache
 def _load_nvshmem() -> tuple[ModuleType | None, str]:
-    try:
-        # nvshmem4py loads the wheel's libnvshmem_host.so.3 first: the module's own
-        # reference to it then resolves to that same library (one NVSHMEM per process)
-        import nvshmem.core  # noqa: F401
-    except Exception as e:
-        return None, f"nvshmem4py is not importable ({e})"
+    from jax_ep import nvshmem
+
+    # nvshmem4py loads the wheel's libnvshmem_host.so.3 first: the module's own
+    # reference to it then resolves to that same library (one NVSHMEM per process)
+    reason = nvshmem.missing_reason()
+    if reason:
+        return None, reason
     try:
         from jax_ep import _jax_ep_nvshmem  # type: ignore[attr-defined]
     except ImportError as e:

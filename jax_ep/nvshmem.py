@@ -16,8 +16,8 @@ symmetric heap instead of ``cudaMalloc`` + CUDA IPC:
   IPC; ranks of other nodes are reached with NVSHMEM puts by the kernels of the
   ``_jax_ep_nvshmem`` module (IBGDA or the proxy over RDMA, peer-to-peer between
   virtual nodes of one host), set up here once NVSHMEM runs.
-* traffic options: ``Config.nvshmem_env`` (e.g. ``NVSHMEM_IB_SL``,
-  ``NVSHMEM_IB_TRAFFIC_CLASS``) is exported before init.
+* traffic options: ``Config.nvshmem_environment()`` (the InfiniBand service level,
+  traffic class, IBGDA, and any ``Config.nvshmem_env``) is exported before init.
 * finalisation at interpreter exit, after the buffers are freed.
 
 nvshmem4py is an optional dependency: ``pip install nvshmem4py-cu13`` (or ``-cu12``).
@@ -70,7 +70,7 @@ def host_names(processes: list[int], timeout_s: float = _HOST_TIMEOUT_S) -> list
     """Host name of each process in ``processes`` (key-value store; this process publishes once)."""
     global _host_published
     me = jax.process_index()
-    if not _host_published:
+    if not _host_published and any(p != me for p in processes):
         distributed.publish(f"host/{me}", socket.gethostname().encode())
         _host_published = True
     return [

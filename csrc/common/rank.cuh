@@ -52,21 +52,29 @@ __host__ __device__ inline uint64_t node_peers(const CommContext& c, int rank) {
   return block << (node_of(c, rank) * P);
 }
 
-// Waits (threads 0..R-1 of the block, one peer each) until every peer in `peers`
-// but this rank has added `target` to this rank's arrival word; returns false on
-// timeout/abort.
-__device__ inline bool wait_all_peers(const CommContext& c, const RankCtx& r, size_t arrival_offset, uint64_t target,
-                                      int phase, uint64_t peers = ~0ull) {
+// Threads i < count of the block each wait, where waits(i), until *word_of(i) >= target
+// (bounded); false in every thread on timeout/abort of any. peer_of(i) is the rank the
+// error record names.
+template <typename Waits, typename WordOf, typename PeerOf>
+__device__ inline bool wait_each(const CommContext& c, const RankCtx& r, int count, Waits waits, WordOf word_of,
+                                 PeerOf peer_of, uint64_t target, int phase) {
   __shared__ int failed;
   if (threadIdx.x == 0) failed = 0;
   __syncthreads();
-  const int p = threadIdx.x;
-  if (p < c.num_ranks && p != r.rank && ((peers >> p) & 1)) {
-    const uint64_t* word = reinterpret_cast<const uint64_t*>(r.self + arrival_offset) + p;
-    if (!wait_geq(word, target, p, wait_ctx(c, r, phase))) failed = 1;
-  }
+  const int i = threadIdx.x;
+  if (i < count && waits(i) && !wait_geq(word_of(i), target, peer_of(i), wait_ctx(c, r, phase))) failed = 1;
   __syncthreads();
   return failed == 0;
+}
+
+// Waits until every peer in `peers` but this rank has added `target` to this rank's
+// arrival word; returns false on timeout/abort.
+__device__ inline bool wait_all_peers(const CommContext& c, const RankCtx& r, size_t arrival_offset, uint64_t target,
+                                      int phase, uint64_t peers = ~0ull) {
+  const uint64_t* words = reinterpret_cast<const uint64_t*>(r.self + arrival_offset);
+  return wait_each(
+      c, r, c.num_ranks, [&](int p) { return p != r.rank && ((peers >> p) & 1); }, [&](int p) { return words + p; },
+      [](int p) { return p; }, target, phase);
 }
 
 // Every block of a send kernel ends here: make its stores visible system-wide,

@@ -93,21 +93,14 @@ __device__ inline void block_tokens(int T, int blocks, int block, int* t_begin, 
   *t_end = min(T, *t_begin + per);
 }
 
-// Waits (threads n < N of the block, one node each but `skip`) until `region`[n] of
-// this rank reaches `target`; false on timeout/abort. `peer_of(n)` names the waited-for
-// rank in the error record.
+// Waits until `region`[n] of this rank reaches `target` for every node n but `skip`;
+// false on timeout/abort. `peer_of(n)` names the waited-for rank in the error record.
 template <typename PeerOf>
 __device__ inline bool wait_nodes(const CommContext& c, const RankCtx& r, size_t region, int skip, uint64_t target,
                                   int phase, PeerOf peer_of) {
-  __shared__ int failed;
-  if (threadIdx.x == 0) failed = 0;
-  __syncthreads();
-  const int n = threadIdx.x;
-  if (n < c.layout.sizes.num_nodes && n != skip &&
-      !wait_geq(net_signal(r.self, region, n), target, peer_of(n), wait_ctx(c, r, phase)))
-    failed = 1;
-  __syncthreads();
-  return failed == 0;
+  return wait_each(
+      c, r, c.layout.sizes.num_nodes, [&](int n) { return n != skip; },
+      [&](int n) { return net_signal(r.self, region, n); }, peer_of, target, phase);
 }
 
 }  // namespace jax_ep
