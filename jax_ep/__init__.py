@@ -5,28 +5,27 @@ reference backend (:mod:`jax_ep.reference`) everywhere else. See README.md.
 """
 
 from jax_ep import fp8, reference
+from jax_ep.backends import default_backend
 from jax_ep.config import Config
 from jax_ep.fp8 import dequantize as dequantize_fp8
 from jax_ep.fp8 import quantize as quantize_fp8
-from jax_ep.group import Group, default_backend
-from jax_ep.ops import (
+from jax_ep.group import Group
+from jax_ep.handles import (
+    DispatchLayout,
+    DispatchOut,
+    Handle,
+    LowLatencyHandle,
+    LowLatencyOut,
+)
+from jax_ep.high_throughput import combine, dispatch, get_dispatch_layout
+from jax_ep.low_latency import (
     LowLatencyTicket,
-    combine,
-    dispatch,
-    get_dispatch_layout,
     low_latency_combine,
     low_latency_combine_recv,
     low_latency_combine_send,
     low_latency_dispatch,
     low_latency_dispatch_recv,
     low_latency_dispatch_send,
-)
-from jax_ep.types import (
-    DispatchLayout,
-    DispatchOut,
-    Handle,
-    LowLatencyHandle,
-    LowLatencyOut,
 )
 
 __version__ = "0.1.0"

@@ -57,7 +57,7 @@ class Config:
     transport: how ranks in other processes reach each other's buffers. ``"ipc"``:
       ``cudaMalloc`` buffers shared with CUDA IPC handles (peer access within a
       process). ``"nvshmem"``: buffers on the NVSHMEM symmetric heap (one process per
-      GPU; needs nvshmem4py), see :mod:`jax_ep.nvshmem`.
+      GPU; needs nvshmem4py), see :mod:`jax_ep.transports.nvshmem_bootstrap`.
     node_size: ranks per node of the two-level internode path (``transport="nvshmem"``):
       ranks ``[n * node_size, (n + 1) * node_size)`` form node ``n``; tokens cross
       between nodes once per node through NVSHMEM and are forwarded inside a node over

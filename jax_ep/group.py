@@ -19,20 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ep import _ext, validation
-from jax_ep._spec import OpSpec
+from jax_ep import validation
+from jax_ep.backends import backend_for, default_backend
+from jax_ep.backends.spec import OpSpec
 from jax_ep.config import Config
 
 _ids = itertools.count(1)
 _lock = threading.Lock()
 BACKENDS = ("auto", "cuda", "reference")
-
-
-def default_backend(devices=None) -> str:
-    """``"cuda"`` with the extension loaded and NVIDIA GPUs as devices, else ``"reference"``."""
-    devices = devices if devices is not None else jax.devices()
-    on_gpu = all(d.platform == "gpu" for d in devices)
-    return "cuda" if on_gpu and _ext.extension() is not None else "reference"
 
 
 class Group:
@@ -119,16 +113,8 @@ class Group:
             self.id = next(_ids)
         if backend == "auto":
             backend = default_backend(devices)
-        if backend == "cuda":
-            _ext.require()
-            if any(d.platform != "gpu" for d in devices):
-                raise ValueError("backend='cuda' needs GPU devices in the mesh")
         self.backend = backend
-        self._runtime = None
-        if backend == "cuda":
-            from jax_ep import _cuda_runtime
-
-            self._runtime = _cuda_runtime.GroupRuntime(self)
+        self._runtime = backend_for(backend).create_runtime(self)
 
     # ------------------------------------------------------------------ queries
 

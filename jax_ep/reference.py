@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from jax_ep import fp8 as _fp8
-from jax_ep.types import DispatchLayout, Handle, LowLatencyHandle
+from jax_ep.handles import DispatchLayout, Handle, LowLatencyHandle
+from jax_ep.rows import pad_rows, take_rows
 
 # ----------------------------------------------------------------------------
 # routing helpers
@@ -67,13 +68,6 @@ def _local_ids(topk_idx: jax.Array, me: jax.Array, num_local_experts: int) -> ja
     return jnp.where(mine, topk_idx - lo, -1).astype(jnp.int32)
 
 
-def _take(rows: jax.Array, index: jax.Array) -> jax.Array:
-    """``rows[index]`` with zeros where ``index < 0``."""
-    got = jnp.take(rows, jnp.maximum(index, 0), axis=0)
-    mask = (index >= 0).reshape(index.shape + (1,) * (rows.ndim - 1))
-    return jnp.where(mask, got, jnp.zeros((), rows.dtype))
-
-
 def _exchange(payload: jax.Array, in_rank: jax.Array, axis_name, fill=0) -> jax.Array:
     """Send token ``t`` to every rank ``d`` with ``in_rank[t, d]``.
 
@@ -105,7 +99,7 @@ def _token_list(recv_idx: jax.Array, me: jax.Array, num_local_experts: int):
     order = jnp.argsort(~received, stable=True).astype(jnp.int32)
     num_recv = jnp.sum(received, dtype=jnp.int32)
     recv_src = jnp.where(jnp.arange(num_ranks * num_tokens) < num_recv, order, -1)
-    return recv_src, num_recv, jnp.where(recv_src[:, None] >= 0, _take(local, recv_src), -1)
+    return recv_src, num_recv, jnp.where(recv_src[:, None] >= 0, take_rows(local, recv_src), -1)
 
 
 def _expert_slots(token_local: jax.Array, num_local_experts: int):
@@ -160,9 +154,9 @@ def dispatch(
     recv_idx = _exchange(topk_idx, in_rank, axis_name, fill=-1)
     recv_w = _exchange(topk_weights, in_rank, axis_name).reshape(num_ranks * num_tokens, num_topk)
     recv_src, num_recv, token_local = _token_list(recv_idx, me, e_loc)
-    token_weights = jnp.where(token_local >= 0, _take(recv_w, recv_src), 0.0)
-    token_x = _take(recv_x, recv_src)
-    token_scales = None if recv_scales is None else _take(recv_scales, recv_src)
+    token_weights = jnp.where(token_local >= 0, take_rows(recv_w, recv_src), 0.0)
+    token_x = take_rows(recv_x, recv_src)
+    token_scales = None if recv_scales is None else take_rows(recv_scales, recv_src)
     rt = num_ranks * num_tokens
     index = jnp.arange(rt, dtype=jnp.int32)
 
@@ -173,12 +167,12 @@ def dispatch(
             jnp.arange(capacity, dtype=jnp.int32),
             -1,
         )
-        out_x = _take(_pad_rows(token_x, capacity), keep)
+        out_x = take_rows(pad_rows(token_x, capacity), keep)
         out_scales = (
-            None if token_scales is None else _take(_pad_rows(token_scales, capacity), keep)
+            None if token_scales is None else take_rows(pad_rows(token_scales, capacity), keep)
         )
-        out_idx = jnp.where(keep[:, None] >= 0, _pad_rows(token_local, capacity, -1), -1)
-        out_w = jnp.where(out_idx >= 0, _pad_rows(token_weights, capacity), 0.0)
+        out_idx = jnp.where(keep[:, None] >= 0, pad_rows(token_local, capacity, -1), -1)
+        out_w = jnp.where(out_idx >= 0, pad_rows(token_weights, capacity), 0.0)
         kept = jnp.minimum(num_recv, capacity).astype(jnp.int32)
         handle = Handle(
             topk_idx,
@@ -219,8 +213,8 @@ def dispatch(
     row_token = row_token.at[jnp.where(row_of >= 0, row_of, num_rows)].set(
         jnp.broadcast_to(index[:, None], row_of.shape), mode="drop"
     )[:num_rows]
-    out_x = _take(token_x, row_token)
-    out_scales = None if token_scales is None else _take(token_scales, row_token)
+    out_x = take_rows(token_x, row_token)
+    out_scales = None if token_scales is None else take_rows(token_scales, row_token)
     if layout == "expert_major":
         out_x = out_x.reshape(e_loc, capacity, hidden)
         if out_scales is not None:
@@ -241,20 +235,12 @@ def dispatch(
     return out_x, out_scales, None, None, kept_counts, dropped, handle
 
 
-def _pad_rows(a: jax.Array, n: int, fill=0) -> jax.Array:
-    """First ``n`` rows of ``a``, padded with ``fill`` if ``a`` is shorter."""
-    if a.shape[0] >= n:
-        return a[:n]
-    pad = jnp.full((n - a.shape[0],) + a.shape[1:], fill, a.dtype)
-    return jnp.concatenate([a, pad], axis=0)
-
-
 def expert_partials(y_rows: jax.Array, rows: jax.Array, weights: jax.Array) -> jax.Array:
     """Expert-side reduction: ``p_i = Σ_k w[i,k] * y[rows[i,k]]`` in float32, k order."""
     acc = jnp.zeros((rows.shape[0], y_rows.shape[-1]), jnp.float32)
     for k in range(rows.shape[1]):
         valid = (rows[:, k] >= 0)[:, None]
-        term = weights[:, k, None].astype(jnp.float32) * _take(y_rows, rows[:, k]).astype(
+        term = weights[:, k, None].astype(jnp.float32) * take_rows(y_rows, rows[:, k]).astype(
             jnp.float32
         )
         acc = jnp.where(valid, acc + term, acc)
@@ -288,7 +274,7 @@ def token_dispatch(x: jax.Array, handle: Handle, *, axis_name) -> jax.Array:
     """Cached dispatch of ``[T, C]`` home rows to the ``[RT, C]`` received-token list."""
     in_rank = is_token_in_rank(handle.topk_idx, handle.num_experts, handle.num_ranks)
     recv = _exchange(x, in_rank, axis_name)
-    return _take(recv.reshape((-1,) + x.shape[1:]), handle.recv_src)
+    return take_rows(recv.reshape((-1,) + x.shape[1:]), handle.recv_src)
 
 
 def token_combine(rows: jax.Array, handle: Handle, *, axis_name) -> jax.Array:
@@ -333,8 +319,8 @@ def low_latency_dispatch(
     routed, dropped = _mask_inactive(topk_idx, active_ranks, e_loc)
     # a failed source sends nothing: mask its routing as every receiver sees it
     routed = jnp.where(active_ranks[me] > 0, routed, -1)
-    routed = _pad_rows(routed, t_max, -1)
-    x_pad = _pad_rows(x, t_max)
+    routed = pad_rows(routed, t_max, -1)
+    x_pad = pad_rows(x, t_max)
     weights = jnp.zeros(routed.shape, jnp.float32)
     out_x, out_scales, _, _, counts, _, h = dispatch(
         x_pad,

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ep.types import LAYOUTS
+from jax_ep.handles import LAYOUTS
 
 PAYLOAD_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 

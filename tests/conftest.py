@@ -25,7 +25,7 @@ for var, value in (
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from jax_ep import _ext  # noqa: E402
+from jax_ep.backends.cuda import extension  # noqa: E402
 
 
 def gpu_count() -> int:
@@ -36,13 +36,13 @@ def gpu_count() -> int:
 
 
 HAS_GPU = gpu_count() > 0
-HAS_KERNELS = HAS_GPU and _ext.extension() is not None
+HAS_KERNELS = HAS_GPU and extension.extension() is not None
 if not HAS_GPU:
     KERNEL_SKIP_REASON = (
         "no GPU: the CUDA kernels cannot run here (the reference backend is tested)"
     )
-elif _ext.extension() is None:
-    KERNEL_SKIP_REASON = _ext.missing_reason()
+elif extension.extension() is None:
+    KERNEL_SKIP_REASON = extension.missing_reason()
 else:
     KERNEL_SKIP_REASON = ""
 

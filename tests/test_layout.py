@@ -55,9 +55,10 @@ def test_layout_accepts_int64_and_group():
 def test_layout_kernel_bit_exact(routing):
     gpu = jax.devices("gpu")[0]
     idx, _ = make_routing(routing, 3, 257, 8, 256, seed=1)
+    cuda = jax_ep.backends.backend_for("cuda")
     for num_ranks in (1, 2, 8):
         want = [jax_ep.reference.get_dispatch_layout(jnp.asarray(i), 256, num_ranks) for i in idx]
-        f = jax.jit(jax.vmap(lambda i, r=num_ranks: jax_ep.ops._backend("cuda").layout(i, 256, r)))
+        f = jax.jit(jax.vmap(lambda i, r=num_ranks: cuda.layout(i, 256, r)))
         got = f(jax.device_put(idx, gpu))
         for r in range(3):
             for g, w in zip(got, want[r], strict=False):
@@ -68,7 +69,7 @@ def test_layout_kernel_bit_exact(routing):
 def test_layout_kernel_reports_bad_expert_id():
     idx = np.zeros((4, 2), np.int32)
     idx[2, 1] = 999
-    f = jax.jit(lambda i: jax_ep.ops._backend("cuda").layout(i, 8, 1))
+    f = jax.jit(lambda i: jax_ep.backends.backend_for("cuda").layout(i, 8, 1))
     with pytest.raises(Exception, match=r"topk_idx\[2, 1\] = 999 is out of range"):
         jax.block_until_ready(f(idx))
         jax.block_until_ready(f(idx))  # reported by the next call when not synchronised

@@ -15,8 +15,9 @@ import sys
 import pytest
 from conftest import requires_kernels
 
-from jax_ep import _ext, nvshmem
+from jax_ep.backends.cuda import extension
 from jax_ep.launch import launch
+from jax_ep.transports import nvshmem_bootstrap
 
 WORKERS = os.path.join(os.path.dirname(__file__), "workers")
 
@@ -66,7 +67,7 @@ def test_two_processes_share_one_gpu():
 
 
 requires_nvshmem = pytest.mark.skipif(
-    bool(nvshmem.missing_reason()), reason=nvshmem.missing_reason() or "present"
+    bool(nvshmem_bootstrap.missing_reason()), reason=nvshmem_bootstrap.missing_reason() or "present"
 )
 
 
@@ -78,7 +79,7 @@ def test_two_nvshmem_pes_share_one_gpu():
 
 
 requires_nvshmem_kernels = pytest.mark.skipif(
-    bool(_ext.nvshmem_missing_reason()), reason=_ext.nvshmem_missing_reason() or "present"
+    bool(extension.nvshmem_missing_reason()), reason=extension.nvshmem_missing_reason() or "present"
 )
 
 

@@ -11,7 +11,7 @@ import pytest
 from harness import Runner
 
 import jax_ep
-from jax_ep import nvshmem
+from jax_ep.transports import nvshmem_bootstrap
 
 E, K, T, H = 8, 2, 4, 128
 
@@ -126,7 +126,7 @@ def test_transport_options():
     }
     with pytest.raises(ValueError, match=r"ib_service_level must be in \[0, 15\]"):
         jax_ep.Config(transport="nvshmem", ib_service_level=16)
-    env = nvshmem.heap_env(1 << 20, cfg.nvshmem_environment())
+    env = nvshmem_bootstrap.heap_env(1 << 20, cfg.nvshmem_environment())
     assert int(env["NVSHMEM_SYMMETRIC_SIZE"]) > 1 << 20
     assert env["NVSHMEM_DISABLE_NVLS"] == "1" and env["NVSHMEM_IB_SL"] == "3"
     mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:1]), ("ep",))
@@ -146,17 +146,17 @@ def test_transport_options():
 def test_node_layout():
     """Ranks per node: Config.node_size (checked against hosts), or the runs of one host."""
     hosts = ["a", "a", "b", "b"]
-    assert nvshmem.node_size(hosts, 0) == 2
-    assert nvshmem.node_size(hosts, 1) == 1  # virtual nodes inside a host
-    assert nvshmem.node_size(["a"] * 4, 0) == 4
+    assert nvshmem_bootstrap.node_size(hosts, 0) == 2
+    assert nvshmem_bootstrap.node_size(hosts, 1) == 1  # virtual nodes inside a host
+    assert nvshmem_bootstrap.node_size(["a"] * 4, 0) == 4
     with pytest.raises(ValueError, match="does not divide"):
-        nvshmem.node_size(hosts, 3)
+        nvshmem_bootstrap.node_size(hosts, 3)
     with pytest.raises(ValueError, match="must share a host"):
-        nvshmem.node_size(hosts, 4)
+        nvshmem_bootstrap.node_size(hosts, 4)
     with pytest.raises(ValueError, match="contiguous run"):
-        nvshmem.node_size(["a", "b", "a", "b"], 0)
+        nvshmem_bootstrap.node_size(["a", "b", "a", "b"], 0)
     with pytest.raises(ValueError, match="contiguous run"):
-        nvshmem.node_size(["a", "a", "a", "b"], 0)
+        nvshmem_bootstrap.node_size(["a", "a", "a", "b"], 0)
     with pytest.raises(ValueError, match="with transport='nvshmem'"):
         jax_ep.Config(node_size=2)
     with pytest.raises(ValueError, match="node_size must be >= 0"):
@@ -165,9 +165,9 @@ def test_node_layout():
 
 @pytest.mark.skipif(importlib.util.find_spec("nvshmem") is not None, reason="nvshmem4py present")
 def test_nvshmem_missing_is_a_clear_error():
-    assert "pip install nvshmem4py-cu13" in nvshmem.missing_reason()
+    assert "pip install nvshmem4py-cu13" in nvshmem_bootstrap.missing_reason()
     with pytest.raises(RuntimeError, match="needs NVSHMEM: nvshmem4py is not installed"):
-        nvshmem.initialize(1 << 20)
+        nvshmem_bootstrap.initialize(1 << 20)
 
 
 def test_combine_shape_errors(runner, group):

@@ -12,7 +12,7 @@ namespace jax_ep::ffi_layer {
 using HandlerTable = std::vector<std::pair<std::string, void*>>;
 
 void add_layout_handlers(HandlerTable& table);
-void add_intranode_handlers(HandlerTable& table);
+void add_high_throughput_handlers(HandlerTable& table);
 void add_low_latency_handlers(HandlerTable& table);
 
 }  // namespace jax_ep::ffi_layer

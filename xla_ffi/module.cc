@@ -27,7 +27,7 @@ NB_MODULE(_jax_ep_cuda, m) {
   m.def("registrations", [] {
     ffi_layer::HandlerTable table;
     ffi_layer::add_layout_handlers(table);
-    ffi_layer::add_intranode_handlers(table);
+    ffi_layer::add_high_throughput_handlers(table);
     ffi_layer::add_low_latency_handlers(table);
     nb::dict out;
     for (auto& [name, fn] : table) out[name.c_str()] = nb::capsule(fn);

@@ -7,7 +7,7 @@
 
 #include <stdexcept>
 
-#include "internode/net_kernels.h"
+#include "nvshmem/kernels.h"
 
 namespace nb = nanobind;
 

@@ -12,7 +12,7 @@ namespace jax_ep {
 constexpr int kMaxRanks = 64;  // destination sets are 64-bit masks
 constexpr int kMaxTopk = 32;   // one lane per top-k slot
 
-struct NetOps;  // internode launchers (internode/net_ops.h), from the NVSHMEM module
+struct NetOps;  // internode launchers (nvshmem/launchers.h), from the NVSHMEM module
 
 // What every launch needs to reach its peers (high-throughput and low-latency kernels).
 struct CommContext {

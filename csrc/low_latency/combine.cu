@@ -5,7 +5,7 @@
 //   recv  home side: wait for every live rank's flag, then
 //         out[t] = Σ_k w[t,k] * row(t, first k of e_k) in float32, k ascending,
 //         skipping masked selections and failed ranks: the reference's order exactly.
-#include "internode/net_ops.h"
+#include "nvshmem/launchers.h"
 #include "low_latency/combine_send.cuh"
 
 namespace jax_ep {

@@ -5,7 +5,7 @@
 //         NVSHMEM module builds it for groups spanning nodes);
 //   recv  wait for every live source's count of every local expert, then copy the
 //         messages out in (source rank, j) order: exactly the reference's row order.
-#include "internode/net_ops.h"
+#include "nvshmem/launchers.h"
 #include "low_latency/dispatch_send.cuh"
 
 namespace jax_ep {

@@ -1,7 +1,7 @@
 // How the low-latency send kernels reach a destination rank. They are templates on a
 // transport `Net`: PeerStores (every peer on this node: loads and stores through
 // NVLink peer mappings) is what the main module builds; the NVSHMEM module builds them
-// again with NvshmemNet (internode/ll_net.cu), which stages what goes to ranks on
+// again with NvshmemNet (nvshmem/ll_send.cu), which stages what goes to ranks on
 // other nodes in this rank's symmetric buffer and puts it there.
 #pragma once
 

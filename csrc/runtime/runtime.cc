@@ -6,9 +6,8 @@
 #include <mutex>
 #include <utility>
 
-#include "internode/launch.h"
-#include "internode/net_ops.h"
-#include "intranode/params.h"
+#include "nvshmem/launchers.h"
+#include "high_throughput/params.h"
 #include "layout/layout.h"
 #include "low_latency/params.h"
 
@@ -280,7 +279,7 @@ void preload_kernels(int device) {
   check_cuda(prepare_ht_dispatch_kernels(), "loading the dispatch kernels");
   check_cuda(prepare_ht_combine_kernels(), "loading the combine kernels");
   check_cuda(prepare_ll_kernels(), "loading the low-latency kernels");
-  check_cuda(prepare_internode_kernels(), "loading the internode kernels");
+  check_cuda(prepare_ht_forward_kernels(), "loading the internode kernels");
 }
 
 }  // namespace jax_ep

@@ -2,7 +2,7 @@
 #pragma once
 
 #include "common/rank.cuh"
-#include "intranode/params.h"
+#include "high_throughput/params.h"
 
 namespace jax_ep {
 

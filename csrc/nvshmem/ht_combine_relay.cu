@@ -6,9 +6,9 @@
 // the row to the home rank (our own node's rows stay here); after its puts complete,
 // each block adds one to our node's signal word at every other node's home rank.
 #include "common/rows.cuh"
-#include "internode/common.cuh"
-#include "internode/net_kernels.h"
-#include "internode/nvshmem_device.cuh"
+#include "high_throughput/internode.cuh"
+#include "nvshmem/kernels.h"
+#include "nvshmem/device.cuh"
 
 namespace jax_ep {
 namespace {

@@ -12,8 +12,8 @@
 // number; the relay sums its node's partials and puts one row per node home
 // (ht_net_combine_relay), and the receive adds the nodes' rows in ascending order.
 #include "common/rows.cuh"
-#include "internode/common.cuh"
-#include "internode/net_ops.h"
+#include "high_throughput/internode.cuh"
+#include "nvshmem/launchers.h"
 
 namespace jax_ep {
 namespace {

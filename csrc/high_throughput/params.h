@@ -1,4 +1,4 @@
-// Parameter structs and launchers of the high-throughput (intranode) kernels.
+// Parameter structs and launchers of the high-throughput kernels.
 // Plain C++: the FFI layer fills these from XLA buffers; no XLA types here.
 #pragma once
 
@@ -54,8 +54,12 @@ struct HtCombineArgs {
 
 cudaError_t launch_ht_dispatch(const HtDispatchArgs& args, cudaStream_t stream);
 cudaError_t launch_ht_combine(const HtCombineArgs& args, cudaStream_t stream);
+// Groups spanning nodes: the relay's NVLink forwarding of tokens that arrived through
+// NVSHMEM (relay_forward.cu); the NVSHMEM hops themselves are in nvshmem/launchers.h.
+cudaError_t launch_ht_dispatch_forward(const HtDispatchArgs& args, cudaStream_t stream);
 // Loads the kernels on the current device (see runtime.h, preload_kernels).
 cudaError_t prepare_ht_dispatch_kernels();
 cudaError_t prepare_ht_combine_kernels();
+cudaError_t prepare_ht_forward_kernels();
 
 }  // namespace jax_ep

@@ -5,8 +5,7 @@
 // fills, then adds to their arrival words: from there on, the intranode receive kernels
 // (bitmap, scan, copy, pad) run unchanged.
 #include "common/rows.cuh"
-#include "internode/common.cuh"
-#include "internode/launch.h"
+#include "high_throughput/internode.cuh"
 
 namespace jax_ep {
 namespace {
@@ -73,7 +72,7 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_forward(HtDispatchArgs a
 
 }  // namespace
 
-cudaError_t prepare_internode_kernels() {
+cudaError_t prepare_ht_forward_kernels() {
   cudaFuncAttributes attr;
   return cudaFuncGetAttributes(&attr, ht_dispatch_forward);
 }

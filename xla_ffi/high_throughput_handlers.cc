@@ -2,7 +2,7 @@
 // buffers (shape-polymorphic), check them against the group's buffers, fill the
 // launch parameters. Semantics live in jax_ep/reference.py, kernels in csrc/intranode.
 
-#include "intranode/params.h"
+#include "high_throughput/params.h"
 #include "xla_ffi/ffi_common.h"
 #include "xla_ffi/handlers.h"
 
@@ -175,7 +175,7 @@ XLA_FFI_DEFINE_HANDLER(kHtCombineSync, HtCombine<true>, combine_binding());
 
 }  // namespace
 
-void add_intranode_handlers(HandlerTable& table) {
+void add_high_throughput_handlers(HandlerTable& table) {
   table.push_back({"jax_ep_ht_dispatch", reinterpret_cast<void*>(kHtDispatch)});
   table.push_back({"jax_ep_ht_dispatch_sync", reinterpret_cast<void*>(kHtDispatchSync)});
   table.push_back({"jax_ep_ht_combine", reinterpret_cast<void*>(kHtCombine)});

@@ -1,70 +1,25 @@
-"""The CUDA backend: the ops as XLA FFI custom calls into the extension.
+"""High-throughput ops of the CUDA backend: dispatch, combine and the cached token
+exchanges of the backward pass, as FFI custom calls (``xla_ffi/high_throughput_handlers.cc``).
 
-Same interface as :mod:`jax_ep._reference_backend`. Every call passes the group
-id as an attribute; the handler finds that group's buffers on its device. Under
-``jax.vmap`` (loopback groups) the calls use ``vmap_method="expand_dims"``: the
-handler sees the virtual-rank axis in front and runs all ranks in one launch.
+Every call names the group's buffers by the group id attribute; the handler finds that
+group's state on its device.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
-from jax_ep import _compat, _ext
 from jax_ep import fp8 as _fp8
-from jax_ep._cuda_low_latency import (
-    ll_combine_recv,
-    ll_combine_send,
-    ll_dispatch_recv,
-    ll_dispatch_send,
-)
-from jax_ep._cuda_runtime import register_targets
-from jax_ep._spec import OpSpec
-from jax_ep.types import DispatchLayout, Handle
-
-__all__ = [
-    "layout",
-    "dispatch",
-    "combine",
-    "token_dispatch",
-    "token_combine",
-    "ll_dispatch_send",
-    "ll_dispatch_recv",
-    "ll_combine_send",
-    "ll_combine_recv",
-]
+from jax_ep.backends.cuda.ffi import call, init_local_devices
+from jax_ep.backends.spec import OpSpec
+from jax_ep.handles import DispatchLayout, Handle
 
 _LAYOUT_KIND = {"per_rank": 0, "expert_major": 1, "ragged": 2}
 
 
-def target(name: str, spec: OpSpec | None) -> str:
-    """FFI target name; ``Config.sync_errors`` selects the synchronising twin."""
-    return f"jax_ep_{name}{'_sync' if spec is not None and spec.sync_errors else ''}"
-
-
-def call(name: str, spec: OpSpec | None, results, *operands, **attrs):
-    """``ffi_call`` with operands made to vary alike (arrays built inside shard_map do not)."""
-    operands = _compat.match_varying(*operands)
-    results = [_compat.result_like(operands[0], shape, dtype) for shape, dtype in results]
-    return jax.ffi.ffi_call(target(name, spec), results, vmap_method="expand_dims")(
-        *operands, **attrs
-    )
-
-
-@functools.cache
-def _init_local_devices() -> None:
-    """Loads kernels and error records on every local GPU (the group-less ops use them)."""
-    register_targets()
-    for d in jax.local_devices():
-        if d.platform == "gpu":
-            _ext.require().init_device(d.local_hardware_id)
-
-
 def layout(topk_idx: jax.Array, num_experts: int, num_ranks: int) -> DispatchLayout:
-    _init_local_devices()
+    init_local_devices()
     num_tokens = topk_idx.shape[0]
     per_rank, per_expert, in_rank = call(
         "dispatch_layout",
@@ -173,17 +128,6 @@ def _combine_call(y_rows, handle: Handle, rows, weights, spec: OpSpec):
         num_experts=spec.num_experts,
     )
     return out
-
-
-# Constant operands are derived from a per-rank operand (not built with jnp.ones):
-# under jax.vmap (loopback) a constant would be unbatched, and every operand of a
-# loopback call must carry the virtual-rank axis.
-
-
-def batched_like(a: jax.Array, ref: jax.Array) -> jax.Array:
-    """``a`` unchanged, but carrying ``ref``'s virtual-rank axis under ``jax.vmap``."""
-    zero = jnp.sum(ref.reshape(-1)[:1].astype(jnp.int32)) * 0
-    return a + zero.astype(a.dtype)
 
 
 def combine(y, handle: Handle, weights, spec: OpSpec):

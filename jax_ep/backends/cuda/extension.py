@@ -1,7 +1,12 @@
-"""Loads the compiled CUDA extension if the build produced one.
+"""Loads the compiled CUDA extension modules if the build produced them.
 
-The package works without it (reference backend). ``missing_reason()`` tells
+The package works without them (reference backend). ``missing_reason()`` tells
 users why the kernels are not there instead of a bare ImportError.
+
+* ``_jax_ep_cuda``: the FFI handlers, kernels and buffer management (built whenever
+  nvcc is present at install time);
+* ``_jax_ep_nvshmem``: the kernels that reach other nodes with NVSHMEM (built when
+  NVSHMEM's device library is found at install time).
 """
 
 from __future__ import annotations
@@ -9,11 +14,13 @@ from __future__ import annotations
 import functools
 from types import ModuleType
 
+from jax_ep.transports import nvshmem_bootstrap
+
 
 @functools.cache
 def _load() -> tuple[ModuleType | None, str]:
     try:
-        from jax_ep import _jax_ep_cuda  # type: ignore[attr-defined]
+        from jax_ep.backends.cuda import _jax_ep_cuda  # type: ignore[attr-defined]
     except ImportError as e:
         return None, (
             "the jax_ep CUDA extension is not built or failed to load "
@@ -39,15 +46,13 @@ def require() -> ModuleType:
 
 @functools.cache
 def _load_nvshmem() -> tuple[ModuleType | None, str]:
-    from jax_ep import nvshmem
-
     # nvshmem4py loads the wheel's libnvshmem_host.so.3 first: the module's own
     # reference to it then resolves to that same library (one NVSHMEM per process)
-    reason = nvshmem.missing_reason()
+    reason = nvshmem_bootstrap.missing_reason()
     if reason:
         return None, reason
     try:
-        from jax_ep import _jax_ep_nvshmem  # type: ignore[attr-defined]
+        from jax_ep.backends.cuda import _jax_ep_nvshmem  # type: ignore[attr-defined]
     except ImportError as e:
         return None, (
             "the jax_ep NVSHMEM module is not built or failed to load "
@@ -68,3 +73,12 @@ def require_nvshmem() -> ModuleType:
     if mod is None:
         raise RuntimeError(f"jax_ep: a group spanning nodes needs the NVSHMEM kernels: {why}")
     return mod
+
+
+@functools.cache
+def nvshmem_launchers() -> int:
+    """Address of the NVSHMEM kernels' launcher table, set up once NVSHMEM runs in this
+    process (groups spanning nodes hand it to the main module)."""
+    mod = require_nvshmem()
+    mod.init()
+    return mod.net_ops()

@@ -5,7 +5,7 @@
 
 #include <cuda_runtime.h>
 
-#include "intranode/params.h"
+#include "high_throughput/params.h"
 #include "low_latency/params.h"
 
 namespace jax_ep {

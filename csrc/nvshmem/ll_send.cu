@@ -2,8 +2,8 @@
 // this node are still written through their NVLink mappings; ranks on other nodes get
 // puts from the staging regions, signals with NVSHMEM signal operations, and the
 // buffer-reuse check reads their receive records remotely.
-#include "internode/net_kernels.h"
-#include "internode/nvshmem_device.cuh"
+#include "nvshmem/kernels.h"
+#include "nvshmem/device.cuh"
 #include "low_latency/transport.cuh"
 
 namespace jax_ep {

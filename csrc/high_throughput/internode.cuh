@@ -7,7 +7,7 @@
 #pragma once
 
 #include "common/rank.cuh"
-#include "intranode/common.cuh"
+#include "high_throughput/common.cuh"
 
 namespace jax_ep {
 

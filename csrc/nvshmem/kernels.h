@@ -5,7 +5,7 @@
 
 #include <string>
 
-#include "internode/net_ops.h"
+#include "nvshmem/launchers.h"
 
 namespace jax_ep {
 

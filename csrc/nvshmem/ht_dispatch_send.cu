@@ -6,9 +6,9 @@
 // every other node (which tell the relay which tokens came). After its puts complete,
 // the block adds one to our node's signal word at each such relay.
 #include "common/rows.cuh"
-#include "internode/common.cuh"
-#include "internode/net_kernels.h"
-#include "internode/nvshmem_device.cuh"
+#include "high_throughput/internode.cuh"
+#include "nvshmem/kernels.h"
+#include "nvshmem/device.cuh"
 
 namespace jax_ep {
 namespace {

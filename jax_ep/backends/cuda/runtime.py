@@ -2,16 +2,16 @@
 
 One buffer per EP rank (a cudaMalloc on the rank's GPU, zeroed), sized by the
 extension from the group's limits. Every device then gets a table with every
-rank's buffer address as that device sees it:
+rank's buffer address as that device sees it (:mod:`jax_ep.transports`):
 
-* same process: the raw pointer (peer access is enabled between local GPUs;
-  in loopback all virtual ranks' buffers sit on the one device);
-* other process: a CUDA IPC handle, published in the ``jax.distributed``
-  key-value store and opened here;
-* ``Config(transport="nvshmem")``: the buffers live on the NVSHMEM symmetric heap
-  and each peer of this rank's node is NVSHMEM's mapping of it; ranks of other
-  nodes have no address here (0): the kernels reach them with NVSHMEM puts
-  (:mod:`jax_ep.nvshmem`).
+* same process: the raw pointer (peer access between local GPUs; in loopback all
+  virtual ranks' buffers sit on the one device);
+* other process: a CUDA IPC handle, published in the ``jax.distributed`` key-value
+  store and opened here (:mod:`jax_ep.transports.cuda_ipc`);
+* ``Config(transport="nvshmem")``: the buffers live on the NVSHMEM symmetric heap and
+  each peer of this rank's node is NVSHMEM's mapping of it; ranks of other nodes have
+  no address here (0): the kernels reach them with NVSHMEM puts
+  (:mod:`jax_ep.transports.nvshmem_bootstrap`).
 """
 
 from __future__ import annotations
@@ -21,23 +21,12 @@ import weakref
 import jax
 import numpy as np
 
-from jax_ep import _ext, distributed
-
-_KV_TIMEOUT_S = 300.0
-_registered_targets = False
-
-
-def register_targets() -> None:
-    """Registers every FFI handler of the extension with JAX (once per process)."""
-    global _registered_targets
-    if _registered_targets:
-        return
-    for name, capsule in _ext.require().registrations().items():
-        jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
-    _registered_targets = True
+from jax_ep.backends.cuda import extension
+from jax_ep.backends.cuda.ffi import register_targets
+from jax_ep.transports import cuda_ipc, kv_store, nvshmem_bootstrap
 
 
-def _ep_groups(mesh: jax.sharding.Mesh, axis_name) -> list[list[jax.Device]]:
+def ep_groups(mesh: jax.sharding.Mesh, axis_name) -> list[list[jax.Device]]:
     """Devices of each EP group (fixed coordinates on the other mesh axes), in rank order."""
     axis = mesh.axis_names.index(axis_name)
     devs = np.moveaxis(mesh.devices, axis, -1)
@@ -48,7 +37,7 @@ class GroupRuntime:
     """Buffers and device states of one :class:`jax_ep.Group` on the CUDA backend."""
 
     def __init__(self, group):
-        ext = _ext.require()
+        ext = extension.require()
         register_targets()
         self._ext = ext
         self.group_id = group.id
@@ -73,11 +62,9 @@ class GroupRuntime:
         self._symmetric: list[int] = []  # buffers on the NVSHMEM heap
         net_ops = 0
         if self._nvshmem:
-            from jax_ep import nvshmem
-
-            nvshmem.initialize(self.bytes_per_rank, cfg.nvshmem_environment())
+            nvshmem_bootstrap.initialize(self.bytes_per_rank, cfg.nvshmem_environment())
             if self._sizes["num_nodes"] > 1:
-                net_ops = nvshmem.net_ops()
+                net_ops = extension.nvshmem_launchers()
         send_blocks = cfg.resolved_num_sms(group.num_ranks)
         common = dict(
             group_id=group.id,
@@ -93,7 +80,7 @@ class GroupRuntime:
             bases = [self._alloc(ordinal) for _ in range(group.num_ranks)]
             self._register(ordinal, 0, group.num_ranks, bases, common, cfg)
         else:
-            for members in _ep_groups(group.mesh, group.axis_name):
+            for members in ep_groups(group.mesh, group.axis_name):
                 self._wire_ep_group(members, common, cfg)
         # runs on close(), on garbage collection, or at interpreter exit
         self._finalizer = weakref.finalize(
@@ -109,16 +96,14 @@ class GroupRuntime:
     @staticmethod
     def _node_size(group) -> int:
         """Ranks per node of this process's EP group (Config.node_size, or per host)."""
-        from jax_ep import nvshmem
-
         me = jax.process_index()
         members = next(
             m
-            for m in _ep_groups(group.mesh, group.axis_name)
+            for m in ep_groups(group.mesh, group.axis_name)
             if any(d.process_index == me for d in m)
         )
-        hosts = nvshmem.host_names([d.process_index for d in members])
-        return nvshmem.node_size(hosts, group.config.node_size)
+        hosts = nvshmem_bootstrap.host_names([d.process_index for d in members])
+        return nvshmem_bootstrap.node_size(hosts, group.config.node_size)
 
     def _alloc(self, ordinal: int) -> int:
         ptr = self._ext.alloc_buffer(ordinal, self.bytes_per_rank)
@@ -139,51 +124,27 @@ class GroupRuntime:
 
     def _wire_ep_group(self, members, common, cfg):
         me = jax.process_index()
-        local = {rank: d for rank, d in enumerate(members) if d.process_index == me}
-        if not local:
+        ordinals = [d.local_hardware_id if d.process_index == me else None for d in members]
+        if all(o is None for o in ordinals):
             return
         if self._nvshmem:
-            self._wire_nvshmem(members, local, common, cfg)
+            self._wire_nvshmem(members, common, cfg)
             return
-        own = {rank: self._alloc(d.local_hardware_id) for rank, d in local.items()}
-        for a in local.values():
-            for b in local.values():
-                self._ext.enable_peer_access(a.local_hardware_id, b.local_hardware_id)
-        remote = [rank for rank, d in enumerate(members) if d.process_index != me]
-        handles = {}
-        if remote:
-            key = f"g{self.group_id}/ep{members[0].id}"
-            for rank, ptr in own.items():
-                dev = local[rank].local_hardware_id
-                distributed.publish(f"{key}/ipc{rank}", self._ext.ipc_handle(dev, ptr))
-            for rank in remote:
-                handles[rank] = distributed.fetch(
-                    f"{key}/ipc{rank}", _KV_TIMEOUT_S, what=f"buffer handle of EP rank {rank}"
-                )
-        for rank, d in local.items():
-            ordinal = d.local_hardware_id
-            bases = []
-            for peer in range(len(members)):
-                if peer in own:
-                    bases.append(own[peer])
-                else:
-                    ptr = self._ext.ipc_open(ordinal, handles[peer])
-                    self._opened.append((ordinal, ptr))
-                    bases.append(ptr)
-            self._register(ordinal, rank, 1, bases, common, cfg)
-        if remote:
-            # nobody may write into a peer's buffer before every peer has mapped all of them
-            distributed.barrier(f"g{self.group_id}/ep{members[0].id}/wired", _KV_TIMEOUT_S)
+        own = {r: self._alloc(o) for r, o in enumerate(ordinals) if o is not None}
+        key = f"g{self.group_id}/ep{members[0].id}"
+        tables = cuda_ipc.peer_tables(self._ext, key, ordinals, own, self._opened)
+        for rank, bases in tables.items():
+            self._register(ordinals[rank], rank, 1, bases, common, cfg)
+        cuda_ipc.wait_until_mapped(key, spans_processes=None in ordinals)
 
-    def _wire_nvshmem(self, members, local, common, cfg):
+    def _wire_nvshmem(self, members, common, cfg):
         """One rank per process (NVSHMEM PE = process index): a symmetric buffer, zeroed,
         and every rank's buffer as NVSHMEM maps it on this GPU."""
-        from jax_ep import nvshmem
-
-        ((rank, device),) = local.items()
+        me = jax.process_index()
+        ((rank, device),) = [(r, d) for r, d in enumerate(members) if d.process_index == me]
         ordinal = device.local_hardware_id
         node = [r // self.node_size for r in range(len(members))]
-        own, bases = nvshmem.allocate(
+        own, bases = nvshmem_bootstrap.allocate(
             self.bytes_per_rank,
             [d.process_index for d in members],
             [n == node[rank] for n in node],
@@ -192,7 +153,7 @@ class GroupRuntime:
         self._ext.zero_buffer(ordinal, own, self.bytes_per_rank)
         self._register(ordinal, rank, 1, bases, common, cfg)
         # nobody may write into a peer's buffer before every peer has zeroed its own
-        distributed.barrier(f"g{self.group_id}/ep{members[0].id}/nvshmem-wired", _KV_TIMEOUT_S)
+        kv_store.barrier(f"g{self.group_id}/ep{members[0].id}/nvshmem-wired", cuda_ipc.KV_TIMEOUT_S)
 
     def check(self) -> None:
         for ordinal in self._devices:
@@ -211,20 +172,8 @@ class GroupRuntime:
 
 
 def _release(ext, group_id, opened, owned, symmetric):
-    """Unmaps peers' buffers, then frees ours (importers must close before exporters free)."""
+    """Unregisters the group, then releases its buffers."""
     ext.unregister_group(group_id)
-    if symmetric:
-        from jax_ep import nvshmem
-
-        for ptr in symmetric:  # collective: every process closes its groups in the same order
-            nvshmem.release(ptr)
-    for ordinal, ptr in opened:
-        try:
-            ext.ipc_close(ordinal, ptr)
-        except RuntimeError:
-            pass  # the process is going down with a broken context: nothing left to release
-    for ordinal, ptr in owned:
-        try:
-            ext.free_buffer(ordinal, ptr)
-        except RuntimeError:
-            pass
+    for ptr in symmetric:  # collective: every process closes its groups in the same order
+        nvshmem_bootstrap.release(ptr)
+    cuda_ipc.release(ext, opened, owned)

@@ -11,14 +11,13 @@
 //   copy     token-major copy-out: read each received token once, write it to its
 //            rows (one per rank, or one per distinct local expert), fill the handle;
 //   pad      zero the rows and handle entries past the valid ones.
-// Internode groups replace the send by two hops (internode/forward.cu), which fill
+// Internode groups replace the send by two hops (high_throughput/relay_forward.cu), which fill
 // the same slots and arrival words.
 // Slot of (token, expert) = number of earlier received tokens that chose the expert,
 // exactly the reference's order (jax_ep/reference.py).
 #include "common/rows.cuh"
-#include "internode/launch.h"
-#include "internode/net_ops.h"
-#include "intranode/common.cuh"
+#include "nvshmem/launchers.h"
+#include "high_throughput/common.cuh"
 
 namespace jax_ep {
 namespace {

@@ -9,7 +9,7 @@
 
 #include <cstdint>
 
-#include "internode/common.cuh"
+#include "high_throughput/internode.cuh"
 
 namespace jax_ep {
 

@@ -1,8 +1,8 @@
-// The NVSHMEM module's setup and its launcher table (internode/net_ops.h).
+// The NVSHMEM module's setup and its launcher table (nvshmem/launchers.h).
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
-#include "internode/net_kernels.h"
+#include "nvshmem/kernels.h"
 
 namespace jax_ep {
 

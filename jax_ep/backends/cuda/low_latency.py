@@ -1,14 +1,13 @@
-"""The CUDA backend's low-latency ops: the send and receive halves as FFI custom calls.
+"""Low-latency ops of the CUDA backend: the send and receive halves as FFI custom calls
+(``xla_ffi/low_latency_handlers.cc``).
 
-Same interface as the ``ll_*`` functions of :mod:`jax_ep._reference_backend`. Each
+Each
 send half returns a ticket payload whose ``ticket`` array (``[2]`` int32: the op's
 64-bit sequence number, written by the send kernel) the receive half takes as an
 operand: XLA runs the receive after the send and may schedule other work between
 them, and the receive kernel serves exactly that op (receives of two outstanding sends
 may run in either order). The payloads also carry what the receive needs to shape its
 outputs (static fields) and the send's small outputs.
-
-``jax_ep._cuda`` imports this module at its top, so it imports ``_cuda`` lazily.
 """
 
 from __future__ import annotations
@@ -20,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ep import fp8 as _fp8
-from jax_ep._spec import OpSpec
-from jax_ep.types import LowLatencyHandle
+from jax_ep.backends.cuda.ffi import batched_like, call
+from jax_ep.backends.spec import OpSpec
+from jax_ep.handles import LowLatencyHandle
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +55,8 @@ jax.tree_util.register_dataclass(CombineTicket)
 
 
 def ll_dispatch_send(x, topk_idx, active_ranks, spec: OpSpec) -> DispatchTicket:
-    from jax_ep import _cuda
-
-    active_ranks = _cuda.batched_like(active_ranks, topk_idx)
-    ticket, num_dropped = _cuda.call(
+    active_ranks = batched_like(active_ranks, topk_idx)
+    ticket, num_dropped = call(
         "ll_dispatch_send",
         spec,
         [((2,), jnp.int32), ((), jnp.int32)],
@@ -74,8 +72,6 @@ def ll_dispatch_send(x, topk_idx, active_ranks, spec: OpSpec) -> DispatchTicket:
 
 
 def ll_dispatch_recv(payload: DispatchTicket, spec: OpSpec):
-    from jax_ep import _cuda
-
     e_loc, num_ranks, hidden = spec.num_local_experts, spec.num_ranks, payload.hidden
     rows = num_ranks * spec.max_tokens_per_rank
     results = [
@@ -86,7 +82,7 @@ def ll_dispatch_recv(payload: DispatchTicket, spec: OpSpec):
         ((e_loc, rows), jnp.int32),
         ((e_loc, num_ranks, 2), jnp.int32),
     ]
-    x, scales, counts, src_info, topk_slot, layout_range = _cuda.call(
+    x, scales, counts, src_info, topk_slot, layout_range = call(
         "ll_dispatch_recv",
         spec,
         results,
@@ -112,9 +108,7 @@ def ll_dispatch_recv(payload: DispatchTicket, spec: OpSpec):
 def ll_combine_send(
     y, handle: LowLatencyHandle, topk_idx, topk_weights, spec: OpSpec
 ) -> CombineTicket:
-    from jax_ep import _cuda
-
-    (ticket,) = _cuda.call(
+    (ticket,) = call(
         "ll_combine_send",
         spec,
         [((2,), jnp.int32)],
@@ -132,10 +126,8 @@ def ll_combine_send(
 def ll_combine_recv(
     payload: CombineTicket, handle: LowLatencyHandle, topk_idx, topk_weights, spec: OpSpec
 ):
-    from jax_ep import _cuda
-
     num_tokens = topk_idx.shape[0]
-    (out,) = _cuda.call(
+    (out,) = call(
         "ll_combine_recv",
         spec,
         [((num_tokens, payload.hidden), payload.dtype)],

@@ -15,7 +15,7 @@ symmetric heap instead of ``cudaMalloc`` + CUDA IPC:
   other's buffers as this GPU maps them (``nvshmem_ptr``), over NVLink as with CUDA
   IPC; ranks of other nodes are reached with NVSHMEM puts by the kernels of the
   ``_jax_ep_nvshmem`` module (IBGDA or the proxy over RDMA, peer-to-peer between
-  virtual nodes of one host), set up here once NVSHMEM runs.
+  virtual nodes of one host; :func:`jax_ep.backends.cuda.extension.nvshmem_launchers`).
 * traffic options: ``Config.nvshmem_environment()`` (the InfiniBand service level,
   traffic class, IBGDA, and any ``Config.nvshmem_env``) is exported before init.
 * finalisation at interpreter exit, after the buffers are freed.
@@ -33,7 +33,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from jax_ep import distributed
+from jax_ep.transports import kv_store
 
 _UID_KEY = "nvshmem/uid"
 _UID_TIMEOUT_S = 300.0
@@ -61,9 +61,9 @@ def share_unique_id(make_uid: Callable[[], bytes], timeout_s: float = _UID_TIMEO
     """Process 0 calls ``make_uid``; every process returns its bytes (key-value store)."""
     if jax.process_index() == 0:
         uid = make_uid()
-        distributed.publish(_UID_KEY, uid)
+        kv_store.publish(_UID_KEY, uid)
         return uid
-    return distributed.fetch(_UID_KEY, timeout_s, what="NVSHMEM unique id from process 0")
+    return kv_store.fetch(_UID_KEY, timeout_s, what="NVSHMEM unique id from process 0")
 
 
 def host_names(processes: list[int], timeout_s: float = _HOST_TIMEOUT_S) -> list[str]:
@@ -71,12 +71,12 @@ def host_names(processes: list[int], timeout_s: float = _HOST_TIMEOUT_S) -> list
     global _host_published
     me = jax.process_index()
     if not _host_published and any(p != me for p in processes):
-        distributed.publish(f"host/{me}", socket.gethostname().encode())
+        kv_store.publish(f"host/{me}", socket.gethostname().encode())
         _host_published = True
     return [
         socket.gethostname()
         if p == me
-        else distributed.fetch(f"host/{p}", timeout_s, what=f"host name of process {p}").decode()
+        else kv_store.fetch(f"host/{p}", timeout_s, what=f"host name of process {p}").decode()
         for p in processes
     ]
 
@@ -204,17 +204,6 @@ def _unmapped_message(pe: int, why) -> str:
         f"memory cannot be mapped here ({why}): the ranks of a node must share a host with "
         "NVLink (or PCIe) peer access"
     )
-
-
-def net_ops() -> int:
-    """The NVSHMEM kernels' launcher table, set up once NVSHMEM runs (groups spanning nodes)."""
-    if "net_ops" not in _state:
-        from jax_ep import _ext
-
-        mod = _ext.require_nvshmem()
-        mod.init()
-        _state["net_ops"] = mod.net_ops()
-    return _state["net_ops"]
 
 
 def release(ptr: int) -> None:

@@ -1,7 +1,7 @@
-"""The public ops: validation, backend choice and custom VJPs.
+"""The high-throughput ops (training, prefill): validation, backend choice, custom VJPs.
 
-Backends (:mod:`jax_ep._reference_backend`, :mod:`jax_ep._cuda`) implement the
-forward halves only; the gradients are written once here in terms of them:
+Backends (:mod:`jax_ep.backends`) implement the forward pieces only; the gradients
+are written once here in terms of them:
 
 * dispatch's backward is a combine of the output cotangent (for the expert
   layouts with weight 1 per delivered row), plus a token combine that returns
@@ -14,9 +14,7 @@ forward halves only; the gradients are written once here in terms of them:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,29 +23,10 @@ from jax.experimental import io_callback
 
 from jax_ep import _compat, validation
 from jax_ep import fp8 as _fp8
-from jax_ep._spec import OpSpec
-from jax_ep.reference import _pad_rows, _take
-from jax_ep.types import DispatchLayout, DispatchOut, Handle, LowLatencyHandle, LowLatencyOut
-
-
-def _backend(spec_or_name):
-    name = spec_or_name if isinstance(spec_or_name, str) else spec_or_name.backend
-    if name == "cuda":
-        from jax_ep import _cuda
-
-        return _cuda
-    from jax_ep import _reference_backend
-
-    return _reference_backend
-
-
-def _resolve_layout_backend(group) -> str:
-    if group is not None:
-        return group.backend
-    from jax_ep.group import default_backend
-
-    return default_backend()
-
+from jax_ep.backends import backend_for, default_backend
+from jax_ep.backends.spec import OpSpec
+from jax_ep.handles import DispatchLayout, DispatchOut, Handle
+from jax_ep.rows import pad_rows, take_rows
 
 # ----------------------------------------------------------------------------
 # get_dispatch_layout
@@ -77,7 +56,8 @@ def get_dispatch_layout(
         raise ValueError("get_dispatch_layout needs num_experts and num_ranks (or group=)")
     validation.check_num_experts(num_experts, num_ranks)
     topk_idx, _ = validation.check_routing(topk_idx, None, None)
-    return _backend(_resolve_layout_backend(group)).layout(topk_idx, num_experts, num_ranks)
+    backend = group.backend if group is not None else default_backend()
+    return backend_for(backend).layout(topk_idx, num_experts, num_ranks)
 
 
 # ----------------------------------------------------------------------------
@@ -94,7 +74,8 @@ def _default_capacity(
     return num_ranks * num_tokens
 
 
-def _check_group_axis(group, op: str) -> int:
+def check_group_axis(group, op: str) -> int:
+    """The EP axis size here, checked against the group's."""
     num_ranks = validation.axis_size_or_raise(group.axis_name, op)
     if num_ranks != group.num_ranks:
         raise ValueError(
@@ -145,7 +126,7 @@ def dispatch(
     validation.check_on_overflow(on_overflow)
     if dequantize and not fp8:
         raise ValueError("dequantize=True only makes sense with fp8=True")
-    num_ranks = _check_group_axis(group, "dispatch")
+    num_ranks = check_group_axis(group, "dispatch")
     num_tokens, num_topk = topk_idx.shape
     e_loc = group.num_experts // num_ranks
     if capacity is None:
@@ -184,7 +165,7 @@ def _overflow_guard(num_dropped: jax.Array, what: str) -> jax.Array:
 
 
 def _dispatch_impl(spec: OpSpec, x, topk_idx, topk_weights):
-    out = _backend(spec).dispatch(x, topk_idx, topk_weights, spec)
+    out = backend_for(spec).dispatch(x, topk_idx, topk_weights, spec)
     if spec.fp8 and spec.dequantize:
         out = (_fp8.dequantize(out[0], out[1], x.dtype), None) + tuple(out[2:])
     return tuple(out)
@@ -212,18 +193,18 @@ def _first_occurrence_weights(rows: jax.Array) -> jax.Array:
 def _dispatch_bwd(spec: OpSpec, res, ct):
     handle, x_like = res
     ct_x, _, _, ct_w, _, _, ct_handle = ct
-    b = _backend(spec)
+    b = backend_for(spec)
     rt = handle.recv_src.shape[0]
     if spec.fp8 and not spec.dequantize:
         # quantised payloads have no gradient; dequantize=True gives straight-through
         dx = jnp.zeros((handle.num_tokens, ct_x.shape[-1]), x_like.dtype)
     elif spec.layout == "per_rank":
-        dx = b.token_combine(_pad_rows(ct_x, rt), handle, spec)
+        dx = b.token_combine(pad_rows(ct_x, rt), handle, spec)
     else:
         dx = b.combine(ct_x, handle, _first_occurrence_weights(handle.recv_rows), spec)
     g = ct_handle.recv_weights
     if spec.layout == "per_rank":
-        g = g + _pad_rows(ct_w, rt)
+        g = g + pad_rows(ct_w, rt)
     g = jnp.where(handle.recv_topk_idx >= 0, g, 0.0)
     dw = b.token_combine(g, handle, spec)
     return dx.astype(x_like.dtype), None, dw
@@ -272,7 +253,7 @@ def combine(
             f"y has shape {y.shape} but the {handle.layout} dispatch produced rows of "
             f"shape {expected + (y.shape[-1],)}"
         )
-    _check_group_axis(group, "combine")
+    check_group_axis(group, "combine")
     group.check_fits(y.shape[-1], y.dtype, handle.num_tokens, handle.topk_idx.shape[1], "combine")
     spec = group.spec(layout=handle.layout, capacity=handle.capacity)
     weights = handle.recv_weights
@@ -291,7 +272,7 @@ def combine(
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _combine(spec: OpSpec, y, weights, handle):
-    return _backend(spec).combine(y, handle, weights, spec)
+    return backend_for(spec).combine(y, handle, weights, spec)
 
 
 def _combine_fwd(spec, y, weights, handle):
@@ -305,7 +286,7 @@ def _expand_to_rows(d_tok: jax.Array, rows: jax.Array, weights: jax.Array, num_r
     tok = jnp.broadcast_to(jnp.arange(rt, dtype=jnp.int32)[:, None], rows.shape).reshape(-1)
     row_token = jnp.full((num_rows + 1,), -1, jnp.int32).at[target].set(tok, mode="drop")[:num_rows]
     row_w = jnp.zeros((num_rows + 1,), jnp.float32).at[target].add(weights.reshape(-1), mode="drop")
-    got = _take(d_tok, row_token).astype(jnp.float32) * row_w[:num_rows, None]
+    got = take_rows(d_tok, row_token).astype(jnp.float32) * row_w[:num_rows, None]
     return got.astype(dtype)
 
 
@@ -313,16 +294,16 @@ def _row_dots(d_tok: jax.Array, y_rows: jax.Array, rows: jax.Array) -> jax.Array
     """``g[i, k] = <d[i], y[rows[i, k]]>`` in float32 (0 where the row does not exist)."""
     cols = []
     for k in range(rows.shape[1]):
-        y_k = _take(y_rows, rows[:, k]).astype(jnp.float32)
+        y_k = take_rows(y_rows, rows[:, k]).astype(jnp.float32)
         cols.append(jnp.sum(d_tok.astype(jnp.float32) * y_k, axis=-1))
     return jnp.where(rows >= 0, jnp.stack(cols, axis=1), 0.0)
 
 
 def _combine_bwd(spec: OpSpec, res, ct):
     y, weights, handle = res
-    d_tok = _backend(spec).token_dispatch(ct, handle, spec)  # [RT, H] output cotangent per token
+    d_tok = backend_for(spec).token_dispatch(ct, handle, spec)  # [RT, H] output cotangent per token
     if spec.layout == "per_rank":
-        return _pad_rows(d_tok, handle.capacity).astype(y.dtype), None, None
+        return pad_rows(d_tok, handle.capacity).astype(y.dtype), None, None
     hidden = y.shape[-1]
     y_rows = y.reshape(-1, hidden)
     dy = _expand_to_rows(d_tok, handle.recv_rows, weights, y_rows.shape[0], y.dtype).reshape(
@@ -337,7 +318,7 @@ _combine.defvjp(_combine_fwd, _combine_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _token_dispatch(spec: OpSpec, x, handle):
-    return _backend(spec).token_dispatch(x, handle, spec)
+    return backend_for(spec).token_dispatch(x, handle, spec)
 
 
 def _token_dispatch_fwd(spec, x, handle):
@@ -345,203 +326,7 @@ def _token_dispatch_fwd(spec, x, handle):
 
 
 def _token_dispatch_bwd(spec, handle, ct):
-    return _backend(spec).token_combine(ct, handle, spec), None
+    return backend_for(spec).token_combine(ct, handle, spec), None
 
 
 _token_dispatch.defvjp(_token_dispatch_fwd, _token_dispatch_bwd)
-
-
-# ----------------------------------------------------------------------------
-# low latency
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class LowLatencyTicket:
-    """What a ``*_send`` half hands to its ``*_recv`` half (opaque; pass it on unchanged).
-
-    Holding it orders the receive after the send; XLA may schedule other work between.
-    """
-
-    payload: Any
-    spec: OpSpec = dataclasses.field(metadata=dict(static=True))
-
-
-jax.tree_util.register_dataclass(LowLatencyTicket)
-
-
-def _forward_only(op: str):
-    """Marks a low-latency send as forward-only: differentiating it fails with a clear message
-    (decoding needs no gradients; train with :func:`dispatch`/:func:`combine`)."""
-
-    def wrap(send):
-        @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-        def f(spec, *args):
-            return send(spec, *args)
-
-        def fwd(spec, *args):
-            return send(spec, *args), None
-
-        def bwd(spec, res, ct):
-            raise NotImplementedError(
-                f"jax_ep.{op} is forward-only (decoding); use jax_ep.dispatch / jax_ep.combine, "
-                "which have custom VJPs, for training"
-            )
-
-        f.defvjp(fwd, bwd)
-        return f
-
-    return wrap
-
-
-@_forward_only("low_latency_dispatch")
-def _ll_dispatch_send(spec, x, topk_idx, active):
-    return _backend(spec).ll_dispatch_send(x, topk_idx, active, spec)
-
-
-@_forward_only("low_latency_combine")
-def _ll_combine_send(spec, y, handle, topk_idx, topk_weights):
-    return _backend(spec).ll_combine_send(y, handle, topk_idx, topk_weights, spec)
-
-
-def _check_ll(x, topk_idx, group, op):
-    num_ranks = _check_group_axis(group, op)
-    t_max = group.num_max_tokens_per_rank
-    if not jax.export.is_symbolic_dim(x.shape[0]) and x.shape[0] > t_max:
-        raise ValueError(
-            f"jax_ep.{op}: {x.shape[0]} tokens exceed the group's num_max_tokens_per_rank={t_max}"
-        )
-    return num_ranks
-
-
-def _active(active_ranks, num_ranks):
-    if active_ranks is None:
-        return jnp.ones((num_ranks,), jnp.int32)
-    if active_ranks.shape != (num_ranks,):
-        raise ValueError(f"active_ranks must have shape ({num_ranks},), got {active_ranks.shape}")
-    return active_ranks.astype(jnp.int32)
-
-
-def low_latency_dispatch_send(
-    x: jax.Array,
-    topk_idx: jax.Array,
-    *,
-    group,
-    fp8: bool = True,
-    round_scale: bool = False,
-    active_ranks: jax.Array | None = None,
-) -> LowLatencyTicket:
-    """Send half of :func:`low_latency_dispatch`; finish it with :func:`low_latency_dispatch_recv`.
-
-    At most two sends may be outstanding (the receive buffers are double-buffered).
-    """
-    validation.check_tokens(x)
-    topk_idx, _ = validation.check_routing(topk_idx, None, x.shape[0])
-    validation.check_fp8(x.shape[1], fp8)
-    num_ranks = _check_ll(x, topk_idx, group, "low_latency_dispatch")
-    group.check_fits(
-        x.shape[1], x.dtype, x.shape[0], topk_idx.shape[1], "low_latency_dispatch", low_latency=True
-    )
-    spec = group.spec(
-        layout="expert_major",
-        capacity=num_ranks * group.num_max_tokens_per_rank,
-        fp8=fp8,
-        round_scale=round_scale,
-        max_tokens_per_rank=group.num_max_tokens_per_rank,
-    )
-    active = _active(active_ranks, num_ranks)
-    x, topk_idx, active = _compat.match_varying(x, topk_idx, active)
-    return LowLatencyTicket(_ll_dispatch_send(spec, x, topk_idx, active), spec)
-
-
-def low_latency_dispatch_recv(ticket: LowLatencyTicket) -> LowLatencyOut:
-    """Receive half of :func:`low_latency_dispatch`."""
-    spec = ticket.spec
-    ox, oscales, counts, dropped, handle = _backend(spec).ll_dispatch_recv(ticket.payload, spec)
-    return LowLatencyOut(ox, oscales, counts, dropped, handle)
-
-
-def low_latency_dispatch(
-    x: jax.Array,
-    topk_idx: jax.Array,
-    *,
-    group,
-    fp8: bool = True,
-    round_scale: bool = False,
-    active_ranks: jax.Array | None = None,
-) -> LowLatencyOut:
-    """Decode-time dispatch into fixed per-expert buffers (DeepEP low-latency semantics).
-
-    Args:
-      x: ``[num_tokens, hidden]`` with ``num_tokens <= group.num_max_tokens_per_rank``.
-      topk_idx: ``[num_tokens, num_topk]`` expert ids, -1 = masked.
-      fp8: FP8 payload with per-128-channel float32 scales (quantised in the send).
-      active_ranks: ``[R]`` (1 = alive, 0 = failed), the same on every rank: selections
-        of failed ranks are dropped and counted, failed sources are not waited for.
-    Returns:
-      :class:`LowLatencyOut` with ``x`` of shape ``[E_loc, R * num_max_tokens_per_rank, H]``.
-    """
-    return low_latency_dispatch_recv(
-        low_latency_dispatch_send(
-            x, topk_idx, group=group, fp8=fp8, round_scale=round_scale, active_ranks=active_ranks
-        )
-    )
-
-
-def _check_ll_combine(y, topk_idx, topk_weights, handle, group):
-    if not isinstance(handle, LowLatencyHandle):
-        raise TypeError("handle must be LowLatencyOut.handle")
-    expected = (
-        handle.num_experts // handle.num_ranks,
-        handle.num_ranks * handle.max_tokens_per_rank,
-    )
-    if y.ndim != 3 or y.shape[:2] != expected:
-        raise ValueError(f"y must have shape {expected + ('hidden',)}, got {y.shape}")
-    if y.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
-        raise TypeError(f"y must be bf16/f16/f32, got {np.dtype(y.dtype).name}")
-    topk_idx, topk_weights = validation.check_routing(topk_idx, topk_weights, None)
-    if topk_weights is None:
-        raise ValueError("low_latency_combine needs topk_weights")
-    _check_group_axis(group, "low_latency_combine")
-    group.check_fits(
-        y.shape[-1],
-        y.dtype,
-        topk_idx.shape[0],
-        topk_idx.shape[1],
-        "low_latency_combine",
-        low_latency=True,
-    )
-    return topk_idx, topk_weights
-
-
-def low_latency_combine_send(
-    y: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array, handle: LowLatencyHandle, *, group
-) -> LowLatencyTicket:
-    """Send half of :func:`low_latency_combine` (expert side pushes its rows home)."""
-    topk_idx, topk_weights = _check_ll_combine(y, topk_idx, topk_weights, handle, group)
-    spec = group.spec(max_tokens_per_rank=handle.max_tokens_per_rank)
-    y, topk_idx, topk_weights = _compat.match_varying(y, topk_idx, topk_weights)
-    return LowLatencyTicket(_ll_combine_send(spec, y, handle, topk_idx, topk_weights), spec)
-
-
-def low_latency_combine_recv(
-    ticket: LowLatencyTicket, topk_idx: jax.Array, topk_weights: jax.Array, handle: LowLatencyHandle
-) -> jax.Array:
-    """Receive half of :func:`low_latency_combine`: the weighted sum at the home rank."""
-    topk_idx, topk_weights = validation.check_routing(topk_idx, topk_weights, None)
-    spec = ticket.spec
-    return _backend(spec).ll_combine_recv(ticket.payload, handle, topk_idx, topk_weights, spec)
-
-
-def low_latency_combine(
-    y: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array, handle: LowLatencyHandle, *, group
-) -> jax.Array:
-    """``out[t] = Σ_k w[t,k] * y[e_k, row(t, e_k)]`` in float32, cast to ``y``'s dtype.
-
-    Args:
-      y: ``[E_loc, R*T_max, H]`` expert outputs in the low-latency dispatch layout.
-      topk_idx, topk_weights: ``[num_tokens, num_topk]``, the routing given to dispatch.
-      handle: ``LowLatencyOut.handle``.
-    """
-    ticket = low_latency_combine_send(y, topk_idx, topk_weights, handle, group=group)
-    return low_latency_combine_recv(ticket, topk_idx, topk_weights, handle)

@@ -1,0 +1,88 @@
+"""Backends: who computes an op once the public API has checked it.
+
+The ops layer (:mod:`jax_ep.high_throughput`, :mod:`jax_ep.low_latency`) validates the
+call, picks the backend named by the group and writes the gradients once, in terms of
+the forward pieces every backend provides (:class:`Backend`). Two implementations:
+
+* :mod:`jax_ep.backends.reference`: plain JAX over ``all_to_all`` (the specification,
+  :mod:`jax_ep.reference`); no device state.
+* :mod:`jax_ep.backends.cuda`: the CUDA kernels as XLA FFI custom calls, with the
+  communication buffers a :class:`jax_ep.Group` owns (:class:`Runtime`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax
+
+from jax_ep.backends.spec import OpSpec
+from jax_ep.handles import DispatchLayout, Handle, LowLatencyHandle
+
+NAMES = ("cuda", "reference")
+
+
+class Runtime(Protocol):
+    """Device state a backend keeps for one group (the CUDA buffers)."""
+
+    bytes_per_rank: int
+
+    def check(self) -> None: ...
+    def call_stats(self) -> list[dict]: ...
+    def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    """The forward pieces of every op, per EP rank (inside ``shard_map``/``vmap``).
+
+    Send halves of the low-latency ops return an opaque *ticket* pytree that the
+    matching receive half consumes.
+    """
+
+    name: str
+
+    def create_runtime(self, group: Any) -> Runtime | None:
+        """Device state for ``group`` (``None`` when the backend needs none)."""
+        ...
+
+    def layout(self, topk_idx: jax.Array, num_experts: int, num_ranks: int) -> DispatchLayout: ...
+
+    def dispatch(self, x, topk_idx, topk_weights, spec: OpSpec) -> tuple:
+        """``(x, scales, topk_idx, topk_weights, counts, num_dropped, handle)``."""
+        ...
+
+    def combine(self, y, handle: Handle, weights, spec: OpSpec) -> jax.Array: ...
+
+    def token_dispatch(self, x, handle: Handle, spec: OpSpec) -> jax.Array:
+        """Home rows ``[T, C]`` → the received-token list ``[R*T, C]`` (a cached dispatch)."""
+        ...
+
+    def token_combine(self, rows, handle: Handle, spec: OpSpec) -> jax.Array:
+        """Inverse of :meth:`token_dispatch`: summed over ranks in float32."""
+        ...
+
+    def ll_dispatch_send(self, x, topk_idx, active_ranks, spec: OpSpec) -> Any: ...
+    def ll_dispatch_recv(self, ticket, spec: OpSpec) -> tuple: ...
+    def ll_combine_send(self, y, handle: LowLatencyHandle, topk_idx, topk_weights, spec) -> Any: ...
+    def ll_combine_recv(self, ticket, handle: LowLatencyHandle, topk_idx, topk_weights, spec): ...
+
+
+def backend_for(name: str | OpSpec) -> Backend:
+    """The backend called ``name`` (or running ``spec``); ``"cuda"`` is imported lazily."""
+    name = name.backend if isinstance(name, OpSpec) else name
+    if name == "cuda":
+        from jax_ep.backends.cuda import BACKEND
+    elif name == "reference":
+        from jax_ep.backends.reference import BACKEND
+    else:
+        raise ValueError(f"unknown backend {name!r}; expected one of {NAMES}")
+    return BACKEND
+
+
+def default_backend(devices=None) -> str:
+    """``"cuda"`` with the extension loaded and NVIDIA GPUs as devices, else ``"reference"``."""
+    from jax_ep.backends.cuda import extension
+
+    devices = devices if devices is not None else jax.devices()
+    on_gpu = all(d.platform == "gpu" for d in devices)
+    return "cuda" if on_gpu and extension.extension() is not None else "reference"

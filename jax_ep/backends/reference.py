@@ -1,0 +1,71 @@
+"""The reference backend: :mod:`jax_ep.reference` behind the :class:`~jax_ep.backends.Backend`
+interface. It keeps no device state; XLA orders its collectives itself."""
+
+from __future__ import annotations
+
+import jax
+
+from jax_ep import reference
+from jax_ep.backends.spec import OpSpec
+from jax_ep.handles import Handle, LowLatencyHandle
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def create_runtime(self, group):
+        return None
+
+    def layout(self, topk_idx: jax.Array, num_experts: int, num_ranks: int):
+        return reference.get_dispatch_layout(topk_idx, num_experts, num_ranks)
+
+    def dispatch(self, x, topk_idx, topk_weights, spec: OpSpec):
+        return reference.dispatch(
+            x,
+            topk_idx,
+            topk_weights,
+            axis_name=spec.axis_name,
+            num_experts=spec.num_experts,
+            layout=spec.layout,
+            capacity=spec.capacity,
+            fp8=spec.fp8,
+            round_scale=spec.round_scale,
+        )
+
+    def combine(self, y, handle: Handle, weights, spec: OpSpec):
+        return reference.combine(y, handle, weights, axis_name=spec.axis_name)
+
+    def token_dispatch(self, x, handle: Handle, spec: OpSpec):
+        return reference.token_dispatch(x, handle, axis_name=spec.axis_name)
+
+    def token_combine(self, rows, handle: Handle, spec: OpSpec):
+        return reference.token_combine(rows, handle, axis_name=spec.axis_name)
+
+    # The reference does all the communication in the send half; receive halves only
+    # unpack, so the split forms have exactly the fused forms' results.
+
+    def ll_dispatch_send(self, x, topk_idx, active_ranks, spec: OpSpec):
+        return reference.low_latency_dispatch(
+            x,
+            topk_idx,
+            axis_name=spec.axis_name,
+            num_experts=spec.num_experts,
+            max_tokens_per_rank=spec.max_tokens_per_rank,
+            active_ranks=active_ranks,
+            fp8=spec.fp8,
+            round_scale=spec.round_scale,
+        )
+
+    def ll_dispatch_recv(self, ticket, spec: OpSpec):
+        return ticket
+
+    def ll_combine_send(self, y, handle: LowLatencyHandle, topk_idx, topk_weights, spec: OpSpec):
+        return reference.low_latency_combine(
+            y, topk_idx, topk_weights, handle, axis_name=spec.axis_name
+        )
+
+    def ll_combine_recv(self, ticket, handle: LowLatencyHandle, topk_idx, topk_weights, spec):
+        return ticket
+
+
+BACKEND = ReferenceBackend()
