@@ -11,8 +11,8 @@ needs no buffers and accepts the same arguments.
 
 from __future__ import annotations
 
-import itertools
 import threading
+import weakref
 from typing import Any
 
 import jax
@@ -23,10 +23,50 @@ from jax_ep import validation
 from jax_ep.backends import backend_for, default_backend
 from jax_ep.backends.spec import OpSpec
 from jax_ep.config import Config
+from jax_ep.ordering import OrderChain
 
-_ids = itertools.count(1)
 _lock = threading.Lock()
+_live: dict[str, weakref.ref] = {}  # key -> the live Group with that key, in this process
 BACKENDS = ("auto", "cuda", "reference")
+DEFAULT_NAME = "jax_ep"
+
+
+def _claim_key(base: str, explicit: bool, group: Group) -> str:
+    """A key no live group of this process holds: ``base``, or for an unnamed group
+    ``base#2``, ``base#3``, ... in creation order (the same in every process of an SPMD
+    program, which creates its groups in the same order)."""
+    with _lock:
+        key, n = base, 1
+        while key in _live and _live[key]() is not None:
+            if explicit:
+                raise ValueError(
+                    f"jax_ep: a live Group already has the key {key!r}; close it first or pass "
+                    "another name="
+                )
+            n += 1
+            key = f"{base}#{n}"
+        _live[key] = weakref.ref(group)
+        return key
+
+
+def _release_key(key: str) -> None:
+    with _lock:
+        _live.pop(key, None)
+
+
+def live_group(key: str) -> Group:
+    """The live group with this key, or a clear error."""
+    group = _live.get(key, lambda: None)()
+    if group is None:
+        raise ValueError(
+            f"jax_ep: no live Group with key {key!r} in this process (closed, or never created)"
+        )
+    return group
+
+
+def order_chain(spec: OpSpec) -> OrderChain | None:
+    """The ordering-token chain of the group an op runs on (None: no device state)."""
+    return live_group(spec.group_key).order if spec.backend == "cuda" else None
 
 
 class Group:
@@ -47,6 +87,11 @@ class Group:
         whole protocol on one GPU (and for the reference backend on one CPU device).
       low_latency: also allocate the low-latency buffers.
       config: :class:`Config`.
+      name: what compiled programs know the group by. Its :attr:`key` (the name, the
+        mesh axis and the sizes) is written into every program that uses the group, and
+        binds the program to the live group with that key in whichever process compiles
+        or loads it (an exported program too). Unnamed groups with equal sizes get
+        ``name#2``, ``name#3``, ... in creation order; two live groups never share a key.
     """
 
     def __init__(
@@ -63,6 +108,7 @@ class Group:
         loopback: int | None = None,
         low_latency: bool = False,
         config: Config | None = None,
+        name: str | None = None,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -85,13 +131,13 @@ class Group:
             devices = list(mesh.devices.flat)
             num_ranks = mesh.shape[axis_name]
         validation.check_num_experts(num_experts, num_ranks)
-        for name, value in (
+        for arg, value in (
             ("num_topk", num_topk),
             ("hidden", hidden),
             ("num_max_tokens_per_rank", num_max_tokens_per_rank),
         ):
             if not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise ValueError(f"{arg} must be a positive int, got {value!r}")
         self.mesh = mesh
         self.axis_name = axis_name
         self.num_ranks = int(num_ranks)
@@ -109,14 +155,38 @@ class Group:
                 "runs one process per GPU: use Config(transport='ipc') with loopback"
             )
         self.devices = devices
-        with _lock:
-            self.id = next(_ids)
+        if name is not None and (not isinstance(name, str) or not name or "|" in name):
+            raise ValueError(f"name must be a non-empty str without '|', got {name!r}")
         if backend == "auto":
             backend = default_backend(devices)
         self.backend = backend
-        self._runtime = backend_for(backend).create_runtime(self)
+        base = "|".join(
+            [
+                name or DEFAULT_NAME,
+                f"axis={axis_name}",
+                f"ranks={self.num_ranks}",
+                f"experts={self.num_experts}",
+                f"topk={self.num_topk}",
+                f"hidden={self.hidden}x{self.dtype.name}",
+                f"tokens={self.num_max_tokens_per_rank}",
+                f"low_latency={int(bool(low_latency))}",
+            ]
+        )
+        self.key = _claim_key(base, name is not None, self)
+        self._closed = False
+        # the ordering token threaded through this group's ops (CUDA: device state)
+        self.order = OrderChain() if backend == "cuda" else None
+        try:
+            self._runtime = backend_for(backend).create_runtime(self)
+        except BaseException:
+            _release_key(self.key)
+            raise
 
     # ------------------------------------------------------------------ queries
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def num_local_experts(self) -> int:
@@ -124,9 +194,11 @@ class Group:
 
     def spec(self, **fields) -> OpSpec:
         """The static description of one op call on this group."""
+        if self.closed:
+            raise ValueError(f"jax_ep: the Group {self.key!r} is closed; create a new Group")
         return OpSpec(
             backend=self.backend,
-            group_id=self.id,
+            group_key=self.key,
             axis_name=self.axis_name,
             num_ranks=self.num_ranks,
             num_experts=self.num_experts,
@@ -159,6 +231,15 @@ class Group:
         if problems:
             raise ValueError(f"jax_ep.{op}: " + "; ".join(problems) + " (create the Group larger)")
 
+    def take_token(self, like: jax.Array):
+        """The ordering token the next op of this group takes (None: no device state)."""
+        return None if self.order is None else self.order.take(like)
+
+    def put_token(self, token) -> None:
+        """Records the ordering token an op of this group returned."""
+        if self.order is not None:
+            self.order.put(token)
+
     def check(self) -> None:
         """Raise the first device-side error (timeout, bad expert id) recorded on this group."""
         if self._runtime is not None:
@@ -181,10 +262,17 @@ class Group:
         return 0 if self._runtime is None else self._runtime.bytes_per_rank
 
     def close(self) -> None:
-        """Free the buffers (also done at interpreter exit)."""
+        """Free the buffers (also done at interpreter exit).
+
+        Programs compiled for this group fail with a clear error from now on (also when
+        replayed from a CUDA graph); a new group, even with the same key, needs a newly
+        traced program.
+        """
         if self._runtime is not None:
             self._runtime.close()
             self._runtime = None
+        self._closed = True
+        _release_key(self.key)
 
     def __enter__(self) -> Group:
         return self

@@ -25,6 +25,7 @@ from jax_ep import _compat, validation
 from jax_ep import fp8 as _fp8
 from jax_ep.backends import backend_for, default_backend
 from jax_ep.backends.spec import OpSpec
+from jax_ep.group import order_chain
 from jax_ep.handles import DispatchLayout, DispatchOut, Handle
 from jax_ep.rows import pad_rows, take_rows
 
@@ -137,7 +138,9 @@ def dispatch(
         layout=layout, capacity=capacity, fp8=fp8, round_scale=round_scale, dequantize=dequantize
     )
     x, topk_idx, topk_weights = _compat.match_varying(x, topk_idx, topk_weights)
-    ox, oscales, oidx, ow, counts, dropped, handle = _dispatch(spec, x, topk_idx, topk_weights)
+    out, token = _dispatch(spec, x, topk_idx, topk_weights, group.take_token(x))
+    group.put_token(token)
+    ox, oscales, oidx, ow, counts, dropped, handle = out
     if on_overflow == "error":
         counts = counts + _overflow_guard(
             dropped, f"dispatch(layout={layout!r}, capacity={capacity})"
@@ -164,21 +167,21 @@ def _overflow_guard(num_dropped: jax.Array, what: str) -> jax.Array:
     )
 
 
-def _dispatch_impl(spec: OpSpec, x, topk_idx, topk_weights):
-    out = backend_for(spec).dispatch(x, topk_idx, topk_weights, spec)
+def _dispatch_impl(spec: OpSpec, x, topk_idx, topk_weights, token):
+    out, token = backend_for(spec).dispatch(x, topk_idx, topk_weights, token, spec)
     if spec.fp8 and spec.dequantize:
         out = (_fp8.dequantize(out[0], out[1], x.dtype), None) + tuple(out[2:])
-    return tuple(out)
+    return tuple(out), token
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dispatch(spec: OpSpec, x, topk_idx, topk_weights):
-    return _dispatch_impl(spec, x, topk_idx, topk_weights)
+def _dispatch(spec: OpSpec, x, topk_idx, topk_weights, token):
+    return _dispatch_impl(spec, x, topk_idx, topk_weights, token)
 
 
-def _dispatch_fwd(spec, x, topk_idx, topk_weights):
-    out = _dispatch_impl(spec, x, topk_idx, topk_weights)
-    return out, (out[-1], jnp.zeros((0,), x.dtype))
+def _dispatch_fwd(spec, x, topk_idx, topk_weights, token):
+    out, token = _dispatch_impl(spec, x, topk_idx, topk_weights, token)
+    return (out, token), (out[-1], jnp.zeros((0,), x.dtype), token)
 
 
 def _first_occurrence_weights(rows: jax.Array) -> jax.Array:
@@ -190,24 +193,39 @@ def _first_occurrence_weights(rows: jax.Array) -> jax.Array:
     return jnp.where((rows >= 0) & ~dup, 1.0, 0.0).astype(jnp.float32)
 
 
+def _backward_token(spec: OpSpec, like: jax.Array, forward_token):
+    """The token a backward op takes: after its forward op and the group's last op here."""
+    chain = order_chain(spec)
+    return forward_token if chain is None else chain.take(like, after=forward_token)
+
+
+def _backward_done(spec: OpSpec, token) -> None:
+    chain = order_chain(spec)
+    if chain is not None:
+        chain.put(token)
+
+
 def _dispatch_bwd(spec: OpSpec, res, ct):
-    handle, x_like = res
-    ct_x, _, _, ct_w, _, _, ct_handle = ct
+    handle, x_like, token = res
+    (ct_x, _, _, ct_w, _, _, ct_handle), _ = ct
     b = backend_for(spec)
+    token = _backward_token(spec, handle.recv_src, token)
     rt = handle.recv_src.shape[0]
     if spec.fp8 and not spec.dequantize:
         # quantised payloads have no gradient; dequantize=True gives straight-through
         dx = jnp.zeros((handle.num_tokens, ct_x.shape[-1]), x_like.dtype)
     elif spec.layout == "per_rank":
-        dx = b.token_combine(pad_rows(ct_x, rt), handle, spec)
+        dx, token = b.token_combine(pad_rows(ct_x, rt), handle, token, spec)
     else:
-        dx = b.combine(ct_x, handle, _first_occurrence_weights(handle.recv_rows), spec)
+        weights = _first_occurrence_weights(handle.recv_rows)
+        dx, token = b.combine(ct_x, handle, weights, token, spec)
     g = ct_handle.recv_weights
     if spec.layout == "per_rank":
         g = g + pad_rows(ct_w, rt)
     g = jnp.where(handle.recv_topk_idx >= 0, g, 0.0)
-    dw = b.token_combine(g, handle, spec)
-    return dx.astype(x_like.dtype), None, dw
+    dw, token = b.token_combine(g, handle, token, spec)
+    _backward_done(spec, token)
+    return dx.astype(x_like.dtype), None, dw, None
 
 
 _dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
@@ -264,19 +282,23 @@ def combine(
                 "weight the rows before combine instead of passing topk_weights"
             )
         _, topk_weights = validation.check_routing(handle.topk_idx, topk_weights, None)
-        recv = _token_dispatch(spec, topk_weights, handle)
+        recv, token = _token_dispatch(spec, topk_weights, handle, group.take_token(handle.recv_src))
+        group.put_token(token)
         weights = jnp.where(handle.recv_topk_idx >= 0, recv, 0.0)
     y, weights = _compat.match_varying(y, weights)
-    return _combine(spec, y, weights, handle)
+    out, token = _combine(spec, y, weights, handle, group.take_token(y))
+    group.put_token(token)
+    return out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _combine(spec: OpSpec, y, weights, handle):
-    return backend_for(spec).combine(y, handle, weights, spec)
+def _combine(spec: OpSpec, y, weights, handle, token):
+    return backend_for(spec).combine(y, handle, weights, token, spec)
 
 
-def _combine_fwd(spec, y, weights, handle):
-    return _combine(spec, y, weights, handle), (y, weights, handle)
+def _combine_fwd(spec, y, weights, handle, token):
+    out, token = backend_for(spec).combine(y, handle, weights, token, spec)
+    return (out, token), (y, weights, handle, token)
 
 
 def _expand_to_rows(d_tok: jax.Array, rows: jax.Array, weights: jax.Array, num_rows: int, dtype):
@@ -300,33 +322,43 @@ def _row_dots(d_tok: jax.Array, y_rows: jax.Array, rows: jax.Array) -> jax.Array
 
 
 def _combine_bwd(spec: OpSpec, res, ct):
-    y, weights, handle = res
-    d_tok = backend_for(spec).token_dispatch(ct, handle, spec)  # [RT, H] output cotangent per token
+    y, weights, handle, token = res
+    ct_out, _ = ct
+    token = _backward_token(spec, handle.recv_src, token)
+    # [RT, H] output cotangent per token
+    d_tok, token = backend_for(spec).token_dispatch(ct_out, handle, token, spec)
+    _backward_done(spec, token)
     if spec.layout == "per_rank":
-        return pad_rows(d_tok, handle.capacity).astype(y.dtype), None, None
+        return pad_rows(d_tok, handle.capacity).astype(y.dtype), None, None, None
     hidden = y.shape[-1]
     y_rows = y.reshape(-1, hidden)
     dy = _expand_to_rows(d_tok, handle.recv_rows, weights, y_rows.shape[0], y.dtype).reshape(
         y.shape
     )
     dw = _row_dots(d_tok, y_rows, handle.recv_rows)
-    return dy, dw, None
+    return dy, dw, None, None
 
 
 _combine.defvjp(_combine_fwd, _combine_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _token_dispatch(spec: OpSpec, x, handle):
-    return backend_for(spec).token_dispatch(x, handle, spec)
+def _token_dispatch(spec: OpSpec, x, handle, token):
+    return backend_for(spec).token_dispatch(x, handle, token, spec)
 
 
-def _token_dispatch_fwd(spec, x, handle):
-    return _token_dispatch(spec, x, handle), handle
+def _token_dispatch_fwd(spec, x, handle, token):
+    out, token = backend_for(spec).token_dispatch(x, handle, token, spec)
+    return (out, token), (handle, token)
 
 
-def _token_dispatch_bwd(spec, handle, ct):
-    return backend_for(spec).token_combine(ct, handle, spec), None
+def _token_dispatch_bwd(spec, res, ct):
+    handle, token = res
+    ct_out, _ = ct
+    token = _backward_token(spec, handle.recv_src, token)
+    dx, token = backend_for(spec).token_combine(ct_out, handle, token, spec)
+    _backward_done(spec, token)
+    return dx, None, None
 
 
 _token_dispatch.defvjp(_token_dispatch_fwd, _token_dispatch_bwd)

@@ -18,6 +18,7 @@ import numpy as np
 from jax_ep import _compat, validation
 from jax_ep.backends import backend_for
 from jax_ep.backends.spec import OpSpec
+from jax_ep.group import order_chain
 from jax_ep.handles import LowLatencyHandle, LowLatencyOut
 from jax_ep.high_throughput import check_group_axis
 
@@ -26,7 +27,9 @@ from jax_ep.high_throughput import check_group_axis
 class LowLatencyTicket:
     """What a ``*_send`` half hands to its ``*_recv`` half (opaque; pass it on unchanged).
 
-    Holding it orders the receive after the send; XLA may schedule other work between.
+    Holding it orders the receive after the send; XLA may schedule other work between
+    (but no other op of the same group: their ordering token orders them, see
+    :mod:`jax_ep.ordering`).
     """
 
     payload: Any
@@ -61,13 +64,25 @@ def _forward_only(op: str):
 
 
 @_forward_only("low_latency_dispatch")
-def _ll_dispatch_send(spec, x, topk_idx, active):
-    return backend_for(spec).ll_dispatch_send(x, topk_idx, active, spec)
+def _ll_dispatch_send(spec, x, topk_idx, active, token):
+    return backend_for(spec).ll_dispatch_send(x, topk_idx, active, token, spec)
 
 
 @_forward_only("low_latency_combine")
-def _ll_combine_send(spec, y, handle, topk_idx, topk_weights):
-    return backend_for(spec).ll_combine_send(y, handle, topk_idx, topk_weights, spec)
+def _ll_combine_send(spec, y, handle, topk_idx, topk_weights, token):
+    return backend_for(spec).ll_combine_send(y, handle, topk_idx, topk_weights, token, spec)
+
+
+def _receive_token(ticket: LowLatencyTicket):
+    """The ordering token a receive half takes (its group is found by the ticket's key)."""
+    chain = order_chain(ticket.spec)
+    return None if chain is None else chain.take(jax.tree.leaves(ticket.payload)[0])
+
+
+def _received(ticket: LowLatencyTicket, token) -> None:
+    chain = order_chain(ticket.spec)
+    if chain is not None:
+        chain.put(token)
 
 
 def _check_ll(x, topk_idx, group, op):
@@ -117,13 +132,17 @@ def low_latency_dispatch_send(
     )
     active = _active(active_ranks, num_ranks)
     x, topk_idx, active = _compat.match_varying(x, topk_idx, active)
-    return LowLatencyTicket(_ll_dispatch_send(spec, x, topk_idx, active), spec)
+    payload, token = _ll_dispatch_send(spec, x, topk_idx, active, group.take_token(x))
+    group.put_token(token)
+    return LowLatencyTicket(payload, spec)
 
 
 def low_latency_dispatch_recv(ticket: LowLatencyTicket) -> LowLatencyOut:
     """Receive half of :func:`low_latency_dispatch`."""
     spec = ticket.spec
-    ox, oscales, counts, dropped, handle = backend_for(spec).ll_dispatch_recv(ticket.payload, spec)
+    out, token = backend_for(spec).ll_dispatch_recv(ticket.payload, _receive_token(ticket), spec)
+    _received(ticket, token)
+    ox, oscales, counts, dropped, handle = out
     return LowLatencyOut(ox, oscales, counts, dropped, handle)
 
 
@@ -187,7 +206,11 @@ def low_latency_combine_send(
     topk_idx, topk_weights = _check_ll_combine(y, topk_idx, topk_weights, handle, group)
     spec = group.spec(max_tokens_per_rank=handle.max_tokens_per_rank)
     y, topk_idx, topk_weights = _compat.match_varying(y, topk_idx, topk_weights)
-    return LowLatencyTicket(_ll_combine_send(spec, y, handle, topk_idx, topk_weights), spec)
+    payload, token = _ll_combine_send(
+        spec, y, handle, topk_idx, topk_weights, group.take_token(topk_idx)
+    )
+    group.put_token(token)
+    return LowLatencyTicket(payload, spec)
 
 
 def low_latency_combine_recv(
@@ -196,7 +219,11 @@ def low_latency_combine_recv(
     """Receive half of :func:`low_latency_combine`: the weighted sum at the home rank."""
     topk_idx, topk_weights = validation.check_routing(topk_idx, topk_weights, None)
     spec = ticket.spec
-    return backend_for(spec).ll_combine_recv(ticket.payload, handle, topk_idx, topk_weights, spec)
+    out, token = backend_for(spec).ll_combine_recv(
+        ticket.payload, handle, topk_idx, topk_weights, _receive_token(ticket), spec
+    )
+    _received(ticket, token)
+    return out
 
 
 def low_latency_combine(

@@ -55,8 +55,8 @@ def test_same_results_with_and_without_command_buffers(runs):
 def test_every_op_executed(runs, setting):
     _, stats, pairs, steps = runs[setting]
     for rank_ops in stats["ops_per_local_rank"]:
-        assert rank_ops["ll_dispatch"] == pairs * steps, stats
-        assert rank_ops["ll_combine"] == pairs * steps, stats
+        assert rank_ops["low_latency_dispatch"] == pairs * steps, stats
+        assert rank_ops["low_latency_combine"] == pairs * steps, stats
 
 
 @requires_kernels

@@ -31,18 +31,22 @@ def test_repeated_calls_in_one_jit_and_across_jits():
     ]
     x = make_tokens(4, T, H)
 
-    def three_layers(x, i0, w0, i1, w1, i2, w2):
-        outs = []
-        h = x
-        for idx, w, layout in ((i0, w0, "ragged"), (i1, w1, "per_rank"), (i2, w2, "expert_major")):
-            out = jax_ep.dispatch(h, idx, w, group=group, layout=layout)
-            h = jax_ep.combine(out.x, out.handle, group=group)
-            outs.append(h)
-        return outs
+    def three_layers_on(g):
+        def three_layers(x, i0, w0, i1, w1, i2, w2):
+            outs = []
+            h = x
+            layers = ((i0, w0, "ragged"), (i1, w1, "per_rank"), (i2, w2, "expert_major"))
+            for idx, w, layout in layers:
+                out = jax_ep.dispatch(h, idx, w, group=g, layout=layout)
+                h = jax_ep.combine(out.x, out.handle, group=g)
+                outs.append(h)
+            return outs
+
+        return three_layers
 
     flat = [a for pair in inputs for a in pair]
     for _ in range(2):  # the second run re-enters with other parities
-        got = runner.run(three_layers, x, *flat)
+        got = runner.run(three_layers_on(group), x, *flat)
         h = x
         for (idx, w), layout, g in zip(
             inputs, ("ragged", "per_rank", "expert_major"), got, strict=True
@@ -52,9 +56,13 @@ def test_repeated_calls_in_one_jit_and_across_jits():
             h = oracle_combine([o["x"] for o in want], want, idx, E, layout, jnp.bfloat16)
             assert_equal(g, h, f"{layout} layer")
     other = runner.group(num_experts=E, num_topk=K, hidden=H, num_max_tokens_per_rank=T)
-    got2 = runner.run(three_layers, x, *flat)  # a second group beside the first
-    assert_equal(got2[-1], got[-1], "same result from a second jit")
+    assert other.key != group.key  # numbered: two live groups never share a key
+    got2 = runner.run(three_layers_on(other), x, *flat)  # a second group beside the first
+    assert_equal(got2[-1], got[-1], "same result from a second group")
+    got3 = runner.run(three_layers_on(group), x, *flat)  # the first still works beside it
+    assert_equal(got3[-1], got[-1], "first group after the second ran")
     other.close()
+    group.close()
 
 
 def _faulty_group(sync: bool):
@@ -94,6 +102,24 @@ def test_missing_peer_reported_by_check_and_next_call():
         group.check()
     with pytest.raises(jax.errors.JaxRuntimeError, match="group is unusable now"):
         runner.run(_dispatch(group), x, idx, w)
+
+
+def test_process_survives_a_peer_timeout():
+    """After a timeout the group is unusable, but the process is not: the error is
+    raised, the group closes, and a new group on the same device works."""
+    runner, group = _faulty_group(sync=False)
+    idx, w = make_routing("random", 2, T, K, E)
+    x = make_tokens(2, T, H)
+    runner.run(_dispatch(group), x, idx, w)
+    with pytest.raises(RuntimeError, match=PATTERN):
+        group.check()
+    group.close()
+    fresh = runner.group(num_experts=E, num_topk=K, hidden=H, num_max_tokens_per_rank=T)
+    counts = runner.run(_dispatch(fresh), x, idx, w)
+    want = oracle_dispatch(x, idx, w, E, "expert_major", 2 * T)
+    assert_equal(counts, np.stack([o["counts"] for o in want]), "counts of the new group")
+    fresh.check()
+    fresh.close()
 
 
 def test_bad_expert_id_is_reported():

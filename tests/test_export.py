@@ -22,7 +22,11 @@ from jax.sharding import PartitionSpec as P
 import jax_ep
 
 E, K, H = 16, 4, 128
-CUDA_TARGETS = [f"jax_ep_{n}" for n in ("ht_dispatch", "ht_combine", "dispatch_layout")]
+CUDA_TARGETS = [
+    "jax_ep_high_throughput_dispatch",
+    "jax_ep_high_throughput_combine",
+    "jax_ep_dispatch_layout",
+]
 
 RUNNERS = [Runner("reference", 1, "shard_map")]
 if HAS_KERNELS:

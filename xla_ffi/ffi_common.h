@@ -1,12 +1,17 @@
-// Helpers every jax_ep FFI handler uses: state lookup, error conversion,
-// dtype mapping and the loopback (leading rank axis) convention.
+// What every jax_ep FFI handler shares: the per-executable group binding and its
+// stages, the one check macro, attribute and dtype decoding, the loopback (leading
+// rank axis) convention and the size checks against a group's buffers.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
 #include <string>
+#include <string_view>
 
 #include "common/comm.h"
 #include "common/device_types.h"
@@ -17,6 +22,12 @@ namespace jax_ep::ffi_layer {
 
 namespace ffi = xla::ffi;
 
+// Returns the error of a check that failed: the one way handlers propagate errors.
+#define JAX_EP_CHECK(expr)                                                           \
+  do {                                                                               \
+    if (::xla::ffi::Error jax_ep_e_ = (expr); jax_ep_e_.failure()) return jax_ep_e_; \
+  } while (0)
+
 inline ffi::Error invalid(const std::string& msg) {
   return ffi::Error::InvalidArgument("jax_ep: " + msg);
 }
@@ -25,135 +36,66 @@ inline ffi::Error cuda_error(cudaError_t err, const char* what) {
   return ffi::Error::Internal(std::string("jax_ep: ") + what + ": " + cudaGetErrorString(err));
 }
 
-// The group's state on this device, or an error naming what is missing. A pending
-// device-side error from an earlier call (timeout, bad input) is returned first.
-inline ffi::Error lookup(int64_t group_id, int32_t device, cudaStream_t stream, DeviceState** out) {
-  DeviceState* s = group_id == 0 ? default_state(device) : find_state(group_id, device);
-  if (s == nullptr) {
-    return invalid("group " + std::to_string(group_id) + " has no buffers on device " + std::to_string(device) +
-                   " (create the jax_ep.Group with a mesh that contains this device, before jit)");
-  }
-  count_call(s, stream);
-  std::string pending = take_error(s);
-  if (!pending.empty()) return ffi::Error::Internal(pending + " [reported by a later jax_ep call]");
-  if (cudaError_t err = rearm_error_claim(s, stream); err != cudaSuccess) return cuda_error(err, "re-arm error claim");
-  *out = s;
-  return ffi::Error::Success();
-}
+// --- the group a program was compiled for (docs/protocol.md, "Ordering and lifetime") ---
+
+// Per-executable state (ffi::State): shared ownership of the group's control, so the
+// program never reaches a freed one, and a closed group is refused, not mistaken for
+// a newer group with the same key.
+struct ExecState {
+  static ffi::TypeId id;
+  std::shared_ptr<GroupControl> group;
+};
+
+// INSTANTIATE (once per executable, when it is compiled or loaded): bind to the live
+// group named by the `group` attribute (the key Python's Group builds).
+ffi::ErrorOr<std::unique_ptr<ExecState>> bind_group(ffi::Dictionary attrs);
+// INITIALIZE (before every execution, a replayed CUDA graph included): refuse a
+// closed group before anything is launched.
+ffi::Error refuse_closed(ExecState* state);
+
+// One execute-stage call of a group op: the group is open and has ranks on this
+// device; holds the group's launch lock (shared) until the launches are enqueued.
+class GroupCall {
+ public:
+  ffi::Error open(ExecState* state, int32_t device, cudaStream_t stream);
+  DeviceState* state() const { return s_; }
+
+ private:
+  std::shared_lock<std::shared_mutex> lock_;
+  DeviceState* s_ = nullptr;
+};
+
+// The error record of an op without a group (dispatch_layout): a pending device-side
+// error from an earlier call is returned first.
+ffi::Error open_default(int32_t device, cudaStream_t stream, DeviceState** out);
 
 // After the launches: surface launch errors; with `sync`, wait and report device errors now.
-inline ffi::Error finish(cudaStream_t stream, DeviceState* s, cudaError_t launch, bool sync) {
-  if (launch != cudaSuccess) return cuda_error(launch, "kernel launch");
-  if (!sync) return ffi::Error::Success();
-  cudaError_t err = cudaStreamSynchronize(stream);
-  if (err != cudaSuccess) return cuda_error(err, "cudaStreamSynchronize");
-  std::string msg = take_error(s);
-  if (!msg.empty()) {
-    rearm_error_claim(s, stream);  // ordered before the next call's kernels
-    return ffi::Error::Internal(msg);
-  }
-  return ffi::Error::Success();
-}
+ffi::Error finish(cudaStream_t stream, DeviceState* s, cudaError_t launch, bool sync);
 
-inline CommContext comm_of(const DeviceState* s) {
-  CommContext c;
-  std::copy(s->peers.begin(), s->peers.end(), c.peers);
-  c.layout = s->layout;
-  c.err = s->sink();
-  c.timeout_ns = s->timeout_ns;
-  c.num_ranks = s->num_ranks;
-  c.first_rank = s->first_rank;
-  c.num_local_ranks = s->num_local_ranks;
-  c.send_blocks = s->send_blocks;
-  c.copy_blocks = s->copy_blocks;
-  c.fault_inject_rank = s->fault_inject_rank;
-  c.sys_scope = s->num_local_ranks < s->num_ranks;
-  c.net = s->net;
-  return c;
-}
+CommContext comm_of(const DeviceState* s);
 
 // Payload dtype code for kernels; -1 when unsupported.
-inline int dtype_code(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::F32:
-      return kF32;
-    case ffi::DataType::BF16:
-      return kBF16;
-    case ffi::DataType::F16:
-      return kF16;
-    default:
-      return -1;
-  }
-}
-
-inline int element_bytes(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::F32:
-    case ffi::DataType::S32:
-      return 4;
-    case ffi::DataType::BF16:
-    case ffi::DataType::F16:
-      return 2;
-    default:
-      return 1;
-  }
-}
+int dtype_code(ffi::DataType t);
+int element_bytes(ffi::DataType t);
 
 // Loopback convention: under jax.vmap (vmap_method="expand_dims") every operand
 // gains a leading axis of the virtual ranks; inside shard_map it has none.
 // Returns the per-rank dims (without that axis), checking the leading size.
-inline ffi::Error per_rank_dims(const ffi::AnyBuffer& b, const char* name, int per_rank_ndim, int num_local_ranks,
-                                ffi::Span<const int64_t>* dims) {
-  auto all = b.dimensions();
-  const int nd = int(all.size());
-  if (nd == per_rank_ndim && num_local_ranks == 1) {
-    *dims = all;
-    return ffi::Error::Success();
-  }
-  if (nd == per_rank_ndim + 1 && all[0] == num_local_ranks) {
-    *dims = ffi::Span<const int64_t>(all.begin() + 1, all.size() - 1);
-    return ffi::Error::Success();
-  }
-  return invalid(std::string(name) + " has rank " + std::to_string(nd) + " (leading size " +
-                 (nd ? std::to_string(all[0]) : std::string("-")) + ") but this device runs " +
-                 std::to_string(num_local_ranks) +
-                 " rank(s): loopback groups must be called under jax.vmap over the EP axis, others "
-                 "per device inside shard_map");
-}
+ffi::Error per_rank_dims(const ffi::AnyBuffer& b, const char* name, int per_rank_ndim, int num_local_ranks,
+                         ffi::Span<const int64_t>* dims);
+// Per-rank dims of `b`, which must equal `want`, and its element type.
+ffi::Error expect(const ffi::AnyBuffer& b, const char* name, std::initializer_list<int64_t> want, ffi::DataType type,
+                  int num_local_ranks);
+// The ordering token every group op takes and returns: [2] int32 per rank (the op's
+// sequence number, written by its last kernel).
+ffi::Error check_order(const ffi::AnyBuffer& in, const ffi::AnyBuffer& out, int num_local_ranks);
 
 // --- checks of one call against the group's buffers (shared by every handler) ---
-
-inline ffi::Error check_num_experts(const DeviceState* s, int64_t num_experts) {
-  const int64_t have = int64_t(s->layout.sizes.num_local_experts) * s->num_ranks;
-  if (num_experts != have)
-    return invalid("num_experts=" + std::to_string(num_experts) + " but the group has " + std::to_string(have));
-  return ffi::Error::Success();
-}
-
-inline ffi::Error check_routing_shape(const DeviceState* s, int64_t T, int64_t K) {
-  const BufferSizes& z = s->layout.sizes;
-  if (T > z.max_tokens)
-    return invalid("num_tokens=" + std::to_string(T) +
-                   " exceeds the group's num_max_tokens_per_rank=" + std::to_string(z.max_tokens));
-  if (K < 1 || K > z.num_topk || K > kMaxTopk)
-    return invalid("num_topk=" + std::to_string(K) + " not in [1, " + std::to_string(std::min(z.num_topk, kMaxTopk)) +
-                   "] (the group's num_topk)");
-  return ffi::Error::Success();
-}
-
+ffi::Error check_num_experts(const DeviceState* s, int64_t num_experts);
+// T tokens (at most the group's bound for the op family) and top-k K.
+ffi::Error check_routing_shape(const DeviceState* s, int64_t T, int64_t K, bool low_latency);
 // A dispatch message's row (raw, or FP8 + one float per 128 channels) must fit the
 // group's wire rows; a combine row must fit its combine rows.
-inline ffi::Error check_row(const DeviceState* s, int64_t H, int esize, bool fp8, bool dispatch) {
-  if (H < 1) return invalid("hidden must be positive, got " + std::to_string(H));
-  if (fp8 && H % kFp8Group) return invalid("fp8 needs hidden % 128 == 0, got hidden=" + std::to_string(H));
-  const size_t need = fp8 ? size_t(H) + size_t(H / kFp8Group) * 4 : size_t(H) * esize;
-  const size_t have = dispatch ? s->layout.row_bytes : s->layout.combine_row_bytes;
-  if (need > have)
-    return invalid(std::string(dispatch ? "dispatch" : "combine") + " rows of hidden=" + std::to_string(H) +
-                   (fp8 ? " (fp8 + scales)" : " x " + std::to_string(esize) + " bytes") + " need " +
-                   std::to_string(need) + " bytes but the group's buffers hold " + std::to_string(have) +
-                   " (hidden=" + std::to_string(s->layout.sizes.hidden) + ")");
-  return ffi::Error::Success();
-}
+ffi::Error check_row(const DeviceState* s, int64_t H, int esize, bool fp8, bool dispatch);
 
 }  // namespace jax_ep::ffi_layer

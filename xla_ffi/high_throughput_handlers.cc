@@ -1,10 +1,37 @@
 // FFI handlers of the high-throughput dispatch and combine: read shapes from the
 // buffers (shape-polymorphic), check them against the group's buffers, fill the
-// launch parameters. Semantics live in jax_ep/reference.py, kernels in csrc/intranode.
-
+// launch parameters. Semantics live in jax_ep/reference.py, kernels in
+// csrc/high_throughput.
 #include "high_throughput/params.h"
 #include "xla_ffi/ffi_common.h"
 #include "xla_ffi/handlers.h"
+
+namespace jax_ep::ffi_layer {
+
+struct HtDispatchAttrs {
+  std::string_view group;
+  int64_t num_experts;
+  LayoutKind layout;
+  bool fp8;
+  bool round_scale;
+};
+
+struct HtCombineAttrs {
+  std::string_view group;
+  int64_t num_experts;
+};
+
+}  // namespace jax_ep::ffi_layer
+
+XLA_FFI_REGISTER_ENUM_ATTR_DECODING(jax_ep::LayoutKind);
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_ep::ffi_layer::HtDispatchAttrs,
+                                      xla::ffi::StructMember<std::string_view>("group"),
+                                      xla::ffi::StructMember<int64_t>("num_experts"),
+                                      xla::ffi::StructMember<jax_ep::LayoutKind>("layout"),
+                                      xla::ffi::StructMember<bool>("fp8"), xla::ffi::StructMember<bool>("round_scale"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_ep::ffi_layer::HtCombineAttrs,
+                                      xla::ffi::StructMember<std::string_view>("group"),
+                                      xla::ffi::StructMember<int64_t>("num_experts"));
 
 namespace jax_ep::ffi_layer {
 namespace {
@@ -12,46 +39,48 @@ namespace {
 // Checks that one call fits the buffers the group allocated: routing, the wire row of
 // the payload (raw or FP8), the combine row of a raw payload, the expert count.
 ffi::Error check_fits(const DeviceState* s, int64_t T, int64_t K, int64_t H, int esize, bool fp8, int64_t E) {
-  if (ffi::Error e = check_routing_shape(s, T, K); e.failure()) return e;
-  if (ffi::Error e = check_row(s, H, esize, fp8, true); e.failure()) return e;
-  if (ffi::Error e = check_row(s, H, esize, false, false); e.failure()) return e;
+  JAX_EP_CHECK(check_routing_shape(s, T, K, false));
+  JAX_EP_CHECK(check_row(s, H, esize, fp8, true));
+  JAX_EP_CHECK(check_row(s, H, esize, false, false));
   return check_num_experts(s, E);
 }
 
 template <bool kSync>
-ffi::Error HtDispatch(cudaStream_t stream, int32_t device, int64_t group_id, int64_t layout_kind, int64_t num_experts,
-                      int64_t fp8, int64_t round_scale, ffi::AnyBuffer x, ffi::AnyBuffer topk_idx,
-                      ffi::AnyBuffer topk_weights, ffi::Result<ffi::AnyBuffer> out_x,
-                      ffi::Result<ffi::AnyBuffer> out_scales, ffi::Result<ffi::AnyBuffer> out_topk_idx,
-                      ffi::Result<ffi::AnyBuffer> out_topk_weights, ffi::Result<ffi::AnyBuffer> out_counts,
-                      ffi::Result<ffi::AnyBuffer> out_dropped, ffi::Result<ffi::AnyBuffer> recv_src,
-                      ffi::Result<ffi::AnyBuffer> recv_topk_idx, ffi::Result<ffi::AnyBuffer> recv_rows,
-                      ffi::Result<ffi::AnyBuffer> recv_weights, ffi::Result<ffi::AnyBuffer> num_recv) {
-  DeviceState* s = nullptr;
-  if (ffi::Error e = lookup(group_id, device, stream, &s); e.failure()) return e;
+ffi::Error HtDispatch(cudaStream_t stream, int32_t device, ExecState* state, HtDispatchAttrs attrs, ffi::AnyBuffer x,
+                      ffi::AnyBuffer topk_idx, ffi::AnyBuffer topk_weights, ffi::AnyBuffer order_in,
+                      ffi::Result<ffi::AnyBuffer> out_x, ffi::Result<ffi::AnyBuffer> out_scales,
+                      ffi::Result<ffi::AnyBuffer> out_topk_idx, ffi::Result<ffi::AnyBuffer> out_topk_weights,
+                      ffi::Result<ffi::AnyBuffer> out_counts, ffi::Result<ffi::AnyBuffer> out_dropped,
+                      ffi::Result<ffi::AnyBuffer> recv_src, ffi::Result<ffi::AnyBuffer> recv_topk_idx,
+                      ffi::Result<ffi::AnyBuffer> recv_rows, ffi::Result<ffi::AnyBuffer> recv_weights,
+                      ffi::Result<ffi::AnyBuffer> num_recv, ffi::Result<ffi::AnyBuffer> order_out) {
+  GroupCall call;
+  JAX_EP_CHECK(call.open(state, device, stream));
+  DeviceState* s = call.state();
   const int L = s->num_local_ranks;
+  JAX_EP_CHECK(check_order(order_in, *order_out, L));
   ffi::Span<const int64_t> xd, id, wd;
-  if (ffi::Error e = per_rank_dims(x, "x", 2, L, &xd); e.failure()) return e;
-  if (ffi::Error e = per_rank_dims(topk_idx, "topk_idx", 2, L, &id); e.failure()) return e;
-  if (ffi::Error e = per_rank_dims(topk_weights, "topk_weights", 2, L, &wd); e.failure()) return e;
+  JAX_EP_CHECK(per_rank_dims(x, "x", 2, L, &xd));
+  JAX_EP_CHECK(per_rank_dims(topk_idx, "topk_idx", 2, L, &id));
+  JAX_EP_CHECK(per_rank_dims(topk_weights, "topk_weights", 2, L, &wd));
   const int dtype = dtype_code(x.element_type());
   if (dtype < 0) return invalid("x must be float32, bfloat16 or float16");
   if (topk_idx.element_type() != ffi::DataType::S32) return invalid("topk_idx must be int32");
   if (topk_weights.element_type() != ffi::DataType::F32) return invalid("topk_weights must be float32");
   const int64_t T = xd[0], H = xd[1], K = id[1];
   if (id[0] != T || wd[0] != T || wd[1] != K) return invalid("x, topk_idx and topk_weights disagree on shapes");
-  if (layout_kind < kPerRank || layout_kind > kRagged) return invalid("unknown layout " + std::to_string(layout_kind));
+  const LayoutKind layout = attrs.layout;
+  if (layout < kPerRank || layout > kRagged) return invalid("unknown layout " + std::to_string(int(layout)));
   // capacity is read from the output's shape: it may be symbolic in the exported program
   ffi::Span<const int64_t> od;
-  const int out_ndim = layout_kind == kExpertMajor ? 3 : 2;
-  if (ffi::Error e = per_rank_dims(*out_x, "output x", out_ndim, L, &od); e.failure()) return e;
+  const int out_ndim = layout == kExpertMajor ? 3 : 2;
+  JAX_EP_CHECK(per_rank_dims(*out_x, "output x", out_ndim, L, &od));
   const int64_t capacity = od[out_ndim - 2];
   if (capacity <= 0) return invalid("capacity must be positive, got " + std::to_string(capacity));
-  if (ffi::Error e = check_fits(s, T, K, H, element_bytes(x.element_type()), fp8 != 0, num_experts); e.failure())
-    return e;
-  const int64_t e_loc = num_experts / s->num_ranks;
-  const int64_t rows_out = layout_kind == kExpertMajor ? e_loc * capacity : capacity;
-  const int64_t payload = fp8 ? H : H * element_bytes(x.element_type());
+  JAX_EP_CHECK(check_fits(s, T, K, H, element_bytes(x.element_type()), attrs.fp8, attrs.num_experts));
+  const int64_t e_loc = attrs.num_experts / s->num_ranks;
+  const int64_t rows_out = layout == kExpertMajor ? e_loc * capacity : capacity;
+  const int64_t payload = attrs.fp8 ? H : H * element_bytes(x.element_type());
   if (int64_t(out_x->size_bytes()) != L * rows_out * payload)
     return invalid("output x has " + std::to_string(out_x->size_bytes()) + " bytes, expected " +
                    std::to_string(L * rows_out * payload));
@@ -63,17 +92,17 @@ ffi::Error HtDispatch(cudaStream_t stream, int32_t device, int64_t group_id, int
   a.num_tokens = int(T);
   a.hidden = int(H);
   a.num_topk = int(K);
-  a.num_experts = int(num_experts);
-  a.layout_kind = int(layout_kind);
+  a.num_experts = int(attrs.num_experts);
+  a.layout_kind = layout;
   a.capacity = int(capacity);
   a.dtype = dtype;
-  a.fp8 = int(fp8 != 0);
-  a.round_scale = int(round_scale != 0);
+  a.fp8 = int(attrs.fp8);
+  a.round_scale = int(attrs.round_scale);
   a.x = x.untyped_data();
   a.topk_idx = topk_idx.typed_data<int32_t>();
   a.topk_weights = topk_weights.typed_data<float>();
   a.out_x = out_x->untyped_data();
-  a.out_scales = fp8 ? static_cast<float*>(out_scales->untyped_data()) : nullptr;
+  a.out_scales = attrs.fp8 ? static_cast<float*>(out_scales->untyped_data()) : nullptr;
   a.out_topk_idx = static_cast<int*>(out_topk_idx->untyped_data());
   a.out_topk_weights = static_cast<float*>(out_topk_weights->untyped_data());
   a.out_counts = static_cast<int*>(out_counts->untyped_data());
@@ -83,23 +112,27 @@ ffi::Error HtDispatch(cudaStream_t stream, int32_t device, int64_t group_id, int
   a.recv_rows = static_cast<int*>(recv_rows->untyped_data());
   a.recv_weights = static_cast<float*>(recv_weights->untyped_data());
   a.num_recv = static_cast<int*>(num_recv->untyped_data());
+  a.order = static_cast<int*>(order_out->untyped_data());
   return finish(stream, s, launch_ht_dispatch(a, stream), kSync);
 }
 
 template <bool kSync>
-ffi::Error HtCombine(cudaStream_t stream, int32_t device, int64_t group_id, int64_t num_experts, ffi::AnyBuffer y,
+ffi::Error HtCombine(cudaStream_t stream, int32_t device, ExecState* state, HtCombineAttrs attrs, ffi::AnyBuffer y,
                      ffi::AnyBuffer recv_src, ffi::AnyBuffer recv_rows, ffi::AnyBuffer weights, ffi::AnyBuffer num_recv,
-                     ffi::AnyBuffer topk_idx, ffi::Result<ffi::AnyBuffer> out) {
-  DeviceState* s = nullptr;
-  if (ffi::Error e = lookup(group_id, device, stream, &s); e.failure()) return e;
+                     ffi::AnyBuffer topk_idx, ffi::AnyBuffer order_in, ffi::Result<ffi::AnyBuffer> out,
+                     ffi::Result<ffi::AnyBuffer> order_out) {
+  GroupCall call;
+  JAX_EP_CHECK(call.open(state, device, stream));
+  DeviceState* s = call.state();
   const int L = s->num_local_ranks;
+  JAX_EP_CHECK(check_order(order_in, *order_out, L));
   ffi::Span<const int64_t> yd, sd, rd, wd, nd, id;
-  if (ffi::Error e = per_rank_dims(y, "y", 2, L, &yd); e.failure()) return e;
-  if (ffi::Error e = per_rank_dims(recv_src, "recv_src", 1, L, &sd); e.failure()) return e;
-  if (ffi::Error e = per_rank_dims(recv_rows, "recv_rows", 2, L, &rd); e.failure()) return e;
-  if (ffi::Error e = per_rank_dims(weights, "weights", 2, L, &wd); e.failure()) return e;
-  if (ffi::Error e = per_rank_dims(num_recv, "num_recv", 0, L, &nd); e.failure()) return e;
-  if (ffi::Error e = per_rank_dims(topk_idx, "topk_idx", 2, L, &id); e.failure()) return e;
+  JAX_EP_CHECK(per_rank_dims(y, "y", 2, L, &yd));
+  JAX_EP_CHECK(per_rank_dims(recv_src, "recv_src", 1, L, &sd));
+  JAX_EP_CHECK(per_rank_dims(recv_rows, "recv_rows", 2, L, &rd));
+  JAX_EP_CHECK(per_rank_dims(weights, "weights", 2, L, &wd));
+  JAX_EP_CHECK(per_rank_dims(num_recv, "num_recv", 0, L, &nd));
+  JAX_EP_CHECK(per_rank_dims(topk_idx, "topk_idx", 2, L, &id));
   const int dtype = dtype_code(y.element_type());
   if (dtype < 0) return invalid("y must be float32, bfloat16 or float16");
   if (weights.element_type() != ffi::DataType::F32) return invalid("weights must be float32");
@@ -107,13 +140,13 @@ ffi::Error HtCombine(cudaStream_t stream, int32_t device, int64_t group_id, int6
   if (RT != int64_t(s->num_ranks) * T) return invalid("recv_src must have num_ranks * num_tokens entries");
   if (rd[0] != RT || wd[0] != RT || wd[1] != rd[1] || rd[1] > kMaxTopk)
     return invalid("recv_rows / weights must be [num_ranks * num_tokens, <=32]");
-  if (ffi::Error e = check_fits(s, T, K, H, element_bytes(y.element_type()), false, num_experts); e.failure()) return e;
+  JAX_EP_CHECK(check_fits(s, T, K, H, element_bytes(y.element_type()), false, attrs.num_experts));
   HtCombineArgs a;
   a.c = comm_of(s);
   a.num_tokens = int(T);
   a.hidden = int(H);
   a.num_topk = int(K);
-  a.num_experts = int(num_experts);
+  a.num_experts = int(attrs.num_experts);
   a.dtype = dtype;
   a.rows_per_token = int(rd[1]);
   a.num_y_rows = int(yd[0]);
@@ -124,62 +157,51 @@ ffi::Error HtCombine(cudaStream_t stream, int32_t device, int64_t group_id, int6
   a.num_recv = num_recv.typed_data<int32_t>();
   a.topk_idx = topk_idx.typed_data<int32_t>();
   a.out = out->untyped_data();
+  a.order = static_cast<int*>(order_out->untyped_data());
   return finish(stream, s, launch_ht_combine(a, stream), kSync);
 }
 
 auto dispatch_binding() {
-  auto b = ffi::Ffi::Bind()
-               .Ctx<ffi::PlatformStream<cudaStream_t>>()
-               .Ctx<ffi::DeviceOrdinal>()
-               .Attr<int64_t>("group_id")
-               .Attr<int64_t>("layout_kind")
-               .Attr<int64_t>("num_experts")
-               .Attr<int64_t>("fp8")
-               .Attr<int64_t>("round_scale")
-               .Arg<ffi::AnyBuffer>()
-               .Arg<ffi::AnyBuffer>()
-               .Arg<ffi::AnyBuffer>();
-  return std::move(b)
-      .Ret<ffi::AnyBuffer>()
-      .Ret<ffi::AnyBuffer>()
-      .Ret<ffi::AnyBuffer>()
-      .Ret<ffi::AnyBuffer>()
-      .Ret<ffi::AnyBuffer>()
-      .Ret<ffi::AnyBuffer>()
-      .Ret<ffi::AnyBuffer>()
-      .Ret<ffi::AnyBuffer>()
-      .Ret<ffi::AnyBuffer>()
-      .Ret<ffi::AnyBuffer>()
-      .Ret<ffi::AnyBuffer>();
+  return group_op_binding<HtDispatchAttrs>()
+      .Arg<ffi::AnyBuffer>()   // x
+      .Arg<ffi::AnyBuffer>()   // topk_idx
+      .Arg<ffi::AnyBuffer>()   // topk_weights
+      .Arg<ffi::AnyBuffer>()   // order token
+      .Ret<ffi::AnyBuffer>()   // x
+      .Ret<ffi::AnyBuffer>()   // scales
+      .Ret<ffi::AnyBuffer>()   // topk_idx (per_rank)
+      .Ret<ffi::AnyBuffer>()   // topk_weights (per_rank)
+      .Ret<ffi::AnyBuffer>()   // counts
+      .Ret<ffi::AnyBuffer>()   // num_dropped
+      .Ret<ffi::AnyBuffer>()   // recv_src
+      .Ret<ffi::AnyBuffer>()   // recv_topk_idx
+      .Ret<ffi::AnyBuffer>()   // recv_rows
+      .Ret<ffi::AnyBuffer>()   // recv_weights
+      .Ret<ffi::AnyBuffer>()   // num_recv
+      .Ret<ffi::AnyBuffer>();  // order token
 }
 
 auto combine_binding() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::PlatformStream<cudaStream_t>>()
-      .Ctx<ffi::DeviceOrdinal>()
-      .Attr<int64_t>("group_id")
-      .Attr<int64_t>("num_experts")
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Ret<ffi::AnyBuffer>();
+  return group_op_binding<HtCombineAttrs>()
+      .Arg<ffi::AnyBuffer>()   // y
+      .Arg<ffi::AnyBuffer>()   // recv_src
+      .Arg<ffi::AnyBuffer>()   // recv_rows
+      .Arg<ffi::AnyBuffer>()   // weights
+      .Arg<ffi::AnyBuffer>()   // num_recv
+      .Arg<ffi::AnyBuffer>()   // topk_idx
+      .Arg<ffi::AnyBuffer>()   // order token
+      .Ret<ffi::AnyBuffer>()   // out
+      .Ret<ffi::AnyBuffer>();  // order token
 }
 
-XLA_FFI_DEFINE_HANDLER(kHtDispatch, HtDispatch<false>, dispatch_binding(), {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER(kHtDispatchSync, HtDispatch<true>, dispatch_binding());
-XLA_FFI_DEFINE_HANDLER(kHtCombine, HtCombine<false>, combine_binding(), {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER(kHtCombineSync, HtCombine<true>, combine_binding());
+JAX_EP_DEFINE_OP_HANDLERS(kHtDispatch, HtDispatch, dispatch_binding());
+JAX_EP_DEFINE_OP_HANDLERS(kHtCombine, HtCombine, combine_binding());
 
 }  // namespace
 
 void add_high_throughput_handlers(HandlerTable& table) {
-  table.push_back({"jax_ep_ht_dispatch", reinterpret_cast<void*>(kHtDispatch)});
-  table.push_back({"jax_ep_ht_dispatch_sync", reinterpret_cast<void*>(kHtDispatchSync)});
-  table.push_back({"jax_ep_ht_combine", reinterpret_cast<void*>(kHtCombine)});
-  table.push_back({"jax_ep_ht_combine_sync", reinterpret_cast<void*>(kHtCombineSync)});
+  add_group_op(table, "high_throughput_dispatch", kHtDispatch, kHtDispatchSync);
+  add_group_op(table, "high_throughput_combine", kHtCombine, kHtCombineSync);
 }
 
 }  // namespace jax_ep::ffi_layer

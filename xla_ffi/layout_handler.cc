@@ -1,4 +1,4 @@
-// FFI handler of get_dispatch_layout. Local to each rank: any leading axes are
+// FFI handlers of get_dispatch_layout. Local to each rank: any leading axes are
 // independent routing matrices (loopback ranks).
 #include "layout/layout.h"
 #include "xla_ffi/ffi_common.h"
@@ -8,11 +8,11 @@ namespace jax_ep::ffi_layer {
 namespace {
 
 template <bool kSync>
-ffi::Error DispatchLayout(cudaStream_t stream, int32_t device, int64_t group_id, int64_t num_experts, int64_t num_ranks,
+ffi::Error DispatchLayout(cudaStream_t stream, int32_t device, int64_t num_experts, int64_t num_ranks,
                           ffi::AnyBuffer topk_idx, ffi::Result<ffi::AnyBuffer> per_rank,
                           ffi::Result<ffi::AnyBuffer> per_expert, ffi::Result<ffi::AnyBuffer> in_rank) {
   DeviceState* s = nullptr;
-  if (ffi::Error e = lookup(group_id, device, stream, &s); e.failure()) return e;
+  JAX_EP_CHECK(open_default(device, stream, &s));
   auto dims = topk_idx.dimensions();
   if (dims.size() < 2) return invalid("topk_idx must be [num_tokens, num_topk]");
   if (topk_idx.element_type() != ffi::DataType::S32) return invalid("topk_idx must be int32");
@@ -42,7 +42,6 @@ auto layout_binding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::PlatformStream<cudaStream_t>>()
       .Ctx<ffi::DeviceOrdinal>()
-      .Attr<int64_t>("group_id")
       .Attr<int64_t>("num_experts")
       .Attr<int64_t>("num_ranks")
       .Arg<ffi::AnyBuffer>()
@@ -51,12 +50,12 @@ auto layout_binding() {
       .Ret<ffi::AnyBuffer>();
 }
 
-XLA_FFI_DEFINE_HANDLER(kLayout, DispatchLayout<false>, layout_binding(), {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER(kLayoutSync, DispatchLayout<true>, layout_binding());
+JAX_EP_DEFINE_OP_HANDLERS(kLayout, DispatchLayout, layout_binding());
 
 }  // namespace
 
 void add_layout_handlers(HandlerTable& table) {
+  // a layout needs no group: no instantiate/initialize stages
   table.push_back({"jax_ep_dispatch_layout", reinterpret_cast<void*>(kLayout)});
   table.push_back({"jax_ep_dispatch_layout_sync", reinterpret_cast<void*>(kLayoutSync)});
 }

@@ -1,9 +1,14 @@
-// The nanobind module jax_ep._jax_ep_cuda: hands the FFI handlers to Python as
-// capsules and exposes the runtime's buffer management (csrc/runtime).
+// The nanobind module jax_ep._jax_ep_cuda: hands the FFI handlers (and the type of
+// their per-executable state) to Python as capsules and exposes the runtime's group
+// and buffer management (csrc/runtime).
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <utility>
+
+#include "high_throughput/params.h"
 #include "runtime/runtime.h"
 #include "xla_ffi/handlers.h"
 
@@ -12,11 +17,40 @@ using namespace jax_ep;
 
 namespace {
 
-// The buffer sizes Python passes (Group fields), as the layout takes them.
-BufferSizes sizes_of(int num_ranks, int max_tokens, int hidden, int elem_bytes, int num_topk, int num_local_experts,
-                     bool low_latency, int num_nodes) {
-  return BufferSizes{num_ranks,         max_tokens,          hidden,   elem_bytes, num_topk,
-                     num_local_experts, low_latency ? 1 : 0, num_nodes};
+// The BufferSizes fields by name: Python's sizes dict must hold exactly these.
+constexpr std::pair<const char*, int BufferSizes::*> kSizeFields[] = {
+    {"num_ranks", &BufferSizes::num_ranks},
+    {"max_tokens", &BufferSizes::max_tokens},
+    {"ll_max_tokens", &BufferSizes::ll_max_tokens},
+    {"hidden", &BufferSizes::hidden},
+    {"elem_bytes", &BufferSizes::elem_bytes},
+    {"num_topk", &BufferSizes::num_topk},
+    {"num_local_experts", &BufferSizes::num_local_experts},
+    {"low_latency", &BufferSizes::low_latency},
+    {"num_nodes", &BufferSizes::num_nodes},
+};
+
+BufferSizes sizes_from(const nb::dict& d) {
+  if (nb::len(d) != std::size(kSizeFields))
+    throw std::invalid_argument("jax_ep: sizes must name exactly the fields of size_fields()");
+  BufferSizes s;
+  for (const auto& [name, field] : kSizeFields) {
+    if (!d.contains(name)) throw std::invalid_argument(std::string("jax_ep: sizes lacks '") + name + "'");
+    s.*field = nb::cast<int>(d[name]);
+  }
+  return s;
+}
+
+std::shared_ptr<GroupControl> live_group(const std::string& key) {
+  auto g = find_group(key);
+  if (!g) throw std::invalid_argument("jax_ep: no live group '" + key + "' in this process");
+  return g;
+}
+
+DeviceState* state_of(const std::string& key, int device) {
+  DeviceState* s = live_group(key)->on(device);
+  if (!s) throw std::invalid_argument("jax_ep: group '" + key + "' has no state on device " + std::to_string(device));
+  return s;
 }
 
 }  // namespace
@@ -24,39 +58,74 @@ BufferSizes sizes_of(int num_ranks, int max_tokens, int hidden, int elem_bytes, 
 NB_MODULE(_jax_ep_cuda, m) {
   m.doc() = "jax_ep CUDA kernels: XLA FFI handlers and communication buffers";
 
-  m.def("registrations", [] {
-    ffi_layer::HandlerTable table;
-    ffi_layer::add_layout_handlers(table);
-    ffi_layer::add_high_throughput_handlers(table);
-    ffi_layer::add_low_latency_handlers(table);
-    nb::dict out;
-    for (auto& [name, fn] : table) out[name.c_str()] = nb::capsule(fn);
-    return out;
-  });
+  m.def(
+      "registrations",
+      [] {
+        ffi_layer::HandlerTable table;
+        ffi_layer::add_layout_handlers(table);
+        ffi_layer::add_high_throughput_handlers(table);
+        ffi_layer::add_low_latency_handlers(table);
+        nb::dict out;
+        for (const auto& r : table) {
+          if (r.instantiate == nullptr) {
+            out[r.name.c_str()] = nb::capsule(r.execute);
+            continue;
+          }
+          nb::dict stages;
+          stages["instantiate"] = nb::capsule(r.instantiate);
+          stages["initialize"] = nb::capsule(r.initialize);
+          stages["execute"] = nb::capsule(r.execute);
+          out[r.name.c_str()] = stages;
+        }
+        return out;
+      },
+      "FFI target name -> execute capsule, or a dict of stage capsules for group ops.");
 
   m.def(
-      "buffer_bytes",
-      [](int num_ranks, int max_tokens, int hidden, int elem_bytes, int num_topk, int num_local_experts,
-         bool low_latency, int num_nodes) {
-        return make_layout(sizes_of(num_ranks, max_tokens, hidden, elem_bytes, num_topk, num_local_experts, low_latency,
-                                    num_nodes))
-            .total_bytes;
+      "exec_state_type",
+      [] {
+        static XLA_FFI_TypeInfo info = xla::ffi::MakeTypeInfo<ffi_layer::ExecState>();
+        nb::dict out;
+        out["type_id"] = nb::capsule(&ffi_layer::ExecState::id);
+        out["type_info"] = nb::capsule(&info);
+        return out;
       },
-      nb::arg("num_ranks"), nb::arg("max_tokens"), nb::arg("hidden"), nb::arg("elem_bytes"), nb::arg("num_topk"),
-      nb::arg("num_local_experts"), nb::arg("low_latency"), nb::arg("num_nodes") = 1,
-      "Bytes of one rank's communication buffer for these sizes.");
+      "The group ops' per-executable state type, for jax.ffi.register_ffi_type.");
 
+  m.def(
+      "size_fields",
+      [] {
+        std::vector<std::string> out;
+        for (const auto& [name, field] : kSizeFields) out.push_back(name);
+        return out;
+      },
+      "Names of a group's sizes (the keys of `sizes` in buffer_bytes / register_state).");
+
+  m.def(
+      "layout_kinds",
+      [] {
+        nb::dict out;
+        for (int i = 0; i < int(std::size(kLayoutNames)); ++i) out[kLayoutNames[i]] = i;
+        return out;
+      },
+      "Dispatch layout name -> the id the FFI handlers take.");
+
+  m.def(
+      "buffer_bytes", [](const nb::dict& sizes) { return make_layout(sizes_from(sizes)).total_bytes; },
+      nb::arg("sizes"), "Bytes of one rank's communication buffer for these sizes.");
+
+  m.def(
+      "create_group", [](const std::string& key) { return create_group(key)->instance(); }, nb::arg("key"),
+      "Makes the live group with this key (programs compiled from now on bind to it); returns its "
+      "instance number, for close_group.");
   m.def(
       "register_state",
-      [](int64_t group_id, int device, int num_ranks, int max_tokens, int hidden, int elem_bytes, int num_topk,
-         int num_local_experts, bool low_latency, int num_nodes, int first_rank, int num_local_ranks, int send_blocks,
-         int copy_blocks, double timeout_s, int fault_inject_rank, std::vector<uint64_t> peer_bases, uint64_t net_ops) {
+      [](const std::string& key, int device, const nb::dict& sizes, int first_rank, int num_local_ranks,
+         int send_blocks, int copy_blocks, double timeout_s, int fault_inject_rank, std::vector<uint64_t> peer_bases,
+         uint64_t net_ops) {
         DeviceStateConfig cfg;
-        cfg.group_id = group_id;
         cfg.device = device;
-        cfg.sizes =
-            sizes_of(num_ranks, max_tokens, hidden, elem_bytes, num_topk, num_local_experts, low_latency, num_nodes);
-        cfg.net_ops = net_ops;
+        cfg.sizes = sizes_from(sizes);
         cfg.first_rank = first_rank;
         cfg.num_local_ranks = num_local_ranks;
         cfg.send_blocks = send_blocks;
@@ -64,31 +133,29 @@ NB_MODULE(_jax_ep_cuda, m) {
         cfg.timeout_s = timeout_s;
         cfg.fault_inject_rank = fault_inject_rank;
         cfg.peer_bases = std::move(peer_bases);
-        register_state(cfg);
+        cfg.net_ops = net_ops;
+        register_state(*live_group(key), cfg);
       },
-      nb::arg("group_id"), nb::arg("device"), nb::arg("num_ranks"), nb::arg("max_tokens"), nb::arg("hidden"),
-      nb::arg("elem_bytes"), nb::arg("num_topk"), nb::arg("num_local_experts"), nb::arg("low_latency"),
-      nb::arg("num_nodes"), nb::arg("first_rank"), nb::arg("num_local_ranks"), nb::arg("send_blocks"),
-      nb::arg("copy_blocks"), nb::arg("timeout_s"), nb::arg("fault_inject_rank"), nb::arg("peer_bases"),
-      nb::arg("net_ops") = 0,
-      "Registers a group's state on one device (buffers of every rank must already be mapped there).");
-
-  m.def("unregister_group", &unregister_group, nb::arg("group_id"));
+      nb::arg("key"), nb::arg("device"), nb::arg("sizes"), nb::arg("first_rank"), nb::arg("num_local_ranks"),
+      nb::arg("send_blocks"), nb::arg("copy_blocks"), nb::arg("timeout_s"), nb::arg("fault_inject_rank"),
+      nb::arg("peer_bases"), nb::arg("net_ops") = 0,
+      "Adds a group's state on one device (buffers of every rank must already be mapped there).");
+  m.def("close_group", &close_group, nb::arg("key"), nb::arg("instance"),
+        "Closes the group (programs that use it fail cleanly from now on) and drains its devices; "
+        "its buffers may be freed afterwards.");
+  m.def("live_groups", &live_group_keys);
   m.def(
       "pending_error",
-      [](int64_t group_id, int device) {
-        DeviceState* s = group_id == 0 ? default_state(device) : find_state(group_id, device);
-        return s ? take_error(s) : std::string();
+      [](const std::string& key, int device) {
+        DeviceState* s = key.empty() ? default_state(device) : state_of(key, device);
+        return take_error(s);
       },
-      nb::arg("group_id"), nb::arg("device"),
-      "Text of a device-side error recorded for the group on that device ('' if none).");
+      nb::arg("key"), nb::arg("device"),
+      "Text of a device-side error recorded for the group (key '' = group-less ops) on that device ('' if none).");
   m.def(
       "call_stats",
-      [](int64_t group_id, int device) {
-        DeviceState* s = find_state(group_id, device);
-        if (s == nullptr)
-          throw std::invalid_argument("group " + std::to_string(group_id) + " has no state on device " +
-                                      std::to_string(device));
+      [](const std::string& key, int device) {
+        DeviceState* s = state_of(key, device);
         nb::dict out;
         out["handler_calls_captured"] = s->calls_captured.load();
         out["handler_calls_direct"] = s->calls_direct.load();
@@ -96,16 +163,16 @@ NB_MODULE(_jax_ep_cuda, m) {
         for (int local = 0; local < s->num_local_ranks; ++local) {
           std::vector<uint64_t> c = read_counters(s, local);
           nb::dict ops;
-          ops["ht_dispatch"] = c[kHtDispatchSeq];
-          ops["ht_combine"] = c[kHtCombineSeq];
-          ops["ll_dispatch"] = c[kLlDispatchSendSeq];
-          ops["ll_combine"] = c[kLlCombineSendSeq];
+          ops["high_throughput_dispatch"] = c[kHtDispatchSeq];
+          ops["high_throughput_combine"] = c[kHtCombineSeq];
+          ops["low_latency_dispatch"] = c[kLlDispatchSendSeq];
+          ops["low_latency_combine"] = c[kLlCombineSendSeq];
           ranks.append(ops);
         }
         out["ops_per_local_rank"] = ranks;
         return out;
       },
-      nb::arg("group_id"), nb::arg("device"),
+      nb::arg("key"), nb::arg("device"),
       "Handler calls (captured into a CUDA graph / direct) and ops executed per local rank.");
   m.def(
       "init_device", [](int device) { default_state(device); }, nb::arg("device"),
@@ -130,4 +197,7 @@ NB_MODULE(_jax_ep_cuda, m) {
   m.def("ipc_close", &ipc_close, nb::arg("device"), nb::arg("ptr"));
   m.def("enable_peer_access", &enable_peer_access, nb::arg("device"), nb::arg("peer"));
   m.def("num_sms", &num_sms, nb::arg("device"));
+  m.def("device_memory", &device_memory, nb::arg("device"), "(free, total) bytes of device memory.");
+  m.def("live_device_states", &DeviceState::live_count,
+        "Group states alive in this process (closed groups are released with their last program).");
 }

@@ -25,12 +25,15 @@ JAX_EP_HD inline size_t align_up(size_t v, size_t a) {
 }
 
 // Sizes a group was created with (upper bounds for every call).
+// The one list of a group's sizes: Python passes them by these names (the nanobind
+// module's kSizeFields; jax_ep/backends/cuda/runtime.py), nothing else restates them.
 struct BufferSizes {
   int num_ranks = 1;
-  int max_tokens = 1;  // tokens per rank per call (T_max)
-  int hidden = 1;      // channels per token (max)
-  int elem_bytes = 2;  // widest payload element the buffers must hold
-  int num_topk = 1;    // K (max)
+  int max_tokens = 1;     // high-throughput tokens per rank per call (T_max)
+  int ll_max_tokens = 1;  // low-latency tokens per rank per call (decode batch bound)
+  int hidden = 1;         // channels per token (max)
+  int elem_bytes = 2;     // widest payload element the buffers must hold
+  int num_topk = 1;       // K (max)
   int num_local_experts = 1;
   int low_latency = 0;  // allocate the low-latency regions too
   // Nodes the ranks are split into (internode groups, NVSHMEM transport): ranks
@@ -60,10 +63,11 @@ struct BufferLayout {
   size_t ht_dispatch_meta = 0;     // [2][R][T_max][K] int32 expert ids, then float weights
   size_t ht_dispatch_data = 0;     // [2][R][T_max][row_bytes]
   size_t ht_combine_data = 0;      // [2][R][T_max][combine_row_bytes]
-  size_t ll_dispatch_signal = 0;   // u64 [2][E_loc][R]: (seq << 32) | rows sent
-  size_t ll_dispatch_data = 0;     // [2][E_loc][R][T_max][ll_message_bytes]
-  size_t ll_combine_signal = 0;    // u64 [2][R]
-  size_t ll_combine_data = 0;      // [2][T_max][K][combine_row_bytes]
+  // low-latency regions: T_ll = sizes.ll_max_tokens
+  size_t ll_dispatch_signal = 0;  // u64 [2][E_loc][R]: (seq << 32) | rows sent
+  size_t ll_dispatch_data = 0;    // [2][E_loc][R][T_ll][ll_message_bytes]
+  size_t ll_combine_signal = 0;   // u64 [2][R]
+  size_t ll_combine_data = 0;     // [2][T_ll][K][combine_row_bytes]
   // --- internode (num_nodes > 1): written by peers of other nodes through NVSHMEM,
   // except the tags, which node-local peers write (docs/protocol.md, "Internode")
   size_t net_dispatch_signal = 0;  // u64 [N]: send blocks of node n's source that finished
@@ -75,8 +79,8 @@ struct BufferLayout {
   size_t net_stage_meta = 0;       // [T_max][K] (private: NVSHMEM's source buffers)
   size_t net_stage_data = 0;       // [T_max][row_bytes]
   size_t net_stage_combine = 0;    // [N][T_max][combine_row_bytes]
-  size_t ll_stage_dispatch = 0;    // [T_max][K][ll_message_bytes] (low-latency + internode)
-  size_t ll_stage_combine = 0;     // [R*T_max*min(K, E_loc)][combine_row_bytes]
+  size_t ll_stage_dispatch = 0;    // [T_ll][K][ll_message_bytes] (low-latency + internode)
+  size_t ll_stage_combine = 0;     // [R*T_ll*min(K, E_loc)][combine_row_bytes]
   // --- private to the owning rank ---------------------------------------------
   size_t counters = 0;  // u64 [kNumCounters]: per-op sequence numbers, abort flag
   size_t bitmaps = 0;   // u32 [E_loc + 1][bitmap_words]
@@ -120,11 +124,12 @@ JAX_EP_HD inline BufferLayout make_layout(const BufferSizes& s) {
   L.ht_dispatch_meta = take(2 * R * T * K * 8);
   L.ht_dispatch_data = take(2 * R * T * L.row_bytes);
   L.ht_combine_data = take(2 * R * T * L.combine_row_bytes);
+  const size_t T_ll = s.ll_max_tokens;
   if (s.low_latency) {
     L.ll_dispatch_signal = take(2 * E * R * 8);
-    L.ll_dispatch_data = take(2 * E * R * T * L.ll_message_bytes());
+    L.ll_dispatch_data = take(2 * E * R * T_ll * L.ll_message_bytes());
     L.ll_combine_signal = take(2 * R * 8);
-    L.ll_combine_data = take(2 * T * K * L.combine_row_bytes);
+    L.ll_combine_data = take(2 * T_ll * K * L.combine_row_bytes);
   }
   if (s.num_nodes > 1) {
     const size_t N = s.num_nodes, meta = L.meta_bytes_per_token();
@@ -138,8 +143,8 @@ JAX_EP_HD inline BufferLayout make_layout(const BufferSizes& s) {
     L.net_stage_data = take(T * L.row_bytes);
     L.net_stage_combine = take(N * T * L.combine_row_bytes);
     if (s.low_latency) {
-      L.ll_stage_dispatch = take(T * K * L.ll_message_bytes());
-      L.ll_stage_combine = take(R * T * (K < E ? K : E) * L.combine_row_bytes);
+      L.ll_stage_dispatch = take(T_ll * K * L.ll_message_bytes());
+      L.ll_stage_combine = take(R * T_ll * (K < E ? K : E) * L.combine_row_bytes);
     }
   }
   L.counters = take(kNumCounters * 8);

@@ -21,7 +21,8 @@ struct CommContext {
   // kernel, which is most of an empty low-latency kernel's time.
   uint8_t* peers[kMaxRanks] = {};
   BufferLayout layout;
-  ErrorSink err;  // where kernels report timeouts and bad input
+  ErrorSink err;                // where kernels report timeouts and bad input
+  const int* closed = nullptr;  // device word: 1 once the group is closed (kernels return at once)
   uint64_t timeout_ns = 0;
   int num_ranks = 1;
   int first_rank = 0;          // ranks [first_rank, first_rank + num_local_ranks) run here

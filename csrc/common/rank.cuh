@@ -18,6 +18,22 @@ struct RankCtx {
   int parity;
 };
 
+// True in every thread of the block once the group is closed: every kernel of a group
+// op returns at its first instruction then, before touching a buffer (a CUDA graph
+// replayed after Group.close(); docs/protocol.md, "Ordering and lifetime"). One thread
+// reads the flag and the barrier hands its answer to all, so no thread of a block can
+// see a different value and wait alone at a later barrier.
+__device__ inline bool returns_closed(const CommContext& c) {
+  return __syncthreads_or(threadIdx.x == 0 && *reinterpret_cast<const volatile int*>(c.closed) != 0);
+}
+
+// Writes the op's sequence number (lo, hi) for local rank `r.local` into an [L, 2]
+// int32 output: the ordering token of the op, and a low-latency send's ticket.
+__device__ inline void write_seq(int* out, int local, uint64_t seq) {
+  out[2 * local] = int(uint32_t(seq));
+  out[2 * local + 1] = int(uint32_t(seq >> 32));
+}
+
 __device__ inline uint64_t* counters_of(const CommContext& c, uint8_t* base) {
   return reinterpret_cast<uint64_t*>(base + c.layout.counters);
 }
@@ -113,10 +129,12 @@ __device__ inline bool last_block(const CommContext& c, const RankCtx& r, int bl
 }
 
 // The last block of a rank to finish bumps the op's sequence number (no block may
-// bump it while another still reads it at its start).
-__device__ inline void finish_op(const CommContext& c, const RankCtx& r, int counter, int blocks_per_rank) {
+// bump it while another still reads it at its start) and writes the op's ordering
+// token `order` ([L, 2] int32).
+__device__ inline void finish_op(const CommContext& c, const RankCtx& r, int counter, int blocks_per_rank, int* order) {
   if (last_block(c, r, blocks_per_rank) && threadIdx.x == 0) {
     counters_of(c, r.self)[counter] = r.seq;
+    write_seq(order, r.local, r.seq);
     __threadfence();
   }
 }

@@ -36,6 +36,7 @@ __device__ inline bool home_only(const HtCombineArgs& a, const RankCtx& r, int t
 }
 
 __global__ void __launch_bounds__(kThreads) ht_combine_send(HtCombineArgs a) {
+  if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   const CommContext& c = a.c;
   const int blocks = gridDim.x / c.num_local_ranks;  // see launch_ht_combine
   const int local = blockIdx.x / blocks, block = blockIdx.x % blocks;
@@ -72,6 +73,7 @@ __global__ void __launch_bounds__(kThreads) ht_combine_send(HtCombineArgs a) {
 }
 
 __global__ void __launch_bounds__(kThreads) ht_combine_recv(HtCombineArgs a) {
+  if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   const CommContext& c = a.c;
   const BufferLayout& L = c.layout;
   const int local = blockIdx.x / c.copy_blocks, block = blockIdx.x % c.copy_blocks;
@@ -100,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) ht_combine_recv(HtCombineArgs a) {
       weighted_sum_rows(my_row, 1.f, n, true, a.dtype, a.hidden, out + size_t(t) * a.hidden * esize);
     }
   }
-  finish_op(c, r, kHtCombineSeq, c.copy_blocks);
+  finish_op(c, r, kHtCombineSeq, c.copy_blocks, a.order);
 }
 
 }  // namespace

@@ -16,8 +16,8 @@
 // Slot of (token, expert) = number of earlier received tokens that chose the expert,
 // exactly the reference's order (jax_ep/reference.py).
 #include "common/rows.cuh"
-#include "nvshmem/launchers.h"
 #include "high_throughput/common.cuh"
+#include "nvshmem/launchers.h"
 
 namespace jax_ep {
 namespace {
@@ -72,6 +72,7 @@ __device__ inline int local_id(int e, int rank, int e_loc) {
 // ---------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kThreads) ht_dispatch_send(HtDispatchArgs a) {
+  if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   const CommContext& c = a.c;
   const Shape s = shape_of(a);
   const int local = blockIdx.x / c.send_blocks, block = blockIdx.x % c.send_blocks;
@@ -123,6 +124,7 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_send(HtDispatchArgs a) {
 // ---------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kBitmapThreads) ht_dispatch_bitmap(HtDispatchArgs a) {
+  if (returns_closed(a.c)) return;            // docs/protocol.md, "Ordering and lifetime"
   extern __shared__ uint32_t expert_words[];  // [warps][E_loc]
   const CommContext& c = a.c;
   const Shape s = shape_of(a);
@@ -166,6 +168,7 @@ __global__ void __launch_bounds__(kBitmapThreads) ht_dispatch_bitmap(HtDispatchA
 // ---------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kScanThreads) ht_dispatch_scan(HtDispatchArgs a) {
+  if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   __shared__ int warp_totals[kScanThreads / 32];
   const CommContext& c = a.c;
   const Shape s = shape_of(a);
@@ -221,6 +224,7 @@ __device__ inline int kept_rows(const HtDispatchArgs& a, const Shape& s, const i
 }
 
 __global__ void __launch_bounds__(kThreads, 2) ht_dispatch_copy(HtDispatchArgs a) {
+  if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   extern __shared__ int smem[];
   int* offsets = smem;  // [E_loc]
   uint8_t** warp_payload = reinterpret_cast<uint8_t**>(smem + ((a.num_experts / a.c.num_ranks + 1) & ~1));
@@ -347,6 +351,7 @@ __global__ void __launch_bounds__(kThreads, 2) ht_dispatch_copy(HtDispatchArgs a
 // ---------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kThreads) ht_dispatch_pad(HtDispatchArgs a) {
+  if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   extern __shared__ int offsets[];
   const CommContext& c = a.c;
   const Shape s = shape_of(a);
@@ -395,7 +400,7 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_pad(HtDispatchArgs a) {
       }
     }
   }
-  finish_op(c, r, kHtDispatchSeq, c.copy_blocks);
+  finish_op(c, r, kHtDispatchSeq, c.copy_blocks, a.order);
 }
 
 }  // namespace

@@ -10,7 +10,10 @@
 
 namespace jax_ep {
 
-enum LayoutKind : int { kPerRank = 0, kExpertMajor = 1, kRagged = 2 };
+// Dispatch output layouts (jax_ep/handles.py LAYOUTS); the nanobind module exports
+// kLayoutNames to Python, so the ids are written only here.
+enum LayoutKind : int32_t { kPerRank = 0, kExpertMajor = 1, kRagged = 2 };
+constexpr const char* kLayoutNames[] = {"per_rank", "expert_major", "ragged"};  // indexed by LayoutKind
 
 // One dispatch call. Inputs/outputs are [num_local_ranks, ...] contiguous.
 struct HtDispatchArgs {
@@ -34,6 +37,7 @@ struct HtDispatchArgs {
   int* recv_rows = nullptr;           // [R*T, K] (per_rank: [R*T, 1])
   float* recv_weights = nullptr;      // [R*T, K]
   int* num_recv = nullptr;            // [1]
+  int* order = nullptr;               // [2] the op's sequence number: its ordering token
 };
 
 // One combine call: expert-side rows back to the tokens' home ranks.
@@ -50,6 +54,7 @@ struct HtCombineArgs {
   const int* num_recv = nullptr;   // [1]
   const int* topk_idx = nullptr;   // home routing [T, K]
   void* out = nullptr;             // [T, hidden]
+  int* order = nullptr;            // [2] the op's sequence number: its ordering token
 };
 
 cudaError_t launch_ht_dispatch(const HtDispatchArgs& args, cudaStream_t stream);

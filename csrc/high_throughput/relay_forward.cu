@@ -14,6 +14,7 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 
 __global__ void __launch_bounds__(kThreads) ht_dispatch_forward(HtDispatchArgs a) {
+  if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   const CommContext& c = a.c;
   const BufferLayout& L = c.layout;
   const RankCtx r = rank_ctx(c, 0, kHtDispatchSeq);  // NVSHMEM: one rank per process

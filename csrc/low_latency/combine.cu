@@ -5,13 +5,14 @@
 //   recv  home side: wait for every live rank's flag, then
 //         out[t] = Σ_k w[t,k] * row(t, first k of e_k) in float32, k ascending,
 //         skipping masked selections and failed ranks: the reference's order exactly.
-#include "nvshmem/launchers.h"
 #include "low_latency/combine_send.cuh"
+#include "nvshmem/launchers.h"
 
 namespace jax_ep {
 namespace {
 
 __global__ void __launch_bounds__(kLlRecvThreads) ll_combine_recv(LlCombineRecvArgs a) {
+  if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   const CommContext& c = a.c;
   const BufferLayout& L = c.layout;
   const int R = c.num_ranks, T = a.num_tokens, K = a.num_topk, H = a.hidden, E = a.num_experts, e_loc = E / R;
@@ -48,7 +49,7 @@ __global__ void __launch_bounds__(kLlRecvThreads) ll_combine_recv(LlCombineRecvA
       weighted_sum_rows(my_row, w, K, true, a.dtype, int((b.end - b.begin) / esize), out + t * row_bytes + b.begin);
     });
   }
-  finish_recv(c, r, kLlCombineRecvSeq, c.copy_blocks);
+  finish_recv(c, r, kLlCombineRecvSeq, c.copy_blocks, a.order);
 }
 
 }  // namespace

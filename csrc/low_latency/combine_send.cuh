@@ -12,12 +12,13 @@ namespace {
 
 template <class Net>
 __global__ void __launch_bounds__(kLlSendThreads, 1) ll_combine_send(LlCombineSendArgs a) {
+  if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   extern __shared__ int smem[];
   __shared__ uint8_t* peers[kMaxRanks];
   __shared__ int active[kMaxRanks];
   const CommContext& c = a.c;
   const BufferLayout& L = c.layout;
-  const int R = c.num_ranks, e_loc = a.num_experts / R, T_max = L.sizes.max_tokens;
+  const int R = c.num_ranks, e_loc = a.num_experts / R, T_max = L.sizes.ll_max_tokens;
   const size_t RT = size_t(R) * T_max;
   int* counts = smem;           // [E_loc] rows per local expert
   int* offsets = smem + e_loc;  // [E_loc + 1] flat exclusive prefix
@@ -35,7 +36,7 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_combine_send(LlCombineSe
   bool ok = !sends || peer_received<Net>(c, r, active, kLlCombineRecvSeq, kPhaseLlCombineReuse);
   block_exclusive_scan(counts, offsets, e_loc);
   ok = __syncthreads_and(ok);
-  if (block == 0 && threadIdx.x == 0) write_ticket(a.ticket, r);
+  if (block == 0 && threadIdx.x == 0) write_seq(a.ticket, r.local, r.seq);
 
   if (sends && ok) {
     const size_t row_bytes = size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);

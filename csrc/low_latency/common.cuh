@@ -27,7 +27,7 @@ constexpr int kLlRecvWarps = kLlRecvThreads / 32;
 __device__ inline uint8_t* ll_dispatch_message(const BufferLayout& L, uint8_t* base, int parity, int expert, int src,
                                                int j) {
   const size_t slot =
-      ((size_t(parity) * L.sizes.num_local_experts + expert) * L.sizes.num_ranks + src) * L.sizes.max_tokens + j;
+      ((size_t(parity) * L.sizes.num_local_experts + expert) * L.sizes.num_ranks + src) * L.sizes.ll_max_tokens + j;
   return base + L.ll_dispatch_data + slot * L.ll_message_bytes();
 }
 
@@ -38,7 +38,7 @@ __device__ inline uint64_t* ll_dispatch_signal(const BufferLayout& L, uint8_t* b
 
 // Expert output of home token t for its top-k slot k (the first k choosing that expert).
 __device__ inline uint8_t* ll_combine_row(const BufferLayout& L, uint8_t* base, int parity, int t, int k) {
-  const size_t slot = (size_t(parity) * L.sizes.max_tokens + t) * L.sizes.num_topk + k;
+  const size_t slot = (size_t(parity) * L.sizes.ll_max_tokens + t) * L.sizes.num_topk + k;
   return base + L.ll_combine_data + slot * L.combine_row_bytes;
 }
 
@@ -98,7 +98,7 @@ inline int ll_block_limit(const CommContext& c) {
 // once per distinct expert, and at most num_topk (or all local experts) live here.
 JAX_EP_HD inline long long ll_max_recv_rows(const BufferLayout& L) {
   const int k = L.sizes.num_topk < L.sizes.num_local_experts ? L.sizes.num_topk : L.sizes.num_local_experts;
-  return (long long)L.sizes.num_ranks * L.sizes.max_tokens * k;
+  return (long long)L.sizes.num_ranks * L.sizes.ll_max_tokens * k;
 }
 
 // Calls f(item, u0, u1) for each item's units [u0, u1) in worker's share of
@@ -190,11 +190,6 @@ __device__ inline RankCtx ll_recv_ctx(const CommContext& c, int local, const int
   return r;
 }
 
-__device__ inline void write_ticket(int* ticket, const RankCtx& r) {
-  ticket[2 * r.local] = int(uint32_t(r.seq));
-  ticket[2 * r.local + 1] = int(uint32_t(r.seq >> 32));
-}
-
 // The receive record (private counter kLl*RecvSeq) is 2 * W + b: every receive up to
 // op W has finished, and b = 1 when op W + 2 has too (W + 1 still running). It only
 // grows, so a sender can wait for "op n done" as record >= 2 * n.
@@ -239,11 +234,14 @@ __device__ inline bool finish_send(const CommContext& c, const RankCtx& r, int c
 }
 
 // End of a receive kernel: the last block publishes the receive record with a release
-// store, after every block's reads of the half (peers wait for it before reusing it).
-__device__ inline void finish_recv(const CommContext& c, const RankCtx& r, int counter, int blocks_per_rank) {
+// store, after every block's reads of the half (peers wait for it before reusing it),
+// and writes the op's ordering token `order` ([L, 2] int32).
+__device__ inline void finish_recv(const CommContext& c, const RankCtx& r, int counter, int blocks_per_rank,
+                                   int* order) {
   if (last_block(c, r, blocks_per_rank) && threadIdx.x == 0) {
     uint64_t* word = counters_of(c, r.self) + counter;
     st_release(word, received_record(*word, r.seq), c.sys_scope != 0);
+    write_seq(order, r.local, r.seq);
   }
 }
 

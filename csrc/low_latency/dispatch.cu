@@ -5,8 +5,8 @@
 //         NVSHMEM module builds it for groups spanning nodes);
 //   recv  wait for every live source's count of every local expert, then copy the
 //         messages out in (source rank, j) order: exactly the reference's row order.
-#include "nvshmem/launchers.h"
 #include "low_latency/dispatch_send.cuh"
+#include "nvshmem/launchers.h"
 
 namespace jax_ep {
 namespace {
@@ -16,11 +16,12 @@ namespace {
 // ---------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kLlRecvThreads) ll_dispatch_recv(LlDispatchRecvArgs a) {
+  if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   extern __shared__ int smem[];
   const CommContext& c = a.c;
   const BufferLayout& L = c.layout;
   const int R = c.num_ranks, E = a.num_experts, e_loc = E / R, H = a.hidden;
-  const int T_max = L.sizes.max_tokens;
+  const int T_max = L.sizes.ll_max_tokens;
   int* counts = smem;     // [E_loc][R] messages of (local expert, source)
   int* start = smem + E;  // [E_loc * R + 1] flat exclusive prefix: expert-major, then source
   const int local = blockIdx.x / c.copy_blocks, block = blockIdx.x % c.copy_blocks;
@@ -92,7 +93,7 @@ __global__ void __launch_bounds__(kLlRecvThreads) ll_dispatch_recv(LlDispatchRec
                    out_x + out_row * payload_bytes + b.begin, 1);
     });
   }
-  finish_recv(c, r, kLlDispatchRecvSeq, c.copy_blocks);
+  finish_recv(c, r, kLlDispatchRecvSeq, c.copy_blocks, a.order);
 }
 
 }  // namespace

@@ -46,6 +46,7 @@ __device__ inline void assign_slots(const int* chunk_expert, int* chunk_slot, in
 
 template <class Net>
 __global__ void __launch_bounds__(kLlSendThreads, 1) ll_dispatch_send(LlDispatchSendArgs a) {
+  if (returns_closed(a.c)) return;        // docs/protocol.md, "Ordering and lifetime"
   extern __shared__ int expert_counts[];  // [2][E]: before this block's tokens, in all tokens
   __shared__ uint8_t* peers[kMaxRanks];
   __shared__ int active[kMaxRanks];
@@ -107,7 +108,7 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_dispatch_send(LlDispatch
   ok = __syncthreads_and(ok);  // also publishes the counts and the first chunk
   if (block == 0 && threadIdx.x == 0) {
     a.num_dropped[local] = dropped;
-    write_ticket(a.ticket, r);
+    write_seq(a.ticket, r.local, r.seq);
   }
 
   // --- messages, one chunk of this block's tokens at a time

@@ -24,6 +24,7 @@ struct LlDispatchSendArgs {
   const int* active_ranks = nullptr;  // [L, R] (1 alive, 0 failed)
   int* num_dropped = nullptr;         // [L] selections not sent: destination marked failed
   int* ticket = nullptr;              // [L, 2] the op's sequence number (lo, hi): its receive's operand
+                                      // and its ordering token
 };
 
 // Receive half: wait for every live source's counts, then copy the messages into the
@@ -41,6 +42,7 @@ struct LlDispatchRecvArgs {
   int* src_info = nullptr;            // [L, E_loc, R*T_max] s*T_max + t, -1 past the count
   int* topk_slot = nullptr;           // [L, E_loc, R*T_max] first k choosing the expert, -1 past the count
   int* layout_range = nullptr;        // [L, E_loc, R, 2] (begin, count)
+  int* order = nullptr;               // [L, 2] the op's sequence number: its ordering token
 };
 
 // Send half of a combine: each expert-output row goes to its home rank's
@@ -67,6 +69,7 @@ struct LlCombineRecvArgs {
   const float* topk_weights = nullptr;
   const int* active_ranks = nullptr;  // [L, R]
   void* out = nullptr;                // [L, T, H]
+  int* order = nullptr;               // [L, 2] the op's sequence number: its ordering token
 };
 
 cudaError_t launch_ll_dispatch_send(const LlDispatchSendArgs& args, cudaStream_t stream);

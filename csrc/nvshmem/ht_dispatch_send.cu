@@ -7,8 +7,8 @@
 // the block adds one to our node's signal word at each such relay.
 #include "common/rows.cuh"
 #include "high_throughput/internode.cuh"
-#include "nvshmem/kernels.h"
 #include "nvshmem/device.cuh"
+#include "nvshmem/kernels.h"
 
 namespace jax_ep {
 namespace {
@@ -17,6 +17,7 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 
 __global__ void __launch_bounds__(kThreads) ht_net_dispatch_send(HtDispatchArgs a) {
+  if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   const CommContext& c = a.c;
   const BufferLayout& L = c.layout;
   const RankCtx r = rank_ctx(c, 0, kHtDispatchSeq);  // NVSHMEM: one rank per process

@@ -6,10 +6,10 @@
 #include <mutex>
 #include <utility>
 
-#include "nvshmem/launchers.h"
 #include "high_throughput/params.h"
 #include "layout/layout.h"
 #include "low_latency/params.h"
+#include "nvshmem/launchers.h"
 
 namespace jax_ep {
 namespace {
@@ -29,7 +29,8 @@ class DeviceGuard {
 
 struct Registry {
   std::mutex mu;
-  std::map<std::pair<int64_t, int>, std::unique_ptr<DeviceState>> states;
+  std::map<std::string, std::shared_ptr<GroupControl>> live;
+  std::map<int, std::unique_ptr<DeviceState>> defaults;  // per device, for group-less ops
 };
 
 Registry& registry() {
@@ -46,8 +47,8 @@ void alloc_error_record(DeviceState* s) {
   void* dev = nullptr;
   check_cuda(cudaHostGetDevicePointer(&dev, host, 0), "cudaHostGetDevicePointer");
   s->err_device = static_cast<ErrorRecord*>(dev);
-  check_cuda(cudaMalloc(&s->err_claim, sizeof(int)), "cudaMalloc(error claim)");
-  check_cuda(cudaMemset(s->err_claim, 0, sizeof(int)), "cudaMemset(error claim)");
+  check_cuda(cudaMalloc(&s->words, sizeof(DeviceWords)), "cudaMalloc(error claim)");
+  check_cuda(cudaMemset(s->words, 0, sizeof(DeviceWords)), "cudaMemset(error claim)");
 }
 
 }  // namespace
@@ -58,13 +59,111 @@ void check_cuda(cudaError_t err, const char* what) {
   }
 }
 
+namespace {
+std::atomic<int64_t> g_live_states{0};
+}  // namespace
+
+DeviceState::DeviceState() {
+  g_live_states.fetch_add(1);
+}
+
+int64_t DeviceState::live_count() {
+  return g_live_states.load();
+}
+
 DeviceState::~DeviceState() {
+  g_live_states.fetch_sub(1);
+  // may run at interpreter exit with a dead context: nothing to report then
   cudaSetDevice(device);
-  if (err_claim) cudaFree(err_claim);
+  if (words) cudaFree(words);
   if (err_host) cudaFreeHost(err_host);
 }
 
-DeviceState* register_state(const DeviceStateConfig& cfg) {
+DeviceState* GroupControl::on(int device) const {
+  for (const auto& s : states_)
+    if (s->device == device) return s.get();
+  return nullptr;
+}
+
+std::vector<int> GroupControl::devices() const {
+  std::vector<int> out;
+  for (const auto& s : states_) out.push_back(s->device);
+  return out;
+}
+
+void GroupControl::add(std::unique_ptr<DeviceState> state) {
+  std::unique_lock<std::shared_mutex> lock(launch_mu_);
+  for (auto& s : states_) {
+    if (s->device == state->device) {
+      s = std::move(state);
+      return;
+    }
+  }
+  states_.push_back(std::move(state));
+}
+
+void GroupControl::close() {
+  {
+    std::unique_lock<std::shared_mutex> lock(launch_mu_);  // waits for launches in flight
+    if (closed_.exchange(true, std::memory_order_acq_rel)) return;
+  }
+  // Kernels of this group that are still queued (a CUDA graph replayed without its
+  // handlers) see the flag and return before touching a buffer; then drain the device.
+  const DeviceWords closed{0, 1};
+  for (const auto& s : states_) {
+    DeviceGuard guard(s->device);
+    check_cuda(cudaMemcpy(&s->words->closed, &closed.closed, sizeof(int), cudaMemcpyHostToDevice),
+               "cudaMemcpy(closed flag)");
+    check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize (closing a group)");
+  }
+}
+
+std::shared_ptr<GroupControl> create_group(const std::string& key) {
+  // Python hands out keys (one live Group per key); an entry still here belongs to a
+  // Group that Python already dropped whose finalizer has not run yet: close it now.
+  static std::atomic<uint64_t> next_instance{1};
+  std::shared_ptr<GroupControl> stale;
+  auto g = std::make_shared<GroupControl>(key, next_instance.fetch_add(1));
+  {
+    Registry& r = registry();
+    std::lock_guard<std::mutex> lock(r.mu);
+    auto& slot = r.live[key];
+    stale = std::move(slot);
+    slot = g;
+  }
+  if (stale) stale->close();
+  return g;
+}
+
+std::shared_ptr<GroupControl> find_group(const std::string& key) {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  auto it = r.live.find(key);
+  return it == r.live.end() ? nullptr : it->second;
+}
+
+std::vector<std::string> live_group_keys() {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  std::vector<std::string> out;
+  for (const auto& [key, g] : r.live) out.push_back(key);
+  return out;
+}
+
+void close_group(const std::string& key, uint64_t instance) {
+  std::shared_ptr<GroupControl> g;
+  {
+    Registry& r = registry();
+    std::lock_guard<std::mutex> lock(r.mu);
+    auto it = r.live.find(key);
+    if (it == r.live.end() || it->second->instance() != instance) return;
+    g = std::move(it->second);
+    r.live.erase(it);
+  }
+  g->close();
+}
+
+void register_state(GroupControl& group, const DeviceStateConfig& cfg) {
   if (int(cfg.peer_bases.size()) != cfg.sizes.num_ranks) {
     throw std::invalid_argument("jax_ep: peer table has " + std::to_string(cfg.peer_bases.size()) + " entries for " +
                                 std::to_string(cfg.sizes.num_ranks) + " ranks");
@@ -88,8 +187,8 @@ DeviceState* register_state(const DeviceStateConfig& cfg) {
   }
   DeviceGuard guard(cfg.device);
   auto s = std::make_unique<DeviceState>();
+  s->key = group.key();
   s->net = N > 1 ? net : nullptr;
-  s->group_id = cfg.group_id;
   s->device = cfg.device;
   s->layout = make_layout(cfg.sizes);
   s->num_ranks = cfg.sizes.num_ranks;
@@ -102,40 +201,26 @@ DeviceState* register_state(const DeviceStateConfig& cfg) {
   for (uint64_t p : cfg.peer_bases) s->peers.push_back(reinterpret_cast<uint8_t*>(p));
   alloc_error_record(s.get());
   preload_kernels(cfg.device);
-  Registry& r = registry();
-  std::lock_guard<std::mutex> lock(r.mu);
-  auto& slot = r.states[{cfg.group_id, cfg.device}];
-  slot = std::move(s);
-  return slot.get();
-}
-
-DeviceState* find_state(int64_t group_id, int device) {
-  Registry& r = registry();
-  std::lock_guard<std::mutex> lock(r.mu);
-  auto it = r.states.find({group_id, device});
-  return it == r.states.end() ? nullptr : it->second.get();
+  group.add(std::move(s));
 }
 
 DeviceState* default_state(int device) {
-  if (DeviceState* s = find_state(0, device)) return s;
+  Registry& r = registry();
+  {
+    std::lock_guard<std::mutex> lock(r.mu);
+    auto it = r.defaults.find(device);
+    if (it != r.defaults.end()) return it->second.get();
+  }
   DeviceGuard guard(device);
   auto s = std::make_unique<DeviceState>();
+  s->key = "(no group)";
   s->device = device;
   alloc_error_record(s.get());
   preload_kernels(device);
-  Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
-  auto& slot = r.states[{0, device}];
+  auto& slot = r.defaults[device];
   if (!slot) slot = std::move(s);
   return slot.get();
-}
-
-void unregister_group(int64_t group_id) {
-  Registry& r = registry();
-  std::lock_guard<std::mutex> lock(r.mu);
-  for (auto it = r.states.begin(); it != r.states.end();) {
-    it = it->first.first == group_id ? r.states.erase(it) : std::next(it);
-  }
 }
 
 std::string describe_error(const ErrorRecord& rec) {
@@ -181,7 +266,7 @@ std::string take_error(DeviceState* state) {
 cudaError_t rearm_error_claim(DeviceState* state, cudaStream_t stream) {
   if (!state->claim_reset_pending) return cudaSuccess;
   state->claim_reset_pending = false;
-  return cudaMemsetAsync(state->err_claim, 0, sizeof(int), stream);
+  return cudaMemsetAsync(&state->words->claim, 0, sizeof(int), stream);
 }
 
 void count_call(DeviceState* state, cudaStream_t stream) {
@@ -265,6 +350,13 @@ void enable_peer_access(int device, int peer) {
     return;
   }
   check_cuda(err, "cudaDeviceEnablePeerAccess");
+}
+
+std::pair<size_t, size_t> device_memory(int device) {
+  DeviceGuard guard(device);
+  size_t free = 0, total = 0;
+  check_cuda(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
+  return {free, total};
 }
 
 int num_sms(int device) {

@@ -35,8 +35,10 @@ class Runtime(Protocol):
 class Backend(Protocol):
     """The forward pieces of every op, per EP rank (inside ``shard_map``/``vmap``).
 
-    Send halves of the low-latency ops return an opaque *ticket* pytree that the
-    matching receive half consumes.
+    Every op that touches a group's device state takes the group's ordering token and
+    returns ``(result, new_token)`` (:mod:`jax_ep.ordering`; ``None`` passes through a
+    backend without device state). Send halves of the low-latency ops return an opaque
+    *ticket* pytree as their result, which the matching receive half consumes.
     """
 
     name: str
@@ -47,24 +49,24 @@ class Backend(Protocol):
 
     def layout(self, topk_idx: jax.Array, num_experts: int, num_ranks: int) -> DispatchLayout: ...
 
-    def dispatch(self, x, topk_idx, topk_weights, spec: OpSpec) -> tuple:
-        """``(x, scales, topk_idx, topk_weights, counts, num_dropped, handle)``."""
+    def dispatch(self, x, topk_idx, topk_weights, token, spec: OpSpec) -> tuple[tuple, Any]:
+        """``(x, scales, topk_idx, topk_weights, counts, num_dropped, handle)``, token."""
         ...
 
-    def combine(self, y, handle: Handle, weights, spec: OpSpec) -> jax.Array: ...
+    def combine(self, y, handle: Handle, weights, token, spec: OpSpec) -> tuple[jax.Array, Any]: ...
 
-    def token_dispatch(self, x, handle: Handle, spec: OpSpec) -> jax.Array:
+    def token_dispatch(self, x, handle: Handle, token, spec: OpSpec) -> tuple[jax.Array, Any]:
         """Home rows ``[T, C]`` → the received-token list ``[R*T, C]`` (a cached dispatch)."""
         ...
 
-    def token_combine(self, rows, handle: Handle, spec: OpSpec) -> jax.Array:
+    def token_combine(self, rows, handle: Handle, token, spec: OpSpec) -> tuple[jax.Array, Any]:
         """Inverse of :meth:`token_dispatch`: summed over ranks in float32."""
         ...
 
-    def ll_dispatch_send(self, x, topk_idx, active_ranks, spec: OpSpec) -> Any: ...
-    def ll_dispatch_recv(self, ticket, spec: OpSpec) -> tuple: ...
-    def ll_combine_send(self, y, handle: LowLatencyHandle, topk_idx, topk_weights, spec) -> Any: ...
-    def ll_combine_recv(self, ticket, handle: LowLatencyHandle, topk_idx, topk_weights, spec): ...
+    def ll_dispatch_send(self, x, topk_idx, active_ranks, token, spec: OpSpec) -> tuple: ...
+    def ll_dispatch_recv(self, ticket, token, spec: OpSpec) -> tuple: ...
+    def ll_combine_send(self, y, handle: LowLatencyHandle, idx, weights, token, spec): ...
+    def ll_combine_recv(self, ticket, handle: LowLatencyHandle, idx, weights, token, spec): ...
 
 
 def backend_for(name: str | OpSpec) -> Backend:

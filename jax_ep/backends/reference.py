@@ -1,5 +1,6 @@
 """The reference backend: :mod:`jax_ep.reference` behind the :class:`~jax_ep.backends.Backend`
-interface. It keeps no device state; XLA orders its collectives itself."""
+interface. It keeps no device state (XLA orders its collectives itself), so the
+ordering token passes through unchanged (it is ``None``)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ class ReferenceBackend:
     def layout(self, topk_idx: jax.Array, num_experts: int, num_ranks: int):
         return reference.get_dispatch_layout(topk_idx, num_experts, num_ranks)
 
-    def dispatch(self, x, topk_idx, topk_weights, spec: OpSpec):
-        return reference.dispatch(
+    def dispatch(self, x, topk_idx, topk_weights, token, spec: OpSpec):
+        out = reference.dispatch(
             x,
             topk_idx,
             topk_weights,
@@ -31,21 +32,22 @@ class ReferenceBackend:
             fp8=spec.fp8,
             round_scale=spec.round_scale,
         )
+        return out, token
 
-    def combine(self, y, handle: Handle, weights, spec: OpSpec):
-        return reference.combine(y, handle, weights, axis_name=spec.axis_name)
+    def combine(self, y, handle: Handle, weights, token, spec: OpSpec):
+        return reference.combine(y, handle, weights, axis_name=spec.axis_name), token
 
-    def token_dispatch(self, x, handle: Handle, spec: OpSpec):
-        return reference.token_dispatch(x, handle, axis_name=spec.axis_name)
+    def token_dispatch(self, x, handle: Handle, token, spec: OpSpec):
+        return reference.token_dispatch(x, handle, axis_name=spec.axis_name), token
 
-    def token_combine(self, rows, handle: Handle, spec: OpSpec):
-        return reference.token_combine(rows, handle, axis_name=spec.axis_name)
+    def token_combine(self, rows, handle: Handle, token, spec: OpSpec):
+        return reference.token_combine(rows, handle, axis_name=spec.axis_name), token
 
     # The reference does all the communication in the send half; receive halves only
     # unpack, so the split forms have exactly the fused forms' results.
 
-    def ll_dispatch_send(self, x, topk_idx, active_ranks, spec: OpSpec):
-        return reference.low_latency_dispatch(
+    def ll_dispatch_send(self, x, topk_idx, active_ranks, token, spec: OpSpec):
+        out = reference.low_latency_dispatch(
             x,
             topk_idx,
             axis_name=spec.axis_name,
@@ -55,17 +57,19 @@ class ReferenceBackend:
             fp8=spec.fp8,
             round_scale=spec.round_scale,
         )
+        return out, token
 
-    def ll_dispatch_recv(self, ticket, spec: OpSpec):
-        return ticket
+    def ll_dispatch_recv(self, ticket, token, spec: OpSpec):
+        return ticket, token
 
-    def ll_combine_send(self, y, handle: LowLatencyHandle, topk_idx, topk_weights, spec: OpSpec):
-        return reference.low_latency_combine(
+    def ll_combine_send(self, y, handle: LowLatencyHandle, topk_idx, topk_weights, token, spec):
+        out = reference.low_latency_combine(
             y, topk_idx, topk_weights, handle, axis_name=spec.axis_name
         )
+        return out, token
 
-    def ll_combine_recv(self, ticket, handle: LowLatencyHandle, topk_idx, topk_weights, spec):
-        return ticket
+    def ll_combine_recv(self, ticket, handle: LowLatencyHandle, idx, weights, token, spec):
+        return ticket, token
 
 
 BACKEND = ReferenceBackend()

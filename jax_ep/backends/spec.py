@@ -13,7 +13,7 @@ from typing import Any
 @dataclasses.dataclass(frozen=True)
 class OpSpec:
     backend: str  # "reference" | "cuda"
-    group_id: int
+    group_key: str  # the group's key (Group.key): what a compiled program binds to
     axis_name: Any
     num_ranks: int
     num_experts: int

@@ -45,6 +45,12 @@ def require() -> ModuleType:
 
 
 @functools.cache
+def layout_id(layout: str) -> int:
+    """The id the FFI handlers take for a dispatch layout (defined once, in C++)."""
+    return require().layout_kinds()[layout]
+
+
+@functools.cache
 def _load_nvshmem() -> tuple[ModuleType | None, str]:
     # nvshmem4py loads the wheel's libnvshmem_host.so.3 first: the module's own
     # reference to it then resolves to that same library (one NVSHMEM per process)

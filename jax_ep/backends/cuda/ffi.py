@@ -19,9 +19,13 @@ from jax_ep.backends.spec import OpSpec
 
 @functools.cache
 def register_targets() -> None:
-    """Registers every FFI handler of the extension with JAX (once per process)."""
-    for name, capsule in extension.require().registrations().items():
-        jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+    """Registers every FFI handler of the extension with JAX (once per process): first
+    the type of the group ops' per-executable state, then the handlers (a dict of
+    instantiate/initialize/execute stages for group ops)."""
+    ext = extension.require()
+    jax.ffi.register_ffi_type("jax_ep_exec_state", ext.exec_state_type(), platform="CUDA")
+    for name, handler in ext.registrations().items():
+        jax.ffi.register_ffi_target(name, handler, platform="CUDA")
 
 
 def target(name: str, spec: OpSpec | None) -> str:
@@ -29,13 +33,13 @@ def target(name: str, spec: OpSpec | None) -> str:
     return f"jax_ep_{name}{'_sync' if spec is not None and spec.sync_errors else ''}"
 
 
-def call(name: str, spec: OpSpec | None, results, *operands, **attrs):
+def call(name: str, spec: OpSpec | None, results, *operands, has_side_effect=False, **attrs):
     """``ffi_call`` with operands made to vary alike (arrays built inside shard_map do not)."""
     operands = _compat.match_varying(*operands)
     results = [_compat.result_like(operands[0], shape, dtype) for shape, dtype in results]
-    return jax.ffi.ffi_call(target(name, spec), results, vmap_method="expand_dims")(
-        *operands, **attrs
-    )
+    return jax.ffi.ffi_call(
+        target(name, spec), results, vmap_method="expand_dims", has_side_effect=has_side_effect
+    )(*operands, **attrs)
 
 
 @functools.cache

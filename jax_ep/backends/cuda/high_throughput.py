@@ -1,21 +1,24 @@
 """High-throughput ops of the CUDA backend: dispatch, combine and the cached token
 exchanges of the backward pass, as FFI custom calls (``xla_ffi/high_throughput_handlers.cc``).
 
-Every call names the group's buffers by the group id attribute; the handler finds that
-group's state on its device.
+Every group op names its group by key (the executable binds to it once) and takes
+and returns the group's ordering token (:mod:`jax_ep.ordering`).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_ep import fp8 as _fp8
+from jax_ep.backends.cuda import extension
 from jax_ep.backends.cuda.ffi import call, init_local_devices
 from jax_ep.backends.spec import OpSpec
 from jax_ep.handles import DispatchLayout, Handle
+from jax_ep.ordering import TOKEN_SHAPE
 
-_LAYOUT_KIND = {"per_rank": 0, "expert_major": 1, "ragged": 2}
+_TOKEN = (TOKEN_SHAPE, jnp.int32)
 
 
 def layout(topk_idx: jax.Array, num_experts: int, num_ranks: int) -> DispatchLayout:
@@ -30,7 +33,6 @@ def layout(topk_idx: jax.Array, num_experts: int, num_ranks: int) -> DispatchLay
             ((num_tokens, num_ranks), jnp.bool_),
         ],
         topk_idx,
-        group_id=0,
         num_experts=num_experts,
         num_ranks=num_ranks,
     )
@@ -38,14 +40,7 @@ def layout(topk_idx: jax.Array, num_experts: int, num_ranks: int) -> DispatchLay
 
 
 def _dispatch_call(
-    x,
-    topk_idx,
-    topk_weights,
-    spec: OpSpec,
-    layout: str,
-    capacity: int,
-    fp8: bool,
-    round_scale: bool,
+    x, topk_idx, topk_weights, token, spec: OpSpec, layout, capacity, fp8, round_scale
 ):
     num_tokens, hidden = x.shape
     num_topk = topk_idx.shape[1]
@@ -66,28 +61,50 @@ def _dispatch_call(
         ((rt, 1 if per_rank else num_topk), jnp.int32),
         ((rt, num_topk), jnp.float32),
         ((), jnp.int32),
+        _TOKEN,
     ]
     return call(
-        "ht_dispatch",
+        "high_throughput_dispatch",
         spec,
         results,
         x,
         topk_idx,
         topk_weights,
-        group_id=spec.group_id,
-        layout_kind=_LAYOUT_KIND[layout],
+        token,
+        group=spec.group_key,
         num_experts=spec.num_experts,
-        fp8=int(fp8),
-        round_scale=int(round_scale),
+        layout=np.int32(extension.layout_id(layout)),
+        fp8=bool(fp8),
+        round_scale=bool(round_scale),
     )
 
 
-def dispatch(x, topk_idx, topk_weights, spec: OpSpec):
-    (ox, oscales, oidx, ow, counts, dropped, recv_src, recv_idx, recv_rows, recv_w, num_recv) = (
-        _dispatch_call(
-            x, topk_idx, topk_weights, spec, spec.layout, spec.capacity, spec.fp8, spec.round_scale
-        )
+def dispatch(x, topk_idx, topk_weights, token, spec: OpSpec):
+    results = _dispatch_call(
+        x,
+        topk_idx,
+        topk_weights,
+        token,
+        spec,
+        spec.layout,
+        spec.capacity,
+        spec.fp8,
+        spec.round_scale,
     )
+    (
+        ox,
+        oscales,
+        oidx,
+        ow,
+        counts,
+        dropped,
+        recv_src,
+        recv_idx,
+        recv_rows,
+        recv_w,
+        num_recv,
+        token,
+    ) = results
     per_rank = spec.layout == "per_rank"
     handle = Handle(
         topk_idx,
@@ -101,7 +118,7 @@ def dispatch(x, topk_idx, topk_weights, spec: OpSpec):
         spec.num_ranks,
         spec.capacity,
     )
-    return (
+    out = (
         ox,
         oscales if spec.fp8 else None,
         oidx if per_rank else None,
@@ -110,45 +127,48 @@ def dispatch(x, topk_idx, topk_weights, spec: OpSpec):
         dropped,
         handle,
     )
+    return out, token
 
 
-def _combine_call(y_rows, handle: Handle, rows, weights, spec: OpSpec):
+def _combine_call(y_rows, handle: Handle, rows, weights, token, spec: OpSpec):
     num_tokens = handle.num_tokens
-    (out,) = call(
-        "ht_combine",
+    out, token = call(
+        "high_throughput_combine",
         spec,
-        [((num_tokens, y_rows.shape[-1]), y_rows.dtype)],
+        [((num_tokens, y_rows.shape[-1]), y_rows.dtype), _TOKEN],
         y_rows,
         handle.recv_src,
         rows,
         weights,
         handle.num_recv,
         handle.topk_idx,
-        group_id=spec.group_id,
+        token,
+        group=spec.group_key,
         num_experts=spec.num_experts,
     )
-    return out
+    return out, token
 
 
-def combine(y, handle: Handle, weights, spec: OpSpec):
+def combine(y, handle: Handle, weights, token, spec: OpSpec):
     y_rows = y.reshape(-1, y.shape[-1])
     if handle.layout == "per_rank":
         weights = (handle.recv_rows >= -1).astype(jnp.float32)  # all ones
     elif weights is None:
         weights = handle.recv_weights
-    return _combine_call(y_rows, handle, handle.recv_rows, weights, spec)
+    return _combine_call(y_rows, handle, handle.recv_rows, weights, token, spec)
 
 
-def token_dispatch(x, handle: Handle, spec: OpSpec):
+def token_dispatch(x, handle: Handle, token, spec: OpSpec):
     """Cached dispatch of home rows to the received-token list (per_rank, worst-case capacity)."""
     rt = handle.recv_src.shape[0]
     zeros = (handle.topk_idx < -1).astype(jnp.float32)
-    return _dispatch_call(x, handle.topk_idx, zeros, spec, "per_rank", rt, False, False)[0]
+    out = _dispatch_call(x, handle.topk_idx, zeros, token, spec, "per_rank", rt, False, False)
+    return out[0], out[-1]
 
 
-def token_combine(rows, handle: Handle, spec: OpSpec):
+def token_combine(rows, handle: Handle, token, spec: OpSpec):
     rt = handle.recv_src.shape[0]
     index = jnp.arange(rt, dtype=jnp.int32)
     own_rows = jnp.where(index < handle.num_recv, index, -1)[:, None]
     weights = (own_rows >= -1).astype(jnp.float32)
-    return _combine_call(rows, handle, own_rows, weights, spec)
+    return _combine_call(rows, handle, own_rows, weights, token, spec)

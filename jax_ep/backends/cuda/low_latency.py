@@ -22,6 +22,7 @@ from jax_ep import fp8 as _fp8
 from jax_ep.backends.cuda.ffi import batched_like, call
 from jax_ep.backends.spec import OpSpec
 from jax_ep.handles import LowLatencyHandle
+from jax_ep.ordering import TOKEN_SHAPE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,24 +55,26 @@ jax.tree_util.register_dataclass(DispatchTicket)
 jax.tree_util.register_dataclass(CombineTicket)
 
 
-def ll_dispatch_send(x, topk_idx, active_ranks, spec: OpSpec) -> DispatchTicket:
+def ll_dispatch_send(x, topk_idx, active_ranks, token, spec: OpSpec):
     active_ranks = batched_like(active_ranks, topk_idx)
     ticket, num_dropped = call(
-        "ll_dispatch_send",
+        "low_latency_dispatch_send",
         spec,
-        [((2,), jnp.int32), ((), jnp.int32)],
+        [(TOKEN_SHAPE, jnp.int32), ((), jnp.int32)],
         x,
         topk_idx,
         active_ranks,
-        group_id=spec.group_id,
+        token,
+        group=spec.group_key,
         num_experts=spec.num_experts,
-        fp8=int(spec.fp8),
-        round_scale=int(spec.round_scale),
+        fp8=bool(spec.fp8),
+        round_scale=bool(spec.round_scale),
     )
-    return DispatchTicket(ticket, num_dropped, active_ranks, x.shape[1], np.dtype(x.dtype))
+    # the ticket (the send's sequence number) is also the group's next ordering token
+    return DispatchTicket(ticket, num_dropped, active_ranks, x.shape[1], np.dtype(x.dtype)), ticket
 
 
-def ll_dispatch_recv(payload: DispatchTicket, spec: OpSpec):
+def ll_dispatch_recv(payload: DispatchTicket, token, spec: OpSpec):
     e_loc, num_ranks, hidden = spec.num_local_experts, spec.num_ranks, payload.hidden
     rows = num_ranks * spec.max_tokens_per_rank
     results = [
@@ -81,16 +84,21 @@ def ll_dispatch_recv(payload: DispatchTicket, spec: OpSpec):
         ((e_loc, rows), jnp.int32),
         ((e_loc, rows), jnp.int32),
         ((e_loc, num_ranks, 2), jnp.int32),
+        (TOKEN_SHAPE, jnp.int32),
     ]
-    x, scales, counts, src_info, topk_slot, layout_range = call(
-        "ll_dispatch_recv",
+    # a receive is never dropped as dead code: its send has run, and peers wait for the
+    # receive before they reuse the buffer half (docs/protocol.md)
+    x, scales, counts, src_info, topk_slot, layout_range, token = call(
+        "low_latency_dispatch_recv",
         spec,
         results,
         payload.ticket,
         payload.active_ranks,
-        group_id=spec.group_id,
+        token,
+        has_side_effect=True,
+        group=spec.group_key,
         num_experts=spec.num_experts,
-        fp8=int(spec.fp8),
+        fp8=bool(spec.fp8),
     )
     handle = LowLatencyHandle(
         src_info,
@@ -102,40 +110,41 @@ def ll_dispatch_recv(payload: DispatchTicket, spec: OpSpec):
         num_ranks,
         spec.max_tokens_per_rank,
     )
-    return x, scales if spec.fp8 else None, counts, payload.num_dropped, handle
+    return (x, scales if spec.fp8 else None, counts, payload.num_dropped, handle), token
 
 
-def ll_combine_send(
-    y, handle: LowLatencyHandle, topk_idx, topk_weights, spec: OpSpec
-) -> CombineTicket:
+def ll_combine_send(y, handle: LowLatencyHandle, topk_idx, topk_weights, token, spec: OpSpec):
     (ticket,) = call(
-        "ll_combine_send",
+        "low_latency_combine_send",
         spec,
-        [((2,), jnp.int32)],
+        [(TOKEN_SHAPE, jnp.int32)],
         y,
         handle.recv_src_info,
         handle.recv_topk_slot,
         handle.recv_count,
         handle.active_ranks,
-        group_id=spec.group_id,
+        token,
+        group=spec.group_key,
         num_experts=spec.num_experts,
     )
-    return CombineTicket(ticket, y.shape[-1], np.dtype(y.dtype))
+    return CombineTicket(ticket, y.shape[-1], np.dtype(y.dtype)), ticket
 
 
 def ll_combine_recv(
-    payload: CombineTicket, handle: LowLatencyHandle, topk_idx, topk_weights, spec: OpSpec
+    payload: CombineTicket, handle: LowLatencyHandle, topk_idx, topk_weights, token, spec: OpSpec
 ):
     num_tokens = topk_idx.shape[0]
-    (out,) = call(
-        "ll_combine_recv",
+    out, token = call(
+        "low_latency_combine_recv",
         spec,
-        [((num_tokens, payload.hidden), payload.dtype)],
+        [((num_tokens, payload.hidden), payload.dtype), (TOKEN_SHAPE, jnp.int32)],
         payload.ticket,
         topk_idx,
         topk_weights,
         handle.active_ranks,
-        group_id=spec.group_id,
+        token,
+        has_side_effect=True,
+        group=spec.group_key,
         num_experts=spec.num_experts,
     )
-    return out
+    return out, token

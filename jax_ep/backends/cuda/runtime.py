@@ -40,22 +40,24 @@ class GroupRuntime:
         ext = extension.require()
         register_targets()
         self._ext = ext
-        self.group_id = group.id
+        self.key = group.key
         cfg = group.config
         self._nvshmem = cfg.transport == "nvshmem"
         # ranks per node and nodes: the two-level (internode) kernels run when > 1 node
         self.node_size = self._node_size(group) if self._nvshmem else group.num_ranks
+        # the group's sizes, by the names the extension's BufferSizes uses (size_fields())
         self._sizes = dict(
             num_ranks=group.num_ranks,
             max_tokens=group.num_max_tokens_per_rank,
+            ll_max_tokens=group.num_max_tokens_per_rank,
             hidden=group.hidden,
             elem_bytes=group.dtype.itemsize,
             num_topk=group.num_topk,
             num_local_experts=group.num_local_experts,
-            low_latency=group.low_latency,
+            low_latency=int(group.low_latency),
             num_nodes=group.num_ranks // self.node_size,
         )
-        self.bytes_per_rank = ext.buffer_bytes(**self._sizes)
+        self.bytes_per_rank = ext.buffer_bytes(self._sizes)
         self._owned: list[tuple[int, int]] = []  # (device, ptr) we allocated
         self._opened: list[tuple[int, int]] = []  # (device, ptr) opened from IPC handles
         self._devices: list[int] = []
@@ -67,12 +69,16 @@ class GroupRuntime:
                 net_ops = extension.nvshmem_launchers()
         send_blocks = cfg.resolved_num_sms(group.num_ranks)
         common = dict(
-            group_id=group.id,
-            **self._sizes,
+            sizes=self._sizes,
             timeout_s=cfg.timeout_s,
             fault_inject_rank=cfg.fault_inject_rank,
             send_blocks=send_blocks,
             net_ops=net_ops,
+        )
+        instance = ext.create_group(self.key)
+        # runs on close(), on garbage collection, or at interpreter exit
+        self._finalizer = weakref.finalize(
+            self, _release, ext, self.key, instance, self._opened, self._owned, self._symmetric
         )
         if group.loopback:
             dev = group.devices[0]
@@ -82,16 +88,6 @@ class GroupRuntime:
         else:
             for members in ep_groups(group.mesh, group.axis_name):
                 self._wire_ep_group(members, common, cfg)
-        # runs on close(), on garbage collection, or at interpreter exit
-        self._finalizer = weakref.finalize(
-            self,
-            _release,
-            ext,
-            self.group_id,
-            list(self._opened),
-            list(self._owned),
-            list(self._symmetric),
-        )
 
     @staticmethod
     def _node_size(group) -> int:
@@ -113,6 +109,7 @@ class GroupRuntime:
     def _register(self, ordinal, first_rank, num_local, bases, common, cfg):
         copy_blocks = cfg.num_copy_sms or self._ext.num_sms(ordinal)
         self._ext.register_state(
+            key=self.key,
             device=ordinal,
             first_rank=first_rank,
             num_local_ranks=num_local,
@@ -131,7 +128,7 @@ class GroupRuntime:
             self._wire_nvshmem(members, common, cfg)
             return
         own = {r: self._alloc(o) for r, o in enumerate(ordinals) if o is not None}
-        key = f"g{self.group_id}/ep{members[0].id}"
+        key = f"{self.key}/ep{members[0].id}"
         tables = cuda_ipc.peer_tables(self._ext, key, ordinals, own, self._opened)
         for rank, bases in tables.items():
             self._register(ordinals[rank], rank, 1, bases, common, cfg)
@@ -153,27 +150,32 @@ class GroupRuntime:
         self._ext.zero_buffer(ordinal, own, self.bytes_per_rank)
         self._register(ordinal, rank, 1, bases, common, cfg)
         # nobody may write into a peer's buffer before every peer has zeroed its own
-        kv_store.barrier(f"g{self.group_id}/ep{members[0].id}/nvshmem-wired", cuda_ipc.KV_TIMEOUT_S)
+        kv_store.barrier(f"{self.key}/ep{members[0].id}/nvshmem-wired", cuda_ipc.KV_TIMEOUT_S)
 
     def check(self) -> None:
         for ordinal in self._devices:
-            msg = self._ext.pending_error(self.group_id, ordinal)
+            msg = self._ext.pending_error(self.key, ordinal)
             if msg:
                 raise RuntimeError(msg)
 
     def call_stats(self) -> list[dict]:
         return [
-            dict(device=ordinal, **self._ext.call_stats(self.group_id, ordinal))
+            dict(device=ordinal, **self._ext.call_stats(self.key, ordinal))
             for ordinal in self._devices
         ]
 
     def close(self) -> None:
         self._finalizer()
+        # Programs compiled for this group are refused from now on; JAX's caches would
+        # keep offering them (a jitted function, an eager op) to a new group with the
+        # same key, so drop them: the next call traces and compiles for the new group.
+        jax.clear_caches()
 
 
-def _release(ext, group_id, opened, owned, symmetric):
-    """Unregisters the group, then releases its buffers."""
-    ext.unregister_group(group_id)
+def _release(ext, key, instance, opened, owned, symmetric):
+    """Closes the group (its programs fail cleanly from now on, its devices drain), then
+    releases its buffers."""
+    ext.close_group(key, instance)
     for ptr in symmetric:  # collective: every process closes its groups in the same order
         nvshmem_bootstrap.release(ptr)
     cuda_ipc.release(ext, opened, owned)
