@@ -206,11 +206,13 @@ def run_case(case, scratch, flags="", timeout=300):
 
 
 @requires_kernels
+@pytest.mark.timeout(300)
 def test_concurrent_command_buffers_give_the_reference_results(tmp_path):
     run_case("concurrent", tmp_path / "x", CONCURRENT)
 
 
 @requires_kernels
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("graphs", ["on", "off"])
 def test_programs_of_a_closed_group_are_refused(tmp_path, graphs):
     out = run_case("closed", tmp_path / "x", GRAPHS[graphs])
@@ -218,6 +220,7 @@ def test_programs_of_a_closed_group_are_refused(tmp_path, graphs):
 
 
 @requires_kernels
+@pytest.mark.timeout(300)
 def test_exported_program_binds_by_key_in_another_process(tmp_path):
     path = tmp_path / "program.bin"
     run_case("export", path)
@@ -226,12 +229,15 @@ def test_exported_program_binds_by_key_in_another_process(tmp_path):
 
 
 @requires_kernels
+@pytest.mark.timeout(900)
 def test_create_use_close_cycles_release_device_memory(tmp_path):
+    """1000 cycles by default (JAX_EP_TEST_CYCLES: fewer for a quick run); each compiles."""
     out = run_case("cycles", tmp_path / "leak", timeout=900)
     print(out)
 
 
 @requires_kernels
+@pytest.mark.timeout(300)
 def test_killed_peer_makes_the_survivor_fail_with_rank_peer_and_phase(tmp_path):
     from jax_ep.launch import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 

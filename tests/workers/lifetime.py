@@ -170,7 +170,7 @@ def case_load(other_sizes: bool):
     group.close()
 
 
-def case_cycles(n=1000):
+def case_cycles(n=int(os.environ.get("JAX_EP_TEST_CYCLES", "1000"))):
     ext = extension.require()
     args = inputs()
     group = loopback_group(num_max_tokens_per_rank=8)
