@@ -270,7 +270,8 @@ def test_killed_peer_makes_the_survivor_fail_with_rank_peer_and_phase(tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert procs[1].wait() == -9, "rank 1 should have been killed"
+    out1, _ = procs[1].communicate()
+    assert procs[1].returncode == -9, f"rank 1 should have been killed:\n{out1}\n{out0}"
     assert procs[0].returncode == 0, out0
     message = scratch.read_text()
     assert "rank 0 timed out" in message and "waiting for rank 1" in message, message

@@ -36,7 +36,7 @@ for stage in "$@"; do
     smoke)
       timeout 240 python3 tools/smoke.py 2>&1 | tee "$OUT/smoke.log" ;;
     tests)
-      JAX_EP_TIMEOUT_S=${JAX_EP_TIMEOUT_S:-20} python3 -m pytest -v -rs ${PYTEST_ARGS:-} --timeout 90 --timeout-method=thread -k "${PYTEST_K:-cuda or kernel or share_one_gpu or command_buffer or nvshmem or internode or ordering}" tests \
+      JAX_EP_TEST_REPORT=$OUT/report.txt JAX_EP_TIMEOUT_S=${JAX_EP_TIMEOUT_S:-20} python3 -m pytest -v -rs ${PYTEST_ARGS:-} --timeout 90 --timeout-method=thread -k "${PYTEST_K:-cuda or kernel or share_one_gpu or command_buffer or nvshmem or internode or ordering}" tests \
         2>&1 | tee "$OUT/tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout" | tail -80
       status=$(( status | ${PIPESTATUS[0]} )) ;;
     bench)

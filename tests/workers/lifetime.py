@@ -170,7 +170,16 @@ def case_load(other_sizes: bool):
     group.close()
 
 
-def case_cycles(n=int(os.environ.get("JAX_EP_TEST_CYCLES", "1000"))):
+def report(line: str) -> None:
+    """Prints a result line, and appends it to $JAX_EP_TEST_REPORT (the GPU session's log)."""
+    print(line)
+    if os.environ.get("JAX_EP_TEST_REPORT"):
+        with open(os.environ["JAX_EP_TEST_REPORT"], "a") as f:
+            f.write(line + "\n")
+
+
+def case_cycles():
+    n = int(os.environ.get("JAX_EP_TEST_CYCLES", "1000"))
     ext = extension.require()
     args = inputs()
     group = loopback_group(num_max_tokens_per_rank=8)
@@ -192,10 +201,10 @@ def case_cycles(n=int(os.environ.get("JAX_EP_TEST_CYCLES", "1000"))):
     gc.collect()
     end = ext.device_memory(DEV.local_hardware_id)[0]
     leaked = start - end
-    print(
-        f"{n} cycles: free device memory {start} -> {end} bytes ({leaked} fewer); "
-        f"group states alive {states} -> {ext.live_device_states()}; one group's buffers: "
-        f"{buffer_bytes} bytes"
+    report(
+        f"{n} create/use/close cycles: free device memory {start} -> {end} bytes ({leaked} "
+        f"fewer); group states alive {states} -> {ext.live_device_states()}; one group's "
+        f"buffers: {buffer_bytes} bytes"
     )
     with open(SCRATCH, "w") as f:
         f.write(str(leaked))
@@ -214,7 +223,10 @@ def case_kill():
     idx, w = make_routing("random", R, T, K, E)
     x = make_tokens(R, T, H)
     sharding = NamedSharding(mesh, P("ep"))
-    args = [jax.device_put(jnp.asarray(a), sharding) for a in (x, idx, w)]
+    # each process supplies its rank's rows of the global inputs
+    args = [
+        jax.make_array_from_callback(a.shape, sharding, lambda i, a=a: a[i]) for a in (x, idx, w)
+    ]
 
     def per_rank(x, idx, w):
         d = jax_ep.dispatch(x[0], idx[0], w[0], group=group, layout="ragged")
@@ -234,7 +246,7 @@ def case_kill():
         message = str(e)
     with open(SCRATCH, "w") as fh:
         fh.write(message)
-    print("rank 0:", message)
+    report(f"killed peer: rank 0 got: {message.splitlines()[0] if message else ''}")
     os._exit(0)  # the coordinator would wait for the dead peer at shutdown
 
 
