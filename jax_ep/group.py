@@ -189,6 +189,11 @@ class Group:
         return self._closed
 
     @property
+    def spans_nodes(self) -> bool:
+        """Whether the ranks are split into several nodes (the two-level internode path)."""
+        return getattr(self._runtime, "node_size", self.num_ranks) < self.num_ranks
+
+    @property
     def num_local_experts(self) -> int:
         return self.num_experts // self.num_ranks
 
@@ -203,6 +208,7 @@ class Group:
             num_ranks=self.num_ranks,
             num_experts=self.num_experts,
             sync_errors=self.config.sync_errors,
+            spans_nodes=self.spans_nodes,
             fault_inject_rank=self.config.fault_inject_rank,
             **fields,
         )

@@ -211,19 +211,25 @@ def _dispatch_bwd(spec: OpSpec, res, ct):
     b = backend_for(spec)
     token = _backward_token(spec, handle.recv_src, token)
     rt = handle.recv_src.shape[0]
-    if spec.fp8 and not spec.dequantize:
-        # quantised payloads have no gradient; dequantize=True gives straight-through
-        dx = jnp.zeros((handle.num_tokens, ct_x.shape[-1]), x_like.dtype)
-    elif spec.layout == "per_rank":
-        dx, token = b.token_combine(pad_rows(ct_x, rt), handle, token, spec)
-    else:
-        weights = _first_occurrence_weights(handle.recv_rows)
-        dx, token = b.combine(ct_x, handle, weights, token, spec)
+    # router weights' cotangents, per received token, to go home with dx
     g = ct_handle.recv_weights
     if spec.layout == "per_rank":
         g = g + pad_rows(ct_w, rt)
     g = jnp.where(handle.recv_topk_idx >= 0, g, 0.0)
-    dw, token = b.token_combine(g, handle, token, spec)
+    # one exchange carries dx and dw, except between nodes (two then)
+    carry = None if spec.spans_nodes else g
+    if spec.fp8 and not spec.dequantize:
+        # quantised payloads have no gradient; dequantize=True gives straight-through
+        dx, carried = jnp.zeros((handle.num_tokens, ct_x.shape[-1]), x_like.dtype), None
+    elif spec.layout == "per_rank":
+        (dx, carried), token = b.token_combine(pad_rows(ct_x, rt), handle, token, spec, extra=carry)
+    else:
+        weights = _first_occurrence_weights(handle.recv_rows)
+        (dx, carried), token = b.combine(ct_x, handle, weights, token, spec, extra=carry)
+    if carried is None:
+        (dw, _), token = b.token_combine(g, handle, token, spec)
+    else:
+        dw = carried
     _backward_done(spec, token)
     return dx.astype(x_like.dtype), None, dw, None
 
@@ -291,13 +297,18 @@ def combine(
     return out
 
 
+def _combine_impl(spec: OpSpec, y, weights, handle, token):
+    (out, _), token = backend_for(spec).combine(y, handle, weights, token, spec)
+    return out, token
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _combine(spec: OpSpec, y, weights, handle, token):
-    return backend_for(spec).combine(y, handle, weights, token, spec)
+    return _combine_impl(spec, y, weights, handle, token)
 
 
 def _combine_fwd(spec, y, weights, handle, token):
-    out, token = backend_for(spec).combine(y, handle, weights, token, spec)
+    out, token = _combine_impl(spec, y, weights, handle, token)
     return (out, token), (y, weights, handle, token)
 
 
@@ -356,7 +367,7 @@ def _token_dispatch_bwd(spec, res, ct):
     handle, token = res
     ct_out, _ = ct
     token = _backward_token(spec, handle.recv_src, token)
-    dx, token = backend_for(spec).token_combine(ct_out, handle, token, spec)
+    (dx, _), token = backend_for(spec).token_combine(ct_out, handle, token, spec)
     _backward_done(spec, token)
     return dx, None, None
 

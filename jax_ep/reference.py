@@ -255,10 +255,14 @@ def _home_sum(back: jax.Array, in_rank: jax.Array, dtype) -> jax.Array:
     return acc.astype(dtype)
 
 
-def combine(y: jax.Array, handle: Handle, weights: jax.Array | None, *, axis_name) -> jax.Array:
+def combine(
+    y: jax.Array, handle: Handle, weights: jax.Array | None, *, axis_name, extra=None
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Reference combine of dispatch-layout rows ``y`` back to ``[T, H]`` (see module docstring).
 
     ``weights`` (``[RT, K]`` expert-side) replaces ``handle.recv_weights``; per_rank ignores both.
+    ``extra`` (``[RT, X]`` float32 per received token) travels with the partials in the same
+    exchange and is summed at home like them: then ``(out, [T, X] float32)``.
     """
     hidden = y.shape[-1]
     y_rows = y.reshape(-1, hidden)
@@ -267,7 +271,7 @@ def combine(y: jax.Array, handle: Handle, weights: jax.Array | None, *, axis_nam
     else:
         w = handle.recv_weights if weights is None else weights
     partial = expert_partials(y_rows, handle.recv_rows, w)
-    return token_combine(partial, handle, axis_name=axis_name)
+    return token_combine(partial, handle, axis_name=axis_name, extra=extra)
 
 
 def token_dispatch(x: jax.Array, handle: Handle, *, axis_name) -> jax.Array:
@@ -277,11 +281,37 @@ def token_dispatch(x: jax.Array, handle: Handle, *, axis_name) -> jax.Array:
     return take_rows(recv.reshape((-1,) + x.shape[1:]), handle.recv_src)
 
 
-def token_combine(rows: jax.Array, handle: Handle, *, axis_name) -> jax.Array:
-    """Inverse of :func:`token_dispatch`: ``[RT, C]`` → ``[T, C]`` summed over ranks (float32)."""
+def token_combine(
+    rows: jax.Array, handle: Handle, *, axis_name, extra=None
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Inverse of :func:`token_dispatch`: ``[RT, C]`` → ``[T, C]`` summed over ranks (float32).
+
+    With ``extra`` (``[RT, X]`` float32), both travel as bytes in one exchange and each is
+    summed in float32 in ascending rank order: ``(out, [T, X] float32)``.
+    """
     in_rank = is_token_in_rank(handle.topk_idx, handle.num_experts, handle.num_ranks)
-    back = _return(rows, handle.recv_src, handle.num_ranks, handle.num_tokens, axis_name)
-    return _home_sum(back, in_rank, rows.dtype)
+    args = (handle.recv_src, handle.num_ranks, handle.num_tokens, axis_name)
+    if extra is None:
+        return _home_sum(_return(rows, *args), in_rank, rows.dtype)
+    row_bytes, extra_bytes = _as_bytes(rows), _as_bytes(extra.astype(jnp.float32))
+    back = _return(jnp.concatenate([row_bytes, extra_bytes], axis=1), *args)
+    split = row_bytes.shape[1]
+    back_rows = _from_bytes(back[..., :split], rows.dtype)
+    back_extra = _from_bytes(back[..., split:], jnp.float32)
+    return _home_sum(back_rows, in_rank, rows.dtype), _home_sum(back_extra, in_rank, jnp.float32)
+
+
+def _as_bytes(a: jax.Array) -> jax.Array:
+    """``[N, C]`` of any dtype → ``[N, C * itemsize]`` uint8 (a bit-exact view)."""
+    return jax.lax.bitcast_convert_type(a, jnp.uint8).reshape(a.shape[0], -1)
+
+
+def _from_bytes(b: jax.Array, dtype) -> jax.Array:
+    """Inverse of :func:`_as_bytes` over the last axis (leading axes kept)."""
+    size = jnp.dtype(dtype).itemsize
+    if size == 1:
+        return jax.lax.bitcast_convert_type(b, dtype)
+    return jax.lax.bitcast_convert_type(b.reshape(b.shape[:-1] + (-1, size)), dtype)
 
 
 # ----------------------------------------------------------------------------

@@ -105,9 +105,8 @@ def test_ops_of_a_group_form_one_token_chain():
         "jax_ep_low_latency_dispatch_recv",
         "jax_ep_high_throughput_dispatch",
         "jax_ep_high_throughput_combine",
-        "jax_ep_high_throughput_dispatch",  # combine's backward: a cached dispatch
-        "jax_ep_high_throughput_combine",  # dispatch's backward
-        "jax_ep_high_throughput_combine",  # ... and the router weights' cotangents
+        "jax_ep_high_throughput_cached_dispatch",  # combine's backward
+        "jax_ep_high_throughput_combine",  # dispatch's backward: dx and the weights' cotangents
     ], targets
     # every op's last operand is its ordering token: the token the op before it returned
     # (directly, or through a max with its forward op's token in the backward pass)
@@ -116,8 +115,10 @@ def test_ops_of_a_group_form_one_token_chain():
         m[0]: {m[1], m[2]}
         for m in re.findall(r"(%[\w#]+) = stablehlo\.maximum (%[\w#]+), (%[\w#]+)", text)
     }
-    token_index = {"send": 0, "recv": 6, "dispatch": 11, "combine": 1}
-    token_of = [f"{r}#{token_index[t.split('_')[-1]]}" for r, t, _, _ in calls]
+    token_index = {"send": 0, "recv": 6, "dispatch": 11, "combine": 2}
+    token_of = [
+        f"{r}#{1 if 'cached' in t else token_index[t.split('_')[-1]]}" for r, t, _, _ in calls
+    ]
     for i in range(1, len(calls)):
         token_in = calls[i][2][-1]
         assert token_of[i - 1] in merged.get(token_in, {token_in}), (i, calls[i], token_of[i - 1])

@@ -132,3 +132,40 @@ def test_combine_weight_override_gradient():
     got = runner.run(fn, x, idx, w)
     want = np.where(idx >= 0, x.sum(-1)[..., None], 0.0)
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["expert_major", "ragged", "per_rank"])
+def test_two_exchanges_forward_and_two_backward(layout, monkeypatch):
+    """A training step's layer: dispatch + combine forward, and backward one cached
+    dispatch (combine's) plus one combine that carries dx and the router weights'
+    cotangents together (dispatch's). Counted as calls of the backend's exchanges while
+    the program is traced."""
+    from jax_ep.backends.reference import BACKEND
+
+    calls = []
+    for name in ("dispatch", "combine", "token_dispatch", "token_combine"):
+        real = getattr(BACKEND, name)
+        monkeypatch.setattr(
+            BACKEND,
+            name,
+            lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw),
+        )
+    runner = Runner("reference", 4, "shard_map")
+    group = runner.group(num_experts=E, num_topk=K, hidden=H, num_max_tokens_per_rank=T)
+    idx, w = make_routing("random", 4, T, K, E)
+    x = make_tokens(4, T, H, jnp.float32)
+
+    def loss(x, w, idx):
+        return jnp.sum(moe_layer(x, idx, w, group, layout, False))
+
+    args = [jnp.asarray(a) for a in (x, w, idx)]
+    runner.run(lambda x, w, idx: loss(x, w, idx)[None], *args)
+    assert calls == ["dispatch", "combine"], calls
+    calls.clear()
+    runner.run(lambda x, w, idx: jax.grad(loss, argnums=(0, 1))(x, w, idx), *args)
+    forward, backward = calls[:2], calls[2:]
+    assert forward == ["dispatch", "combine"], calls
+    assert sorted(backward) == [
+        "combine" if layout != "per_rank" else "token_combine",
+        "token_dispatch",
+    ], calls

@@ -119,7 +119,8 @@ ffi::Error HtDispatch(cudaStream_t stream, int32_t device, ExecState* state, HtD
 template <bool kSync>
 ffi::Error HtCombine(cudaStream_t stream, int32_t device, ExecState* state, HtCombineAttrs attrs, ffi::AnyBuffer y,
                      ffi::AnyBuffer recv_src, ffi::AnyBuffer recv_rows, ffi::AnyBuffer weights, ffi::AnyBuffer num_recv,
-                     ffi::AnyBuffer topk_idx, ffi::AnyBuffer order_in, ffi::Result<ffi::AnyBuffer> out,
+                     ffi::AnyBuffer topk_idx, ffi::AnyBuffer extra, ffi::AnyBuffer order_in,
+                     ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> out_extra,
                      ffi::Result<ffi::AnyBuffer> order_out) {
   GroupCall call;
   JAX_EP_CHECK(call.open(state, device, stream));
@@ -141,6 +142,15 @@ ffi::Error HtCombine(cudaStream_t stream, int32_t device, ExecState* state, HtCo
   if (rd[0] != RT || wd[0] != RT || wd[1] != rd[1] || rd[1] > kMaxTopk)
     return invalid("recv_rows / weights must be [num_ranks * num_tokens, <=32]");
   JAX_EP_CHECK(check_fits(s, T, K, H, element_bytes(y.element_type()), false, attrs.num_experts));
+  ffi::Span<const int64_t> xd;
+  JAX_EP_CHECK(per_rank_dims(extra, "extra", 2, L, &xd));
+  const int64_t X = xd[1];
+  JAX_EP_CHECK(expect(extra, "extra", {RT, X}, ffi::DataType::F32, L));
+  JAX_EP_CHECK(expect(*out_extra, "extra (result)", {T, X}, ffi::DataType::F32, L));
+  if (X > s->layout.sizes.num_topk)
+    return invalid("extra has " + std::to_string(X) + " columns, more than the group's num_topk");
+  if (X > 0 && s->layout.sizes.num_nodes > 1)
+    return invalid("extra columns are not carried between nodes; combine them separately");
   HtCombineArgs a;
   a.c = comm_of(s);
   a.num_tokens = int(T);
@@ -156,9 +166,48 @@ ffi::Error HtCombine(cudaStream_t stream, int32_t device, ExecState* state, HtCo
   a.weights = weights.typed_data<float>();
   a.num_recv = num_recv.typed_data<int32_t>();
   a.topk_idx = topk_idx.typed_data<int32_t>();
+  a.num_extra = int(X);
+  a.extra = X ? extra.typed_data<float>() : nullptr;
+  a.out_extra = X ? static_cast<float*>(out_extra->untyped_data()) : nullptr;
   a.out = out->untyped_data();
   a.order = static_cast<int*>(order_out->untyped_data());
   return finish(stream, s, launch_ht_combine(a, stream), kSync);
+}
+
+template <bool kSync>
+ffi::Error HtCachedDispatch(cudaStream_t stream, int32_t device, ExecState* state, HtCombineAttrs attrs,
+                            ffi::AnyBuffer x, ffi::AnyBuffer topk_idx, ffi::AnyBuffer recv_src, ffi::AnyBuffer order_in,
+                            ffi::Result<ffi::AnyBuffer> rows, ffi::Result<ffi::AnyBuffer> order_out) {
+  GroupCall call;
+  JAX_EP_CHECK(call.open(state, device, stream));
+  DeviceState* s = call.state();
+  const int L = s->num_local_ranks;
+  JAX_EP_CHECK(check_order(order_in, *order_out, L));
+  ffi::Span<const int64_t> xd, id;
+  JAX_EP_CHECK(per_rank_dims(x, "x", 2, L, &xd));
+  JAX_EP_CHECK(per_rank_dims(topk_idx, "topk_idx", 2, L, &id));
+  const int64_t T = xd[0], H = xd[1], K = id[1], RT = int64_t(s->num_ranks) * T;
+  const int dtype = dtype_code(x.element_type());
+  if (dtype < 0) return invalid("x must be float32, bfloat16 or float16");
+  JAX_EP_CHECK(expect(topk_idx, "topk_idx", {T, K}, ffi::DataType::S32, L));
+  JAX_EP_CHECK(expect(recv_src, "recv_src", {RT}, ffi::DataType::S32, L));
+  JAX_EP_CHECK(expect(*rows, "rows", {RT, H}, x.element_type(), L));
+  JAX_EP_CHECK(check_fits(s, T, K, H, element_bytes(x.element_type()), false, attrs.num_experts));
+  HtDispatchArgs a;
+  a.c = comm_of(s);
+  a.num_tokens = int(T);
+  a.hidden = int(H);
+  a.num_topk = int(K);
+  a.num_experts = int(attrs.num_experts);
+  a.layout_kind = kPerRank;
+  a.capacity = int(RT);
+  a.dtype = dtype;
+  a.x = x.untyped_data();
+  a.topk_idx = topk_idx.typed_data<int32_t>();
+  a.recv_src = const_cast<int*>(recv_src.typed_data<int32_t>());  // read, not written
+  a.out_x = rows->untyped_data();
+  a.order = static_cast<int*>(order_out->untyped_data());
+  return finish(stream, s, launch_ht_cached_dispatch(a, stream), kSync);
 }
 
 auto dispatch_binding() {
@@ -189,19 +238,33 @@ auto combine_binding() {
       .Arg<ffi::AnyBuffer>()   // weights
       .Arg<ffi::AnyBuffer>()   // num_recv
       .Arg<ffi::AnyBuffer>()   // topk_idx
+      .Arg<ffi::AnyBuffer>()   // extra columns [R*T, X] (X may be 0)
       .Arg<ffi::AnyBuffer>()   // order token
       .Ret<ffi::AnyBuffer>()   // out
+      .Ret<ffi::AnyBuffer>()   // extra columns summed [T, X]
+      .Ret<ffi::AnyBuffer>();  // order token
+}
+
+auto cached_dispatch_binding() {
+  return group_op_binding<HtCombineAttrs>()
+      .Arg<ffi::AnyBuffer>()   // x
+      .Arg<ffi::AnyBuffer>()   // topk_idx
+      .Arg<ffi::AnyBuffer>()   // recv_src (the forward's handle)
+      .Arg<ffi::AnyBuffer>()   // order token
+      .Ret<ffi::AnyBuffer>()   // rows [R*T, H]
       .Ret<ffi::AnyBuffer>();  // order token
 }
 
 JAX_EP_DEFINE_OP_HANDLERS(kHtDispatch, HtDispatch, dispatch_binding());
 JAX_EP_DEFINE_OP_HANDLERS(kHtCombine, HtCombine, combine_binding());
+JAX_EP_DEFINE_OP_HANDLERS(kHtCachedDispatch, HtCachedDispatch, cached_dispatch_binding());
 
 }  // namespace
 
 void add_high_throughput_handlers(HandlerTable& table) {
   add_group_op(table, "high_throughput_dispatch", kHtDispatch, kHtDispatchSync);
   add_group_op(table, "high_throughput_combine", kHtCombine, kHtCombineSync);
+  add_group_op(table, "high_throughput_cached_dispatch", kHtCachedDispatch, kHtCachedDispatchSync);
 }
 
 }  // namespace jax_ep::ffi_layer

@@ -63,6 +63,7 @@ struct BufferLayout {
   size_t ht_dispatch_meta = 0;     // [2][R][T_max][K] int32 expert ids, then float weights
   size_t ht_dispatch_data = 0;     // [2][R][T_max][row_bytes]
   size_t ht_combine_data = 0;      // [2][R][T_max][combine_row_bytes]
+  size_t ht_combine_extra = 0;     // [2][R][T_max][K] float: extra columns of each partial
   // low-latency regions: T_ll = sizes.ll_max_tokens
   size_t ll_dispatch_signal = 0;  // u64 [2][E_loc][R]: (seq << 32) | rows sent
   size_t ll_dispatch_data = 0;    // [2][E_loc][R][T_ll][ll_message_bytes]
@@ -124,6 +125,7 @@ JAX_EP_HD inline BufferLayout make_layout(const BufferSizes& s) {
   L.ht_dispatch_meta = take(2 * R * T * K * 8);
   L.ht_dispatch_data = take(2 * R * T * L.row_bytes);
   L.ht_combine_data = take(2 * R * T * L.combine_row_bytes);
+  L.ht_combine_extra = take(2 * R * T * K * 4);
   const size_t T_ll = s.ll_max_tokens;
   if (s.low_latency) {
     L.ll_dispatch_signal = take(2 * E * R * 8);

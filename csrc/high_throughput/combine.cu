@@ -60,14 +60,18 @@ __global__ void __launch_bounds__(kThreads) ht_combine_send(HtCombineArgs a) {
     const float w = lane < kr ? (weights ? weights[size_t(i) * kr + lane] : 1.f) : 0.f;
     const uint8_t* my_row = row >= 0 ? y + size_t(row) * row_bytes : nullptr;
     uint8_t* dst;
+    float* extra_dst = nullptr;
     if (src == r.rank && home_only(a, r, t)) {
       dst = out + size_t(t) * row_bytes;
+      if (a.num_extra) extra_dst = a.out_extra + (size_t(local) * T + t) * a.num_extra;
     } else {
       const int relay = relay_rank(c, r.rank, src), slot = relay_slot(c, r.rank, src);
       dst = combine_row(c.layout, c.peers[relay], r.parity, slot, t);
+      if (a.num_extra) extra_dst = combine_extra(c.layout, c.peers[relay], r.parity, slot, t);
       if (net && lane == 0) *net_combine_tag(c.layout, c.peers[relay], r.parity, slot, t) = uint32_t(r.seq);
     }
     weighted_sum_rows(my_row, w, kr, false, a.dtype, a.hidden, dst);
+    if (lane < a.num_extra) extra_dst[lane] = a.extra[(local * RT + i) * a.num_extra + lane];
   }
   publish_arrival(c, r, c.layout.ht_combine_arrival);
 }
@@ -100,6 +104,14 @@ __global__ void __launch_bounds__(kThreads) ht_combine_recv(HtCombineArgs a) {
                     nodes_of(ranks, P), [&](int m) { return net_combine_row(L, r.self, r.parity, m, t); }, &my_row)
               : lanes_of_units(ranks, [&](int d) { return combine_row(L, r.self, r.parity, d, t); }, &my_row);
       weighted_sum_rows(my_row, 1.f, n, true, a.dtype, a.hidden, out + size_t(t) * a.hidden * esize);
+      if (a.num_extra) {  // the extra columns: the same ranks, ascending, in float32
+        float acc = 0.f;
+        for (uint64_t m = ranks; m; m &= m - 1) {
+          const int d = __ffsll(m) - 1;
+          if (lane_id() < a.num_extra) acc += __ldcg(combine_extra(L, r.self, r.parity, d, t) + lane_id());
+        }
+        if (lane_id() < a.num_extra) a.out_extra[(size_t(local) * T + t) * a.num_extra + lane_id()] = acc;
+      }
     }
   }
   finish_op(c, r, kHtCombineSeq, c.copy_blocks, a.order);

@@ -22,4 +22,10 @@ __device__ inline uint8_t* combine_row(const BufferLayout& L, uint8_t* base, int
          ((size_t(parity) * L.sizes.num_ranks + src) * L.sizes.max_tokens + t) * L.combine_row_bytes;
 }
 
+// The extra float columns that travel with combine_row(.., src, t) (num_topk of them).
+__device__ inline float* combine_extra(const BufferLayout& L, uint8_t* base, int parity, int src, int t) {
+  return reinterpret_cast<float*>(base + L.ht_combine_extra) +
+         ((size_t(parity) * L.sizes.num_ranks + src) * L.sizes.max_tokens + t) * L.sizes.num_topk;
+}
+
 }  // namespace jax_ep

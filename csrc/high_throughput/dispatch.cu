@@ -418,6 +418,17 @@ cudaError_t prepare_ht_dispatch_kernels() {
   return cudaSuccess;
 }
 
+cudaError_t launch_ht_dispatch_send(const HtDispatchArgs& a, cudaStream_t stream) {
+  const CommContext& c = a.c;
+  if (c.layout.sizes.num_nodes > 1) {
+    // two hops: NVSHMEM to each destination node's relay, NVLink from there
+    if (cudaError_t err = c.net->ht_dispatch_send(a, stream); err != cudaSuccess) return err;
+    return launch_ht_dispatch_forward(a, stream);
+  }
+  ht_dispatch_send<<<c.num_local_ranks * c.send_blocks, kThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
 cudaError_t launch_ht_dispatch(const HtDispatchArgs& a, cudaStream_t stream) {
   const CommContext& c = a.c;
   const int L = c.num_local_ranks;
@@ -426,13 +437,7 @@ cudaError_t launch_ht_dispatch(const HtDispatchArgs& a, cudaStream_t stream) {
   const size_t bitmap_smem = a.layout_kind == kPerRank ? 0 : size_t(kBitmapThreads / 32) * e_loc * 4;
   const size_t offsets_ints = size_t((e_loc + 1) & ~1);
   const size_t copy_smem = offsets_ints * 4 + size_t(kWarps) * 32 * 2 * sizeof(void*);
-  if (c.layout.sizes.num_nodes > 1) {
-    // two hops: NVSHMEM to each destination node's relay, NVLink from there
-    if (cudaError_t err = c.net->ht_dispatch_send(a, stream); err != cudaSuccess) return err;
-    if (cudaError_t err = launch_ht_dispatch_forward(a, stream); err != cudaSuccess) return err;
-  } else {
-    ht_dispatch_send<<<L * c.send_blocks, kThreads, 0, stream>>>(a);
-  }
+  if (cudaError_t err = launch_ht_dispatch_send(a, stream); err != cudaSuccess) return err;
   ht_dispatch_bitmap<<<L * c.copy_blocks, kBitmapThreads, bitmap_smem, stream>>>(a);
   ht_dispatch_scan<<<L * num_buckets, kScanThreads, 0, stream>>>(a);
   ht_dispatch_copy<<<L * c.copy_blocks, kThreads, copy_smem, stream>>>(a);

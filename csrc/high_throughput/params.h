@@ -53,11 +53,23 @@ struct HtCombineArgs {
   const float* weights = nullptr;  // [R*T, Kr] or null (= 1)
   const int* num_recv = nullptr;   // [1]
   const int* topk_idx = nullptr;   // home routing [T, K]
-  void* out = nullptr;             // [T, hidden]
-  int* order = nullptr;            // [2] the op's sequence number: its ordering token
+  // Optional float columns sent with each partial and summed at home like the rows
+  // (the router weights' cotangents in the backward of dispatch): one exchange for both.
+  int num_extra = 0;             // X <= the group's num_topk; 0 = none
+  const float* extra = nullptr;  // [R*T, X] per received token
+  float* out_extra = nullptr;    // [T, X]
+  void* out = nullptr;           // [T, hidden]
+  int* order = nullptr;          // [2] the op's sequence number: its ordering token
 };
 
 cudaError_t launch_ht_dispatch(const HtDispatchArgs& args, cudaStream_t stream);
+// The send phase alone: token rows into the destinations' [source][token] slots,
+// arrival words bumped (intranode send, or the two internode hops).
+cudaError_t launch_ht_dispatch_send(const HtDispatchArgs& args, cudaStream_t stream);
+// A dispatch whose routing is known (the backward of combine): the send phase, then
+// received token i's row copied to out_x[i] by the handle's recv_src (an input here),
+// zeros past the received tokens. Uses x, topk_idx, recv_src, out_x, order.
+cudaError_t launch_ht_cached_dispatch(const HtDispatchArgs& args, cudaStream_t stream);
 cudaError_t launch_ht_combine(const HtCombineArgs& args, cudaStream_t stream);
 // Groups spanning nodes: the relay's NVLink forwarding of tokens that arrived through
 // NVSHMEM (relay_forward.cu); the NVSHMEM hops themselves are in nvshmem/launchers.h.
@@ -66,5 +78,6 @@ cudaError_t launch_ht_dispatch_forward(const HtDispatchArgs& args, cudaStream_t 
 cudaError_t prepare_ht_dispatch_kernels();
 cudaError_t prepare_ht_combine_kernels();
 cudaError_t prepare_ht_forward_kernels();
+cudaError_t prepare_ht_cached_dispatch_kernels();
 
 }  // namespace jax_ep

@@ -53,14 +53,18 @@ class Backend(Protocol):
         """``(x, scales, topk_idx, topk_weights, counts, num_dropped, handle)``, token."""
         ...
 
-    def combine(self, y, handle: Handle, weights, token, spec: OpSpec) -> tuple[jax.Array, Any]: ...
+    def combine(self, y, handle: Handle, weights, token, spec: OpSpec, extra=None) -> tuple:
+        """``((out [T, H], summed extra [T, X] | None), token)``: ``extra`` (``[R*T, X]``
+        float32 per received token) travels home in the same exchange as the rows."""
+        ...
 
     def token_dispatch(self, x, handle: Handle, token, spec: OpSpec) -> tuple[jax.Array, Any]:
         """Home rows ``[T, C]`` → the received-token list ``[R*T, C]`` (a cached dispatch)."""
         ...
 
-    def token_combine(self, rows, handle: Handle, token, spec: OpSpec) -> tuple[jax.Array, Any]:
-        """Inverse of :meth:`token_dispatch`: summed over ranks in float32."""
+    def token_combine(self, rows, handle: Handle, token, spec: OpSpec, extra=None) -> tuple:
+        """Inverse of :meth:`token_dispatch`: summed over ranks in float32; ``extra`` as in
+        :meth:`combine`."""
         ...
 
     def ll_dispatch_send(self, x, topk_idx, active_ranks, token, spec: OpSpec) -> tuple: ...

@@ -34,14 +34,16 @@ class ReferenceBackend:
         )
         return out, token
 
-    def combine(self, y, handle: Handle, weights, token, spec: OpSpec):
-        return reference.combine(y, handle, weights, axis_name=spec.axis_name), token
+    def combine(self, y, handle: Handle, weights, token, spec: OpSpec, extra=None):
+        out = reference.combine(y, handle, weights, axis_name=spec.axis_name, extra=extra)
+        return (out if extra is not None else (out, None)), token
 
     def token_dispatch(self, x, handle: Handle, token, spec: OpSpec):
         return reference.token_dispatch(x, handle, axis_name=spec.axis_name), token
 
-    def token_combine(self, rows, handle: Handle, token, spec: OpSpec):
-        return reference.token_combine(rows, handle, axis_name=spec.axis_name), token
+    def token_combine(self, rows, handle: Handle, token, spec: OpSpec, extra=None):
+        out = reference.token_combine(rows, handle, axis_name=spec.axis_name, extra=extra)
+        return (out if extra is not None else (out, None)), token
 
     # The reference does all the communication in the send half; receive halves only
     # unpack, so the split forms have exactly the fused forms' results.

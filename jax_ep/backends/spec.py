@@ -24,6 +24,7 @@ class OpSpec:
     dequantize: bool = False
     max_tokens_per_rank: int = 0
     sync_errors: bool = False
+    spans_nodes: bool = False  # internode group: extra columns do not travel with combine rows
     fault_inject_rank: int = -1
 
     @property

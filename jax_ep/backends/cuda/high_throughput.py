@@ -130,45 +130,61 @@ def dispatch(x, topk_idx, topk_weights, token, spec: OpSpec):
     return out, token
 
 
-def _combine_call(y_rows, handle: Handle, rows, weights, token, spec: OpSpec):
-    num_tokens = handle.num_tokens
-    out, token = call(
+def _combine_call(y_rows, handle: Handle, rows, weights, extra, token, spec: OpSpec):
+    """One exchange: the rows reduced home, and ``extra`` columns (or none) with them."""
+    num_tokens, rt = handle.num_tokens, handle.recv_src.shape[0]
+    carried = extra if extra is not None else jnp.zeros((rt, 0), jnp.float32)
+    out, out_extra, token = call(
         "high_throughput_combine",
         spec,
-        [((num_tokens, y_rows.shape[-1]), y_rows.dtype), _TOKEN],
+        [
+            ((num_tokens, y_rows.shape[-1]), y_rows.dtype),
+            ((num_tokens, carried.shape[1]), jnp.float32),
+            _TOKEN,
+        ],
         y_rows,
         handle.recv_src,
         rows,
         weights,
         handle.num_recv,
         handle.topk_idx,
+        carried,
         token,
         group=spec.group_key,
         num_experts=spec.num_experts,
     )
-    return out, token
+    return (out, out_extra if extra is not None else None), token
 
 
-def combine(y, handle: Handle, weights, token, spec: OpSpec):
+def combine(y, handle: Handle, weights, token, spec: OpSpec, extra=None):
     y_rows = y.reshape(-1, y.shape[-1])
     if handle.layout == "per_rank":
         weights = (handle.recv_rows >= -1).astype(jnp.float32)  # all ones
     elif weights is None:
         weights = handle.recv_weights
-    return _combine_call(y_rows, handle, handle.recv_rows, weights, token, spec)
+    return _combine_call(y_rows, handle, handle.recv_rows, weights, extra, token, spec)
 
 
 def token_dispatch(x, handle: Handle, token, spec: OpSpec):
-    """Cached dispatch of home rows to the received-token list (per_rank, worst-case capacity)."""
+    """Home rows ``[T, C]`` to the received-token list ``[R*T, C]``: a cached dispatch
+    that reuses the forward's handle (no routing pass), zeros past the received tokens."""
     rt = handle.recv_src.shape[0]
-    zeros = (handle.topk_idx < -1).astype(jnp.float32)
-    out = _dispatch_call(x, handle.topk_idx, zeros, token, spec, "per_rank", rt, False, False)
-    return out[0], out[-1]
+    return call(
+        "high_throughput_cached_dispatch",
+        spec,
+        [((rt, x.shape[-1]), x.dtype), _TOKEN],
+        x,
+        handle.topk_idx,
+        handle.recv_src,
+        token,
+        group=spec.group_key,
+        num_experts=spec.num_experts,
+    )
 
 
-def token_combine(rows, handle: Handle, token, spec: OpSpec):
+def token_combine(rows, handle: Handle, token, spec: OpSpec, extra=None):
     rt = handle.recv_src.shape[0]
     index = jnp.arange(rt, dtype=jnp.int32)
     own_rows = jnp.where(index < handle.num_recv, index, -1)[:, None]
     weights = (own_rows >= -1).astype(jnp.float32)
-    return _combine_call(rows, handle, own_rows, weights, token, spec)
+    return _combine_call(rows, handle, own_rows, weights, extra, token, spec)
