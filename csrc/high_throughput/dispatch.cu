@@ -10,7 +10,10 @@
 //   scan     exclusive popcount prefix of every bucket's words;
 //   copy     token-major copy-out: read each received token once, write it to its
 //            rows (one per rank, or one per distinct local expert), fill the handle;
-//   pad      zero the rows and handle entries past the valid ones.
+//   pad      fill the handle entries past the received tokens (-1, 0) and, for
+//            per_rank, the routing of rows past the kept ones. Output rows past the
+//            valid ones are left as they are: nobody reads them (the contract in
+//            jax_ep/reference.py), and a consumer that needs zeros there masks them.
 // Internode groups replace the send by two hops (high_throughput/relay_forward.cu), which fill
 // the same slots and arrival words.
 // Slot of (token, expert) = number of earlier received tokens that chose the expert,
@@ -352,7 +355,6 @@ __global__ void __launch_bounds__(kThreads, 2) ht_dispatch_copy(HtDispatchArgs a
 
 __global__ void __launch_bounds__(kThreads) ht_dispatch_pad(HtDispatchArgs a) {
   if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
-  extern __shared__ int offsets[];
   const CommContext& c = a.c;
   const Shape s = shape_of(a);
   const int local = blockIdx.x / c.copy_blocks, block = blockIdx.x % c.copy_blocks;
@@ -360,7 +362,6 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_pad(HtDispatchArgs a) {
   const bool per_rank = a.layout_kind == kPerRank;
   const int* totals = reinterpret_cast<const int*>(r.self + c.layout.totals);
   if (!aborted(c, r)) {
-    if (!per_rank) expert_offsets(a, s, totals, offsets);
     const size_t RT = size_t(s.R) * s.T;
     const int kr = per_rank ? 1 : s.K;
     const int n = totals[0];
@@ -373,30 +374,13 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_pad(HtDispatchArgs a) {
       }
       for (int k = 0; k < kr; ++k) a.recv_rows[(local * RT + i) * kr + k] = -1;
     }
-    const size_t payload_bytes = a.fp8 ? size_t(s.H) : size_t(s.H) * s.esize;
-    const int scale_cols = s.H / kFp8Group;
-    uint8_t* out_x = static_cast<uint8_t*>(a.out_x) + size_t(local) * s.rows_out * payload_bytes;
-    float* out_scales = a.fp8 ? a.out_scales + size_t(local) * s.rows_out * scale_cols : nullptr;
-    const int gwarps = c.copy_blocks * kWarps, gwarp = block * kWarps + warp_id();
-    for (int row = gwarp; row < s.rows_out; row += gwarps) {
-      bool valid;
-      if (a.layout_kind == kExpertMajor) {
-        const int e = row / a.capacity;
-        valid = row % a.capacity < kept_rows(a, s, totals, offsets, e);
-      } else if (a.layout_kind == kRagged) {
-        int kept_total = 0;  // rows [0, Σ kept) are filled
-        const int last = s.E_loc - 1;
-        kept_total = offsets[last] + kept_rows(a, s, totals, offsets, last);
-        valid = row < min(kept_total, a.capacity);
-      } else {
-        valid = row < min(n, a.capacity);
-      }
-      if (valid) continue;
-      zero_row(out_x + size_t(row) * payload_bytes, payload_bytes);
-      if (a.fp8) zero_row(reinterpret_cast<uint8_t*>(out_scales + size_t(row) * scale_cols), size_t(scale_cols) * 4);
-      if (per_rank && lane_id() < s.K) {
-        a.out_topk_idx[(size_t(local) * a.capacity + row) * s.K + lane_id()] = -1;
-        a.out_topk_weights[(size_t(local) * a.capacity + row) * s.K + lane_id()] = 0.f;
+    if (per_rank) {  // routing of the rows past the kept ones: masked
+      const int gwarps = c.copy_blocks * kWarps, gwarp = block * kWarps + warp_id();
+      for (int row = min(n, a.capacity) + gwarp; row < a.capacity; row += gwarps) {
+        if (lane_id() < s.K) {
+          a.out_topk_idx[(size_t(local) * a.capacity + row) * s.K + lane_id()] = -1;
+          a.out_topk_weights[(size_t(local) * a.capacity + row) * s.K + lane_id()] = 0.f;
+        }
       }
     }
   }
@@ -441,7 +425,7 @@ cudaError_t launch_ht_dispatch(const HtDispatchArgs& a, cudaStream_t stream) {
   ht_dispatch_bitmap<<<L * c.copy_blocks, kBitmapThreads, bitmap_smem, stream>>>(a);
   ht_dispatch_scan<<<L * num_buckets, kScanThreads, 0, stream>>>(a);
   ht_dispatch_copy<<<L * c.copy_blocks, kThreads, copy_smem, stream>>>(a);
-  ht_dispatch_pad<<<L * c.copy_blocks, kThreads, size_t(e_loc) * 4, stream>>>(a);
+  ht_dispatch_pad<<<L * c.copy_blocks, kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
