@@ -12,7 +12,7 @@ namespace {
 
 std::string live_keys_text() {
   std::string out;
-  for (const std::string& k : live_group_keys()) out += (out.empty() ? "'" : ", '") + k + "'";
+  for (const std::string& key : live_group_keys()) out += (out.empty() ? "'" : ", '") + key + "'";
   return out.empty() ? "none" : out;
 }
 
@@ -24,17 +24,18 @@ std::string shape_text(ffi::Span<const int64_t> dims) {
 
 // A device-side error recorded by an earlier call (timeout, bad input) is returned
 // first; then the error claim is re-armed, ordered before this call's kernels.
-ffi::Error take_pending(DeviceState* s, cudaStream_t stream) {
-  count_call(s, stream);
-  std::string pending = take_error(s);
+ffi::Error take_pending(DeviceState* state, cudaStream_t stream) {
+  count_call(state, stream);
+  std::string pending = take_error(state);
   if (!pending.empty()) return ffi::Error::Internal(pending + " [reported by a later jax_ep call]");
-  if (cudaError_t err = rearm_error_claim(s, stream); err != cudaSuccess) return cuda_error(err, "re-arm error claim");
+  if (cudaError_t err = rearm_error_claim(state, stream); err != cudaSuccess)
+    return cuda_error(err, "re-arm error claim");
   return ffi::Error::Success();
 }
 
-ffi::Error closed_error(const GroupControl& g) {
+ffi::Error closed_error(const GroupControl& group) {
   return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                    "jax_ep: the Group '" + g.key() +
+                    "jax_ep: the Group '" + group.key() +
                         "' this program was compiled for has been closed. Create a new Group and trace the "
                         "program again (jit caches traced programs per function: make a new jitted function, "
                         "or call jax.clear_caches()).");
@@ -45,30 +46,30 @@ ffi::Error closed_error(const GroupControl& g) {
 ffi::ErrorOr<std::unique_ptr<ExecState>> bind_group(ffi::Dictionary attrs) {
   ffi::ErrorOr<std::string_view> key = attrs.get<std::string_view>("group");
   if (key.has_error()) return ffi::Unexpected(invalid("a group op needs a string attribute 'group' (the Group's key)"));
-  auto state = std::make_unique<ExecState>();
-  state->group = find_group(std::string(*key));
-  if (!state->group)
+  auto exec = std::make_unique<ExecState>();
+  exec->group = find_group(std::string(*key));
+  if (!exec->group)
     return ffi::Unexpected(
         invalid("this program uses the jax_ep.Group '" + std::string(*key) +
                 "', but no live group with that key exists in this process (live groups: " + live_keys_text() +
                 "). Create the Group (same name, mesh axis and sizes) before compiling or loading the program."));
-  return state;
+  return exec;
 }
 
-ffi::Error refuse_closed(ExecState* state) {
-  if (state->group->closed()) return closed_error(*state->group);
+ffi::Error refuse_closed(ExecState* exec) {
+  if (exec->group->closed()) return closed_error(*exec->group);
   return ffi::Error::Success();
 }
 
-ffi::Error GroupCall::open(ExecState* state, int32_t device, cudaStream_t stream) {
-  GroupControl& g = *state->group;
-  lock_ = std::shared_lock<std::shared_mutex>(g.launch_mutex());
-  if (g.closed()) return closed_error(g);
-  s_ = g.on(device);
-  if (s_ == nullptr)
-    return invalid("the Group '" + g.key() + "' has no rank on device " + std::to_string(device) +
+ffi::Error GroupCall::open(ExecState* exec, int32_t device, cudaStream_t stream) {
+  GroupControl& group = *exec->group;
+  lock_ = std::shared_lock<std::shared_mutex>(group.launch_mutex());
+  if (group.closed()) return closed_error(group);
+  state_ = group.on(device);
+  if (state_ == nullptr)
+    return invalid("the Group '" + group.key() + "' has no rank on device " + std::to_string(device) +
                    " (create it with a mesh that contains this device)");
-  return take_pending(s_, stream);
+  return take_pending(state_, stream);
 }
 
 ffi::Error open_default(int32_t device, cudaStream_t stream, DeviceState** out) {
@@ -76,39 +77,39 @@ ffi::Error open_default(int32_t device, cudaStream_t stream, DeviceState** out) 
   return take_pending(*out, stream);
 }
 
-ffi::Error finish(cudaStream_t stream, DeviceState* s, cudaError_t launch, bool sync) {
+ffi::Error finish(cudaStream_t stream, DeviceState* state, cudaError_t launch, bool sync) {
   if (launch != cudaSuccess) return cuda_error(launch, "kernel launch");
   if (!sync) return ffi::Error::Success();
   cudaError_t err = cudaStreamSynchronize(stream);
   if (err != cudaSuccess) return cuda_error(err, "cudaStreamSynchronize");
-  std::string msg = take_error(s);
+  std::string msg = take_error(state);
   if (!msg.empty()) {
-    rearm_error_claim(s, stream);  // ordered before the next call's kernels
+    rearm_error_claim(state, stream);  // ordered before the next call's kernels
     return ffi::Error::Internal(msg);
   }
   return ffi::Error::Success();
 }
 
-CommContext comm_of(const DeviceState* s) {
+CommContext comm_of(const DeviceState* state) {
   CommContext c;
-  std::copy(s->peers.begin(), s->peers.end(), c.peers);
-  c.layout = s->layout;
-  c.err = s->sink();
-  c.closed = s->closed_flag();
-  c.timeout_ns = s->timeout_ns;
-  c.num_ranks = s->num_ranks;
-  c.first_rank = s->first_rank;
-  c.num_local_ranks = s->num_local_ranks;
-  c.send_blocks = s->send_blocks;
-  c.copy_blocks = s->copy_blocks;
-  c.fault_inject_rank = s->fault_inject_rank;
-  c.sys_scope = s->num_local_ranks < s->num_ranks;
-  c.net = s->net;
+  std::copy(state->peers.begin(), state->peers.end(), c.peers);
+  c.layout = state->layout;
+  c.err = state->sink();
+  c.closed = state->closed_flag();
+  c.timeout_ns = state->timeout_ns;
+  c.num_ranks = state->num_ranks;
+  c.first_rank = state->first_rank;
+  c.num_local_ranks = state->num_local_ranks;
+  c.send_blocks = state->send_blocks;
+  c.copy_blocks = state->copy_blocks;
+  c.fault_inject_rank = state->fault_inject_rank;
+  c.sys_scope = state->num_local_ranks < state->num_ranks;
+  c.net = state->net;
   return c;
 }
 
-int dtype_code(ffi::DataType t) {
-  switch (t) {
+int dtype_code(ffi::DataType type) {
+  switch (type) {
     case ffi::DataType::F32:
       return kF32;
     case ffi::DataType::BF16:
@@ -120,8 +121,8 @@ int dtype_code(ffi::DataType t) {
   }
 }
 
-int element_bytes(ffi::DataType t) {
-  switch (t) {
+int element_bytes(ffi::DataType type) {
+  switch (type) {
     case ffi::DataType::F32:
     case ffi::DataType::S32:
       return 4;
@@ -133,9 +134,9 @@ int element_bytes(ffi::DataType t) {
   }
 }
 
-ffi::Error per_rank_dims(const ffi::AnyBuffer& b, const char* name, int per_rank_ndim, int num_local_ranks,
+ffi::Error per_rank_dims(const ffi::AnyBuffer& buffer, const char* name, int per_rank_ndim, int num_local_ranks,
                          ffi::Span<const int64_t>* dims) {
-  auto all = b.dimensions();
+  auto all = buffer.dimensions();
   const int nd = int(all.size());
   if (nd == per_rank_ndim && num_local_ranks == 1) {
     *dims = all;
@@ -152,21 +153,21 @@ ffi::Error per_rank_dims(const ffi::AnyBuffer& b, const char* name, int per_rank
                  "per device inside shard_map");
 }
 
-ffi::Error expect(const ffi::AnyBuffer& b, const char* name, std::initializer_list<int64_t> want, ffi::DataType type,
-                  int num_local_ranks) {
+ffi::Error expect(const ffi::AnyBuffer& buffer, const char* name, std::initializer_list<int64_t> want,
+                  ffi::DataType type, int num_local_ranks) {
   ffi::Span<const int64_t> dims;
-  JAX_EP_CHECK(per_rank_dims(b, name, int(want.size()), num_local_ranks, &dims));
+  JAX_EP_CHECK(per_rank_dims(buffer, name, int(want.size()), num_local_ranks, &dims));
   size_t i = 0;
-  for (int64_t w : want) {
-    if (dims[i++] != w) {
+  for (int64_t want_dim : want) {
+    if (dims[i++] != want_dim) {
       std::string expected = "[";
       for (int64_t v : want) expected += (expected.size() > 1 ? ", " : "") + std::to_string(v);
       return invalid(std::string(name) + " has per-rank shape " + shape_text(dims) + ", expected " + expected + "]");
     }
   }
-  if (b.element_type() != type)
-    return invalid(std::string(name) + " has element type " + std::to_string(int(b.element_type())) + ", expected " +
-                   std::to_string(int(type)));
+  if (buffer.element_type() != type)
+    return invalid(std::string(name) + " has element type " + std::to_string(int(buffer.element_type())) +
+                   ", expected " + std::to_string(int(type)));
   return ffi::Error::Success();
 }
 
@@ -175,36 +176,36 @@ ffi::Error check_order(const ffi::AnyBuffer& in, const ffi::AnyBuffer& out, int 
   return expect(out, "order token (result)", {2}, ffi::DataType::S32, num_local_ranks);
 }
 
-ffi::Error check_num_experts(const DeviceState* s, int64_t num_experts) {
-  const int64_t have = int64_t(s->layout.sizes.num_local_experts) * s->num_ranks;
+ffi::Error check_num_experts(const DeviceState* state, int64_t num_experts) {
+  const int64_t have = int64_t(state->layout.sizes.num_local_experts) * state->num_ranks;
   if (num_experts != have)
     return invalid("num_experts=" + std::to_string(num_experts) + " but the group has " + std::to_string(have));
   return ffi::Error::Success();
 }
 
-ffi::Error check_routing_shape(const DeviceState* s, int64_t T, int64_t K, bool low_latency) {
-  const BufferSizes& z = s->layout.sizes;
-  const int64_t bound = low_latency ? z.ll_max_tokens : z.max_tokens;
+ffi::Error check_routing_shape(const DeviceState* state, int64_t T, int64_t K, bool low_latency) {
+  const BufferSizes& sizes = state->layout.sizes;
+  const int64_t bound = low_latency ? sizes.ll_max_tokens : sizes.max_tokens;
   if (T > bound)
     return invalid("num_tokens=" + std::to_string(T) + " exceeds the group's " +
                    (low_latency ? "num_max_dispatch_tokens_per_rank=" : "num_max_tokens_per_rank=") +
                    std::to_string(bound));
-  if (K < 1 || K > z.num_topk || K > kMaxTopk)
-    return invalid("num_topk=" + std::to_string(K) + " not in [1, " + std::to_string(std::min(z.num_topk, kMaxTopk)) +
-                   "] (the group's num_topk)");
+  if (K < 1 || K > sizes.num_topk || K > kMaxTopk)
+    return invalid("num_topk=" + std::to_string(K) + " not in [1, " +
+                   std::to_string(std::min(sizes.num_topk, kMaxTopk)) + "] (the group's num_topk)");
   return ffi::Error::Success();
 }
 
-ffi::Error check_row(const DeviceState* s, int64_t H, int esize, bool fp8, bool dispatch) {
+ffi::Error check_row(const DeviceState* state, int64_t H, int esize, bool fp8, bool dispatch) {
   if (H < 1) return invalid("hidden must be positive, got " + std::to_string(H));
   if (fp8 && H % kFp8Group) return invalid("fp8 needs hidden % 128 == 0, got hidden=" + std::to_string(H));
   const size_t need = fp8 ? size_t(H) + size_t(H / kFp8Group) * 4 : size_t(H) * esize;
-  const size_t have = dispatch ? s->layout.row_bytes : s->layout.combine_row_bytes;
+  const size_t have = dispatch ? state->layout.row_bytes : state->layout.combine_row_bytes;
   if (need > have)
     return invalid(std::string(dispatch ? "dispatch" : "combine") + " rows of hidden=" + std::to_string(H) +
                    (fp8 ? " (fp8 + scales)" : " x " + std::to_string(esize) + " bytes") + " need " +
                    std::to_string(need) + " bytes but the group's buffers hold " + std::to_string(have) +
-                   " (hidden=" + std::to_string(s->layout.sizes.hidden) + ")");
+                   " (hidden=" + std::to_string(state->layout.sizes.hidden) + ")");
   return ffi::Error::Success();
 }
 

@@ -51,18 +51,18 @@ struct ExecState {
 ffi::ErrorOr<std::unique_ptr<ExecState>> bind_group(ffi::Dictionary attrs);
 // INITIALIZE (before every execution, a replayed CUDA graph included): refuse a
 // closed group before anything is launched.
-ffi::Error refuse_closed(ExecState* state);
+ffi::Error refuse_closed(ExecState* exec);
 
 // One execute-stage call of a group op: the group is open and has ranks on this
 // device; holds the group's launch lock (shared) until the launches are enqueued.
 class GroupCall {
  public:
-  ffi::Error open(ExecState* state, int32_t device, cudaStream_t stream);
-  DeviceState* state() const { return s_; }
+  ffi::Error open(ExecState* exec, int32_t device, cudaStream_t stream);
+  DeviceState* state() const { return state_; }
 
  private:
   std::shared_lock<std::shared_mutex> lock_;
-  DeviceState* s_ = nullptr;
+  DeviceState* state_ = nullptr;
 };
 
 // The error record of an op without a group (dispatch_layout): a pending device-side
@@ -70,32 +70,32 @@ class GroupCall {
 ffi::Error open_default(int32_t device, cudaStream_t stream, DeviceState** out);
 
 // After the launches: surface launch errors; with `sync`, wait and report device errors now.
-ffi::Error finish(cudaStream_t stream, DeviceState* s, cudaError_t launch, bool sync);
+ffi::Error finish(cudaStream_t stream, DeviceState* state, cudaError_t launch, bool sync);
 
-CommContext comm_of(const DeviceState* s);
+CommContext comm_of(const DeviceState* state);
 
 // Payload dtype code for kernels; -1 when unsupported.
-int dtype_code(ffi::DataType t);
-int element_bytes(ffi::DataType t);
+int dtype_code(ffi::DataType type);
+int element_bytes(ffi::DataType type);
 
 // Loopback convention: under jax.vmap (vmap_method="expand_dims") every operand
 // gains a leading axis of the virtual ranks; inside shard_map it has none.
 // Returns the per-rank dims (without that axis), checking the leading size.
-ffi::Error per_rank_dims(const ffi::AnyBuffer& b, const char* name, int per_rank_ndim, int num_local_ranks,
+ffi::Error per_rank_dims(const ffi::AnyBuffer& buffer, const char* name, int per_rank_ndim, int num_local_ranks,
                          ffi::Span<const int64_t>* dims);
 // Per-rank dims of `b`, which must equal `want`, and its element type.
-ffi::Error expect(const ffi::AnyBuffer& b, const char* name, std::initializer_list<int64_t> want, ffi::DataType type,
-                  int num_local_ranks);
+ffi::Error expect(const ffi::AnyBuffer& buffer, const char* name, std::initializer_list<int64_t> want,
+                  ffi::DataType type, int num_local_ranks);
 // The ordering token every group op takes and returns: [2] int32 per rank (the op's
 // sequence number, written by its last kernel).
 ffi::Error check_order(const ffi::AnyBuffer& in, const ffi::AnyBuffer& out, int num_local_ranks);
 
 // --- checks of one call against the group's buffers (shared by every handler) ---
-ffi::Error check_num_experts(const DeviceState* s, int64_t num_experts);
+ffi::Error check_num_experts(const DeviceState* state, int64_t num_experts);
 // T tokens (at most the group's bound for the op family) and top-k K.
-ffi::Error check_routing_shape(const DeviceState* s, int64_t T, int64_t K, bool low_latency);
+ffi::Error check_routing_shape(const DeviceState* state, int64_t T, int64_t K, bool low_latency);
 // A dispatch message's row (raw, or FP8 + one float per 128 channels) must fit the
 // group's wire rows; a combine row must fit its combine rows.
-ffi::Error check_row(const DeviceState* s, int64_t H, int esize, bool fp8, bool dispatch);
+ffi::Error check_row(const DeviceState* state, int64_t H, int esize, bool fp8, bool dispatch);
 
 }  // namespace jax_ep::ffi_layer

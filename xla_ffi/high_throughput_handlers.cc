@@ -38,15 +38,15 @@ namespace {
 
 // Checks that one call fits the buffers the group allocated: routing, the wire row of
 // the payload (raw or FP8), the combine row of a raw payload, the expert count.
-ffi::Error check_fits(const DeviceState* s, int64_t T, int64_t K, int64_t H, int esize, bool fp8, int64_t E) {
-  JAX_EP_CHECK(check_routing_shape(s, T, K, false));
-  JAX_EP_CHECK(check_row(s, H, esize, fp8, true));
-  JAX_EP_CHECK(check_row(s, H, esize, false, false));
-  return check_num_experts(s, E);
+ffi::Error check_fits(const DeviceState* state, int64_t T, int64_t K, int64_t H, int esize, bool fp8, int64_t E) {
+  JAX_EP_CHECK(check_routing_shape(state, T, K, false));
+  JAX_EP_CHECK(check_row(state, H, esize, fp8, true));
+  JAX_EP_CHECK(check_row(state, H, esize, false, false));
+  return check_num_experts(state, E);
 }
 
 template <bool kSync>
-ffi::Error HtDispatch(cudaStream_t stream, int32_t device, ExecState* state, HtDispatchAttrs attrs, ffi::AnyBuffer x,
+ffi::Error HtDispatch(cudaStream_t stream, int32_t device, ExecState* exec, HtDispatchAttrs attrs, ffi::AnyBuffer x,
                       ffi::AnyBuffer topk_idx, ffi::AnyBuffer topk_weights, ffi::AnyBuffer order_in,
                       ffi::Result<ffi::AnyBuffer> out_x, ffi::Result<ffi::AnyBuffer> out_scales,
                       ffi::Result<ffi::AnyBuffer> out_topk_idx, ffi::Result<ffi::AnyBuffer> out_topk_weights,
@@ -55,45 +55,46 @@ ffi::Error HtDispatch(cudaStream_t stream, int32_t device, ExecState* state, HtD
                       ffi::Result<ffi::AnyBuffer> recv_rows, ffi::Result<ffi::AnyBuffer> recv_weights,
                       ffi::Result<ffi::AnyBuffer> num_recv, ffi::Result<ffi::AnyBuffer> order_out) {
   GroupCall call;
-  JAX_EP_CHECK(call.open(state, device, stream));
-  DeviceState* s = call.state();
-  const int L = s->num_local_ranks;
-  JAX_EP_CHECK(check_order(order_in, *order_out, L));
+  JAX_EP_CHECK(call.open(exec, device, stream));
+  DeviceState* state = call.state();
+  const int num_local = state->num_local_ranks;
+  JAX_EP_CHECK(check_order(order_in, *order_out, num_local));
   ffi::Span<const int64_t> xd, id, wd;
-  JAX_EP_CHECK(per_rank_dims(x, "x", 2, L, &xd));
-  JAX_EP_CHECK(per_rank_dims(topk_idx, "topk_idx", 2, L, &id));
-  JAX_EP_CHECK(per_rank_dims(topk_weights, "topk_weights", 2, L, &wd));
+  JAX_EP_CHECK(per_rank_dims(x, "x", 2, num_local, &xd));
+  JAX_EP_CHECK(per_rank_dims(topk_idx, "topk_idx", 2, num_local, &id));
+  JAX_EP_CHECK(per_rank_dims(topk_weights, "topk_weights", 2, num_local, &wd));
   const int dtype = dtype_code(x.element_type());
   if (dtype < 0) return invalid("x must be float32, bfloat16 or float16");
   if (topk_idx.element_type() != ffi::DataType::S32) return invalid("topk_idx must be int32");
   if (topk_weights.element_type() != ffi::DataType::F32) return invalid("topk_weights must be float32");
   const int64_t T = xd[0], H = xd[1], K = id[1];
   if (id[0] != T || wd[0] != T || wd[1] != K) return invalid("x, topk_idx and topk_weights disagree on shapes");
-  const LayoutKind layout = attrs.layout;
-  if (layout < kPerRank || layout > kRagged) return invalid("unknown layout " + std::to_string(int(layout)));
+  const LayoutKind layout_kind = attrs.layout;
+  if (layout_kind < kPerRank || layout_kind > kRagged)
+    return invalid("unknown layout " + std::to_string(int(layout_kind)));
   // capacity is read from the output's shape: it may be symbolic in the exported program
   ffi::Span<const int64_t> od;
-  const int out_ndim = layout == kExpertMajor ? 3 : 2;
-  JAX_EP_CHECK(per_rank_dims(*out_x, "output x", out_ndim, L, &od));
+  const int out_ndim = layout_kind == kExpertMajor ? 3 : 2;
+  JAX_EP_CHECK(per_rank_dims(*out_x, "output x", out_ndim, num_local, &od));
   const int64_t capacity = od[out_ndim - 2];
   if (capacity <= 0) return invalid("capacity must be positive, got " + std::to_string(capacity));
-  JAX_EP_CHECK(check_fits(s, T, K, H, element_bytes(x.element_type()), attrs.fp8, attrs.num_experts));
-  const int64_t e_loc = attrs.num_experts / s->num_ranks;
-  const int64_t rows_out = layout == kExpertMajor ? e_loc * capacity : capacity;
+  JAX_EP_CHECK(check_fits(state, T, K, H, element_bytes(x.element_type()), attrs.fp8, attrs.num_experts));
+  const int64_t e_loc = attrs.num_experts / state->num_ranks;
+  const int64_t rows_out = layout_kind == kExpertMajor ? e_loc * capacity : capacity;
   const int64_t payload = attrs.fp8 ? H : H * element_bytes(x.element_type());
-  if (int64_t(out_x->size_bytes()) != L * rows_out * payload)
+  if (int64_t(out_x->size_bytes()) != num_local * rows_out * payload)
     return invalid("output x has " + std::to_string(out_x->size_bytes()) + " bytes, expected " +
-                   std::to_string(L * rows_out * payload));
-  if (int64_t(recv_src->element_count()) != L * s->num_ranks * T)
+                   std::to_string(num_local * rows_out * payload));
+  if (int64_t(recv_src->element_count()) != num_local * state->num_ranks * T)
     return invalid("recv_src must have num_ranks * num_tokens entries per rank");
 
   HtDispatchArgs a;
-  a.c = comm_of(s);
+  a.c = comm_of(state);
   a.num_tokens = int(T);
   a.hidden = int(H);
   a.num_topk = int(K);
   a.num_experts = int(attrs.num_experts);
-  a.layout_kind = layout;
+  a.layout_kind = layout_kind;
   a.capacity = int(capacity);
   a.dtype = dtype;
   a.fp8 = int(attrs.fp8);
@@ -113,46 +114,46 @@ ffi::Error HtDispatch(cudaStream_t stream, int32_t device, ExecState* state, HtD
   a.recv_weights = static_cast<float*>(recv_weights->untyped_data());
   a.num_recv = static_cast<int*>(num_recv->untyped_data());
   a.order = static_cast<int*>(order_out->untyped_data());
-  return finish(stream, s, launch_ht_dispatch(a, stream), kSync);
+  return finish(stream, state, launch_ht_dispatch(a, stream), kSync);
 }
 
 template <bool kSync>
-ffi::Error HtCombine(cudaStream_t stream, int32_t device, ExecState* state, HtCombineAttrs attrs, ffi::AnyBuffer y,
+ffi::Error HtCombine(cudaStream_t stream, int32_t device, ExecState* exec, HtCombineAttrs attrs, ffi::AnyBuffer y,
                      ffi::AnyBuffer recv_src, ffi::AnyBuffer recv_rows, ffi::AnyBuffer weights, ffi::AnyBuffer num_recv,
                      ffi::AnyBuffer topk_idx, ffi::AnyBuffer extra, ffi::AnyBuffer order_in,
                      ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> out_extra,
                      ffi::Result<ffi::AnyBuffer> order_out) {
   GroupCall call;
-  JAX_EP_CHECK(call.open(state, device, stream));
-  DeviceState* s = call.state();
-  const int L = s->num_local_ranks;
-  JAX_EP_CHECK(check_order(order_in, *order_out, L));
-  ffi::Span<const int64_t> yd, sd, rd, wd, nd, id;
-  JAX_EP_CHECK(per_rank_dims(y, "y", 2, L, &yd));
-  JAX_EP_CHECK(per_rank_dims(recv_src, "recv_src", 1, L, &sd));
-  JAX_EP_CHECK(per_rank_dims(recv_rows, "recv_rows", 2, L, &rd));
-  JAX_EP_CHECK(per_rank_dims(weights, "weights", 2, L, &wd));
-  JAX_EP_CHECK(per_rank_dims(num_recv, "num_recv", 0, L, &nd));
-  JAX_EP_CHECK(per_rank_dims(topk_idx, "topk_idx", 2, L, &id));
+  JAX_EP_CHECK(call.open(exec, device, stream));
+  DeviceState* state = call.state();
+  const int num_local = state->num_local_ranks;
+  JAX_EP_CHECK(check_order(order_in, *order_out, num_local));
+  ffi::Span<const int64_t> yd, sd, rd, wd, num_recv_dims, id;
+  JAX_EP_CHECK(per_rank_dims(y, "y", 2, num_local, &yd));
+  JAX_EP_CHECK(per_rank_dims(recv_src, "recv_src", 1, num_local, &sd));
+  JAX_EP_CHECK(per_rank_dims(recv_rows, "recv_rows", 2, num_local, &rd));
+  JAX_EP_CHECK(per_rank_dims(weights, "weights", 2, num_local, &wd));
+  JAX_EP_CHECK(per_rank_dims(num_recv, "num_recv", 0, num_local, &num_recv_dims));
+  JAX_EP_CHECK(per_rank_dims(topk_idx, "topk_idx", 2, num_local, &id));
   const int dtype = dtype_code(y.element_type());
   if (dtype < 0) return invalid("y must be float32, bfloat16 or float16");
   if (weights.element_type() != ffi::DataType::F32) return invalid("weights must be float32");
   const int64_t T = id[0], K = id[1], H = yd[1], RT = sd[0];
-  if (RT != int64_t(s->num_ranks) * T) return invalid("recv_src must have num_ranks * num_tokens entries");
+  if (RT != int64_t(state->num_ranks) * T) return invalid("recv_src must have num_ranks * num_tokens entries");
   if (rd[0] != RT || wd[0] != RT || wd[1] != rd[1] || rd[1] > kMaxTopk)
     return invalid("recv_rows / weights must be [num_ranks * num_tokens, <=32]");
-  JAX_EP_CHECK(check_fits(s, T, K, H, element_bytes(y.element_type()), false, attrs.num_experts));
+  JAX_EP_CHECK(check_fits(state, T, K, H, element_bytes(y.element_type()), false, attrs.num_experts));
   ffi::Span<const int64_t> xd;
-  JAX_EP_CHECK(per_rank_dims(extra, "extra", 2, L, &xd));
+  JAX_EP_CHECK(per_rank_dims(extra, "extra", 2, num_local, &xd));
   const int64_t X = xd[1];
-  JAX_EP_CHECK(expect(extra, "extra", {RT, X}, ffi::DataType::F32, L));
-  JAX_EP_CHECK(expect(*out_extra, "extra (result)", {T, X}, ffi::DataType::F32, L));
-  if (X > s->layout.sizes.num_topk)
+  JAX_EP_CHECK(expect(extra, "extra", {RT, X}, ffi::DataType::F32, num_local));
+  JAX_EP_CHECK(expect(*out_extra, "extra (result)", {T, X}, ffi::DataType::F32, num_local));
+  if (X > state->layout.sizes.num_topk)
     return invalid("extra has " + std::to_string(X) + " columns, more than the group's num_topk");
-  if (X > 0 && s->layout.sizes.num_nodes > 1)
+  if (X > 0 && state->layout.sizes.num_nodes > 1)
     return invalid("extra columns are not carried between nodes; combine them separately");
   HtCombineArgs a;
-  a.c = comm_of(s);
+  a.c = comm_of(state);
   a.num_tokens = int(T);
   a.hidden = int(H);
   a.num_topk = int(K);
@@ -171,30 +172,30 @@ ffi::Error HtCombine(cudaStream_t stream, int32_t device, ExecState* state, HtCo
   a.out_extra = X ? static_cast<float*>(out_extra->untyped_data()) : nullptr;
   a.out = out->untyped_data();
   a.order = static_cast<int*>(order_out->untyped_data());
-  return finish(stream, s, launch_ht_combine(a, stream), kSync);
+  return finish(stream, state, launch_ht_combine(a, stream), kSync);
 }
 
 template <bool kSync>
-ffi::Error HtCachedDispatch(cudaStream_t stream, int32_t device, ExecState* state, HtCombineAttrs attrs,
+ffi::Error HtCachedDispatch(cudaStream_t stream, int32_t device, ExecState* exec, HtCombineAttrs attrs,
                             ffi::AnyBuffer x, ffi::AnyBuffer topk_idx, ffi::AnyBuffer recv_src, ffi::AnyBuffer order_in,
                             ffi::Result<ffi::AnyBuffer> rows, ffi::Result<ffi::AnyBuffer> order_out) {
   GroupCall call;
-  JAX_EP_CHECK(call.open(state, device, stream));
-  DeviceState* s = call.state();
-  const int L = s->num_local_ranks;
-  JAX_EP_CHECK(check_order(order_in, *order_out, L));
+  JAX_EP_CHECK(call.open(exec, device, stream));
+  DeviceState* state = call.state();
+  const int num_local = state->num_local_ranks;
+  JAX_EP_CHECK(check_order(order_in, *order_out, num_local));
   ffi::Span<const int64_t> xd, id;
-  JAX_EP_CHECK(per_rank_dims(x, "x", 2, L, &xd));
-  JAX_EP_CHECK(per_rank_dims(topk_idx, "topk_idx", 2, L, &id));
-  const int64_t T = xd[0], H = xd[1], K = id[1], RT = int64_t(s->num_ranks) * T;
+  JAX_EP_CHECK(per_rank_dims(x, "x", 2, num_local, &xd));
+  JAX_EP_CHECK(per_rank_dims(topk_idx, "topk_idx", 2, num_local, &id));
+  const int64_t T = xd[0], H = xd[1], K = id[1], RT = int64_t(state->num_ranks) * T;
   const int dtype = dtype_code(x.element_type());
   if (dtype < 0) return invalid("x must be float32, bfloat16 or float16");
-  JAX_EP_CHECK(expect(topk_idx, "topk_idx", {T, K}, ffi::DataType::S32, L));
-  JAX_EP_CHECK(expect(recv_src, "recv_src", {RT}, ffi::DataType::S32, L));
-  JAX_EP_CHECK(expect(*rows, "rows", {RT, H}, x.element_type(), L));
-  JAX_EP_CHECK(check_fits(s, T, K, H, element_bytes(x.element_type()), false, attrs.num_experts));
+  JAX_EP_CHECK(expect(topk_idx, "topk_idx", {T, K}, ffi::DataType::S32, num_local));
+  JAX_EP_CHECK(expect(recv_src, "recv_src", {RT}, ffi::DataType::S32, num_local));
+  JAX_EP_CHECK(expect(*rows, "rows", {RT, H}, x.element_type(), num_local));
+  JAX_EP_CHECK(check_fits(state, T, K, H, element_bytes(x.element_type()), false, attrs.num_experts));
   HtDispatchArgs a;
-  a.c = comm_of(s);
+  a.c = comm_of(state);
   a.num_tokens = int(T);
   a.hidden = int(H);
   a.num_topk = int(K);
@@ -207,7 +208,7 @@ ffi::Error HtCachedDispatch(cudaStream_t stream, int32_t device, ExecState* stat
   a.recv_src = const_cast<int*>(recv_src.typed_data<int32_t>());  // read, not written
   a.out_x = rows->untyped_data();
   a.order = static_cast<int*>(order_out->untyped_data());
-  return finish(stream, s, launch_ht_cached_dispatch(a, stream), kSync);
+  return finish(stream, state, launch_ht_cached_dispatch(a, stream), kSync);
 }
 
 auto dispatch_binding() {

@@ -11,8 +11,8 @@ template <bool kSync>
 ffi::Error DispatchLayout(cudaStream_t stream, int32_t device, int64_t num_experts, int64_t num_ranks,
                           ffi::AnyBuffer topk_idx, ffi::Result<ffi::AnyBuffer> per_rank,
                           ffi::Result<ffi::AnyBuffer> per_expert, ffi::Result<ffi::AnyBuffer> in_rank) {
-  DeviceState* s = nullptr;
-  JAX_EP_CHECK(open_default(device, stream, &s));
+  DeviceState* state = nullptr;
+  JAX_EP_CHECK(open_default(device, stream, &state));
   auto dims = topk_idx.dimensions();
   if (dims.size() < 2) return invalid("topk_idx must be [num_tokens, num_topk]");
   if (topk_idx.element_type() != ffi::DataType::S32) return invalid("topk_idx must be int32");
@@ -33,9 +33,9 @@ ffi::Error DispatchLayout(cudaStream_t stream, int32_t device, int64_t num_exper
   a.num_tokens_per_rank = static_cast<int*>(per_rank->untyped_data());
   a.num_tokens_per_expert = static_cast<int*>(per_expert->untyped_data());
   a.is_token_in_rank = static_cast<bool*>(in_rank->untyped_data());
-  a.err = s->sink();
+  a.err = state->sink();
   if (a.num_tokens * K == 0) a.batch = int(per_rank->element_count() / num_ranks);
-  return finish(stream, s, launch_dispatch_layout(a, stream), kSync);
+  return finish(stream, state, launch_dispatch_layout(a, stream), kSync);
 }
 
 auto layout_binding() {

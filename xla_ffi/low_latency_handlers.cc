@@ -55,11 +55,11 @@ namespace {
 constexpr ffi::DataType kS32 = ffi::DataType::S32;
 
 // Facts of the group every low-latency call relies on.
-ffi::Error check_group(const DeviceState* s, int64_t num_experts) {
-  const BufferSizes& z = s->layout.sizes;
-  if (!z.low_latency)
+ffi::Error check_group(const DeviceState* state, int64_t num_experts) {
+  const BufferSizes& sizes = state->layout.sizes;
+  if (!sizes.low_latency)
     return invalid("the group was created without low_latency=True, so it has no low-latency buffers");
-  JAX_EP_CHECK(check_num_experts(s, num_experts));
+  JAX_EP_CHECK(check_num_experts(state, num_experts));
   if (num_experts > kLlMaxExperts)
     return invalid("num_experts=" + std::to_string(num_experts) + " exceeds the low-latency kernels' limit of " +
                    std::to_string(kLlMaxExperts));
@@ -67,35 +67,35 @@ ffi::Error check_group(const DeviceState* s, int64_t num_experts) {
 }
 
 // Rows per local expert of the receive layout: R * T_ll.
-int64_t recv_rows(const DeviceState* s) {
-  return int64_t(s->num_ranks) * s->layout.sizes.ll_max_tokens;
+int64_t recv_rows(const DeviceState* state) {
+  return int64_t(state->num_ranks) * state->layout.sizes.ll_max_tokens;
 }
 
 template <bool kSync>
-ffi::Error LlDispatchSend(cudaStream_t stream, int32_t device, ExecState* state, LlDispatchSendAttrs attrs,
+ffi::Error LlDispatchSend(cudaStream_t stream, int32_t device, ExecState* exec, LlDispatchSendAttrs attrs,
                           ffi::AnyBuffer x, ffi::AnyBuffer topk_idx, ffi::AnyBuffer active_ranks,
                           ffi::AnyBuffer order_in, ffi::Result<ffi::AnyBuffer> ticket,
                           ffi::Result<ffi::AnyBuffer> num_dropped) {
   GroupCall call;
-  JAX_EP_CHECK(call.open(state, device, stream));
-  DeviceState* s = call.state();
-  const int L = s->num_local_ranks, R = s->num_ranks;
-  JAX_EP_CHECK(check_order(order_in, *ticket, L));
+  JAX_EP_CHECK(call.open(exec, device, stream));
+  DeviceState* state = call.state();
+  const int num_local = state->num_local_ranks, R = state->num_ranks;
+  JAX_EP_CHECK(check_order(order_in, *ticket, num_local));
   ffi::Span<const int64_t> xd, id;
-  JAX_EP_CHECK(per_rank_dims(x, "x", 2, L, &xd));
-  JAX_EP_CHECK(per_rank_dims(topk_idx, "topk_idx", 2, L, &id));
+  JAX_EP_CHECK(per_rank_dims(x, "x", 2, num_local, &xd));
+  JAX_EP_CHECK(per_rank_dims(topk_idx, "topk_idx", 2, num_local, &id));
   const int64_t T = xd[0], H = xd[1], K = id[1];
   const int dtype = dtype_code(x.element_type());
   if (dtype < 0) return invalid("x must be float32, bfloat16 or float16");
-  JAX_EP_CHECK(expect(topk_idx, "topk_idx", {T, K}, kS32, L));
-  JAX_EP_CHECK(expect(active_ranks, "active_ranks", {R}, kS32, L));
-  JAX_EP_CHECK(expect(*num_dropped, "num_dropped", {}, kS32, L));
-  JAX_EP_CHECK(check_group(s, attrs.num_experts));
-  JAX_EP_CHECK(check_routing_shape(s, T, K, true));
-  JAX_EP_CHECK(check_row(s, H, element_bytes(x.element_type()), attrs.fp8, true));
+  JAX_EP_CHECK(expect(topk_idx, "topk_idx", {T, K}, kS32, num_local));
+  JAX_EP_CHECK(expect(active_ranks, "active_ranks", {R}, kS32, num_local));
+  JAX_EP_CHECK(expect(*num_dropped, "num_dropped", {}, kS32, num_local));
+  JAX_EP_CHECK(check_group(state, attrs.num_experts));
+  JAX_EP_CHECK(check_routing_shape(state, T, K, true));
+  JAX_EP_CHECK(check_row(state, H, element_bytes(x.element_type()), attrs.fp8, true));
 
   LlDispatchSendArgs a;
-  a.c = comm_of(s);
+  a.c = comm_of(state);
   a.num_tokens = int(T);
   a.hidden = int(H);
   a.num_topk = int(K);
@@ -108,47 +108,47 @@ ffi::Error LlDispatchSend(cudaStream_t stream, int32_t device, ExecState* state,
   a.active_ranks = active_ranks.typed_data<int32_t>();
   a.num_dropped = static_cast<int*>(num_dropped->untyped_data());
   a.ticket = static_cast<int*>(ticket->untyped_data());
-  return finish(stream, s, launch_ll_dispatch_send(a, stream), kSync);
+  return finish(stream, state, launch_ll_dispatch_send(a, stream), kSync);
 }
 
 template <bool kSync>
-ffi::Error LlDispatchRecv(cudaStream_t stream, int32_t device, ExecState* state, LlDispatchRecvAttrs attrs,
+ffi::Error LlDispatchRecv(cudaStream_t stream, int32_t device, ExecState* exec, LlDispatchRecvAttrs attrs,
                           ffi::AnyBuffer ticket, ffi::AnyBuffer active_ranks, ffi::AnyBuffer order_in,
                           ffi::Result<ffi::AnyBuffer> out_x, ffi::Result<ffi::AnyBuffer> out_scales,
                           ffi::Result<ffi::AnyBuffer> out_counts, ffi::Result<ffi::AnyBuffer> src_info,
                           ffi::Result<ffi::AnyBuffer> topk_slot, ffi::Result<ffi::AnyBuffer> layout_range,
                           ffi::Result<ffi::AnyBuffer> order_out) {
   GroupCall call;
-  JAX_EP_CHECK(call.open(state, device, stream));
-  DeviceState* s = call.state();
-  JAX_EP_CHECK(check_group(s, attrs.num_experts));
-  const int L = s->num_local_ranks, R = s->num_ranks;
-  const int64_t e_loc = attrs.num_experts / R, RT = recv_rows(s);
-  JAX_EP_CHECK(check_order(order_in, *order_out, L));
-  JAX_EP_CHECK(expect(ticket, "ticket", {2}, kS32, L));
-  JAX_EP_CHECK(expect(active_ranks, "active_ranks", {R}, kS32, L));
+  JAX_EP_CHECK(call.open(exec, device, stream));
+  DeviceState* state = call.state();
+  JAX_EP_CHECK(check_group(state, attrs.num_experts));
+  const int num_local = state->num_local_ranks, R = state->num_ranks;
+  const int64_t e_loc = attrs.num_experts / R, RT = recv_rows(state);
+  JAX_EP_CHECK(check_order(order_in, *order_out, num_local));
+  JAX_EP_CHECK(expect(ticket, "ticket", {2}, kS32, num_local));
+  JAX_EP_CHECK(expect(active_ranks, "active_ranks", {R}, kS32, num_local));
   ffi::Span<const int64_t> xd;
-  JAX_EP_CHECK(per_rank_dims(*out_x, "x", 3, L, &xd));
+  JAX_EP_CHECK(per_rank_dims(*out_x, "x", 3, num_local, &xd));
   const int64_t H = xd[2];
   int dtype = kBF16;
   if (attrs.fp8) {
-    JAX_EP_CHECK(expect(*out_x, "x (fp8)", {e_loc, RT, H}, ffi::DataType::F8E4M3FN, L));
-    JAX_EP_CHECK(expect(*out_scales, "scales", {e_loc, RT, H / kFp8Group}, ffi::DataType::F32, L));
+    JAX_EP_CHECK(expect(*out_x, "x (fp8)", {e_loc, RT, H}, ffi::DataType::F8E4M3FN, num_local));
+    JAX_EP_CHECK(expect(*out_scales, "scales", {e_loc, RT, H / kFp8Group}, ffi::DataType::F32, num_local));
   } else {
     dtype = dtype_code(out_x->element_type());
     if (dtype < 0) return invalid("x must be float32, bfloat16 or float16 without fp8");
-    JAX_EP_CHECK(expect(*out_x, "x", {e_loc, RT, H}, out_x->element_type(), L));
+    JAX_EP_CHECK(expect(*out_x, "x", {e_loc, RT, H}, out_x->element_type(), num_local));
   }
-  JAX_EP_CHECK(check_row(s, H, element_bytes(out_x->element_type()), attrs.fp8, true));
-  JAX_EP_CHECK(expect(*out_counts, "counts", {e_loc}, kS32, L));
-  JAX_EP_CHECK(expect(*src_info, "recv_src_info", {e_loc, RT}, kS32, L));
-  JAX_EP_CHECK(expect(*topk_slot, "recv_topk_slot", {e_loc, RT}, kS32, L));
-  JAX_EP_CHECK(expect(*layout_range, "layout_range", {e_loc, R, 2}, kS32, L));
+  JAX_EP_CHECK(check_row(state, H, element_bytes(out_x->element_type()), attrs.fp8, true));
+  JAX_EP_CHECK(expect(*out_counts, "counts", {e_loc}, kS32, num_local));
+  JAX_EP_CHECK(expect(*src_info, "recv_src_info", {e_loc, RT}, kS32, num_local));
+  JAX_EP_CHECK(expect(*topk_slot, "recv_topk_slot", {e_loc, RT}, kS32, num_local));
+  JAX_EP_CHECK(expect(*layout_range, "layout_range", {e_loc, R, 2}, kS32, num_local));
 
   LlDispatchRecvArgs a;
-  a.c = comm_of(s);
+  a.c = comm_of(state);
   a.hidden = int(H);
-  a.num_topk = s->layout.sizes.num_topk;
+  a.num_topk = state->layout.sizes.num_topk;
   a.num_experts = int(attrs.num_experts);
   a.dtype = dtype;
   a.fp8 = int(attrs.fp8);
@@ -161,36 +161,36 @@ ffi::Error LlDispatchRecv(cudaStream_t stream, int32_t device, ExecState* state,
   a.topk_slot = static_cast<int*>(topk_slot->untyped_data());
   a.layout_range = static_cast<int*>(layout_range->untyped_data());
   a.order = static_cast<int*>(order_out->untyped_data());
-  return finish(stream, s, launch_ll_dispatch_recv(a, stream), kSync);
+  return finish(stream, state, launch_ll_dispatch_recv(a, stream), kSync);
 }
 
 template <bool kSync>
-ffi::Error LlCombineSend(cudaStream_t stream, int32_t device, ExecState* state, LlCombineAttrs attrs, ffi::AnyBuffer y,
+ffi::Error LlCombineSend(cudaStream_t stream, int32_t device, ExecState* exec, LlCombineAttrs attrs, ffi::AnyBuffer y,
                          ffi::AnyBuffer src_info, ffi::AnyBuffer topk_slot, ffi::AnyBuffer recv_count,
                          ffi::AnyBuffer active_ranks, ffi::AnyBuffer order_in, ffi::Result<ffi::AnyBuffer> ticket) {
   GroupCall call;
-  JAX_EP_CHECK(call.open(state, device, stream));
-  DeviceState* s = call.state();
-  JAX_EP_CHECK(check_group(s, attrs.num_experts));
-  const int L = s->num_local_ranks, R = s->num_ranks;
-  const int64_t e_loc = attrs.num_experts / R, RT = recv_rows(s);
-  JAX_EP_CHECK(check_order(order_in, *ticket, L));
+  JAX_EP_CHECK(call.open(exec, device, stream));
+  DeviceState* state = call.state();
+  JAX_EP_CHECK(check_group(state, attrs.num_experts));
+  const int num_local = state->num_local_ranks, R = state->num_ranks;
+  const int64_t e_loc = attrs.num_experts / R, RT = recv_rows(state);
+  JAX_EP_CHECK(check_order(order_in, *ticket, num_local));
   ffi::Span<const int64_t> yd;
-  JAX_EP_CHECK(per_rank_dims(y, "y", 3, L, &yd));
+  JAX_EP_CHECK(per_rank_dims(y, "y", 3, num_local, &yd));
   const int64_t H = yd[2];
   const int dtype = dtype_code(y.element_type());
   if (dtype < 0) return invalid("y must be float32, bfloat16 or float16");
-  JAX_EP_CHECK(expect(y, "y", {e_loc, RT, H}, y.element_type(), L));
-  JAX_EP_CHECK(check_row(s, H, element_bytes(y.element_type()), false, false));
-  JAX_EP_CHECK(expect(src_info, "recv_src_info", {e_loc, RT}, kS32, L));
-  JAX_EP_CHECK(expect(topk_slot, "recv_topk_slot", {e_loc, RT}, kS32, L));
-  JAX_EP_CHECK(expect(recv_count, "recv_count", {e_loc}, kS32, L));
-  JAX_EP_CHECK(expect(active_ranks, "active_ranks", {R}, kS32, L));
+  JAX_EP_CHECK(expect(y, "y", {e_loc, RT, H}, y.element_type(), num_local));
+  JAX_EP_CHECK(check_row(state, H, element_bytes(y.element_type()), false, false));
+  JAX_EP_CHECK(expect(src_info, "recv_src_info", {e_loc, RT}, kS32, num_local));
+  JAX_EP_CHECK(expect(topk_slot, "recv_topk_slot", {e_loc, RT}, kS32, num_local));
+  JAX_EP_CHECK(expect(recv_count, "recv_count", {e_loc}, kS32, num_local));
+  JAX_EP_CHECK(expect(active_ranks, "active_ranks", {R}, kS32, num_local));
 
   LlCombineSendArgs a;
-  a.c = comm_of(s);
+  a.c = comm_of(state);
   a.hidden = int(H);
-  a.num_topk = s->layout.sizes.num_topk;
+  a.num_topk = state->layout.sizes.num_topk;
   a.num_experts = int(attrs.num_experts);
   a.dtype = dtype;
   a.y = y.untyped_data();
@@ -199,36 +199,36 @@ ffi::Error LlCombineSend(cudaStream_t stream, int32_t device, ExecState* state, 
   a.recv_count = recv_count.typed_data<int32_t>();
   a.active_ranks = active_ranks.typed_data<int32_t>();
   a.ticket = static_cast<int*>(ticket->untyped_data());
-  return finish(stream, s, launch_ll_combine_send(a, stream), kSync);
+  return finish(stream, state, launch_ll_combine_send(a, stream), kSync);
 }
 
 template <bool kSync>
-ffi::Error LlCombineRecv(cudaStream_t stream, int32_t device, ExecState* state, LlCombineAttrs attrs,
+ffi::Error LlCombineRecv(cudaStream_t stream, int32_t device, ExecState* exec, LlCombineAttrs attrs,
                          ffi::AnyBuffer ticket, ffi::AnyBuffer topk_idx, ffi::AnyBuffer topk_weights,
                          ffi::AnyBuffer active_ranks, ffi::AnyBuffer order_in, ffi::Result<ffi::AnyBuffer> out,
                          ffi::Result<ffi::AnyBuffer> order_out) {
   GroupCall call;
-  JAX_EP_CHECK(call.open(state, device, stream));
-  DeviceState* s = call.state();
-  JAX_EP_CHECK(check_group(s, attrs.num_experts));
-  const int L = s->num_local_ranks, R = s->num_ranks;
-  JAX_EP_CHECK(check_order(order_in, *order_out, L));
-  JAX_EP_CHECK(expect(ticket, "ticket", {2}, kS32, L));
+  JAX_EP_CHECK(call.open(exec, device, stream));
+  DeviceState* state = call.state();
+  JAX_EP_CHECK(check_group(state, attrs.num_experts));
+  const int num_local = state->num_local_ranks, R = state->num_ranks;
+  JAX_EP_CHECK(check_order(order_in, *order_out, num_local));
+  JAX_EP_CHECK(expect(ticket, "ticket", {2}, kS32, num_local));
   ffi::Span<const int64_t> id, od;
-  JAX_EP_CHECK(per_rank_dims(topk_idx, "topk_idx", 2, L, &id));
+  JAX_EP_CHECK(per_rank_dims(topk_idx, "topk_idx", 2, num_local, &id));
   const int64_t T = id[0], K = id[1];
-  JAX_EP_CHECK(expect(topk_idx, "topk_idx", {T, K}, kS32, L));
-  JAX_EP_CHECK(expect(topk_weights, "topk_weights", {T, K}, ffi::DataType::F32, L));
-  JAX_EP_CHECK(expect(active_ranks, "active_ranks", {R}, kS32, L));
-  JAX_EP_CHECK(per_rank_dims(*out, "out", 2, L, &od));
+  JAX_EP_CHECK(expect(topk_idx, "topk_idx", {T, K}, kS32, num_local));
+  JAX_EP_CHECK(expect(topk_weights, "topk_weights", {T, K}, ffi::DataType::F32, num_local));
+  JAX_EP_CHECK(expect(active_ranks, "active_ranks", {R}, kS32, num_local));
+  JAX_EP_CHECK(per_rank_dims(*out, "out", 2, num_local, &od));
   const int64_t H = od[1];
   const int dtype = dtype_code(out->element_type());
   if (dtype < 0) return invalid("out must be float32, bfloat16 or float16");
-  JAX_EP_CHECK(check_routing_shape(s, T, K, true));
-  JAX_EP_CHECK(check_row(s, H, element_bytes(out->element_type()), false, false));
+  JAX_EP_CHECK(check_routing_shape(state, T, K, true));
+  JAX_EP_CHECK(check_row(state, H, element_bytes(out->element_type()), false, false));
 
   LlCombineRecvArgs a;
-  a.c = comm_of(s);
+  a.c = comm_of(state);
   a.num_tokens = int(T);
   a.hidden = int(H);
   a.num_topk = int(K);
@@ -240,7 +240,7 @@ ffi::Error LlCombineRecv(cudaStream_t stream, int32_t device, ExecState* state, 
   a.active_ranks = active_ranks.typed_data<int32_t>();
   a.out = out->untyped_data();
   a.order = static_cast<int*>(order_out->untyped_data());
-  return finish(stream, s, launch_ll_combine_recv(a, stream), kSync);
+  return finish(stream, state, launch_ll_combine_recv(a, stream), kSync);
 }
 
 auto dispatch_send_binding() {

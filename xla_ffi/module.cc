@@ -30,27 +30,28 @@ constexpr std::pair<const char*, int BufferSizes::*> kSizeFields[] = {
     {"num_nodes", &BufferSizes::num_nodes},
 };
 
-BufferSizes sizes_from(const nb::dict& d) {
-  if (nb::len(d) != std::size(kSizeFields))
+BufferSizes sizes_from(const nb::dict& py_sizes) {
+  if (nb::len(py_sizes) != std::size(kSizeFields))
     throw std::invalid_argument("jax_ep: sizes must name exactly the fields of size_fields()");
-  BufferSizes s;
+  BufferSizes sizes;
   for (const auto& [name, field] : kSizeFields) {
-    if (!d.contains(name)) throw std::invalid_argument(std::string("jax_ep: sizes lacks '") + name + "'");
-    s.*field = nb::cast<int>(d[name]);
+    if (!py_sizes.contains(name)) throw std::invalid_argument(std::string("jax_ep: sizes lacks '") + name + "'");
+    sizes.*field = nb::cast<int>(py_sizes[name]);
   }
-  return s;
+  return sizes;
 }
 
 std::shared_ptr<GroupControl> live_group(const std::string& key) {
-  auto g = find_group(key);
-  if (!g) throw std::invalid_argument("jax_ep: no live group '" + key + "' in this process");
-  return g;
+  auto group = find_group(key);
+  if (!group) throw std::invalid_argument("jax_ep: no live group '" + key + "' in this process");
+  return group;
 }
 
 DeviceState* state_of(const std::string& key, int device) {
-  DeviceState* s = live_group(key)->on(device);
-  if (!s) throw std::invalid_argument("jax_ep: group '" + key + "' has no state on device " + std::to_string(device));
-  return s;
+  DeviceState* state = live_group(key)->on(device);
+  if (!state)
+    throw std::invalid_argument("jax_ep: group '" + key + "' has no state on device " + std::to_string(device));
+  return state;
 }
 
 }  // namespace
@@ -66,16 +67,16 @@ NB_MODULE(_jax_ep_cuda, m) {
         ffi_layer::add_high_throughput_handlers(table);
         ffi_layer::add_low_latency_handlers(table);
         nb::dict out;
-        for (const auto& r : table) {
-          if (r.instantiate == nullptr) {
-            out[r.name.c_str()] = nb::capsule(r.execute);
+        for (const auto& entry : table) {
+          if (entry.instantiate == nullptr) {
+            out[entry.name.c_str()] = nb::capsule(entry.execute);
             continue;
           }
           nb::dict stages;
-          stages["instantiate"] = nb::capsule(r.instantiate);
-          stages["initialize"] = nb::capsule(r.initialize);
-          stages["execute"] = nb::capsule(r.execute);
-          out[r.name.c_str()] = stages;
+          stages["instantiate"] = nb::capsule(entry.instantiate);
+          stages["initialize"] = nb::capsule(entry.initialize);
+          stages["execute"] = nb::capsule(entry.execute);
+          out[entry.name.c_str()] = stages;
         }
         return out;
       },
@@ -147,26 +148,26 @@ NB_MODULE(_jax_ep_cuda, m) {
   m.def(
       "pending_error",
       [](const std::string& key, int device) {
-        DeviceState* s = key.empty() ? default_state(device) : state_of(key, device);
-        return take_error(s);
+        DeviceState* state = key.empty() ? default_state(device) : state_of(key, device);
+        return take_error(state);
       },
       nb::arg("key"), nb::arg("device"),
       "Text of a device-side error recorded for the group (key '' = group-less ops) on that device ('' if none).");
   m.def(
       "call_stats",
       [](const std::string& key, int device) {
-        DeviceState* s = state_of(key, device);
+        DeviceState* state = state_of(key, device);
         nb::dict out;
-        out["handler_calls_captured"] = s->calls_captured.load();
-        out["handler_calls_direct"] = s->calls_direct.load();
+        out["handler_calls_captured"] = state->calls_captured.load();
+        out["handler_calls_direct"] = state->calls_direct.load();
         nb::list ranks;
-        for (int local = 0; local < s->num_local_ranks; ++local) {
-          std::vector<uint64_t> c = read_counters(s, local);
+        for (int local = 0; local < state->num_local_ranks; ++local) {
+          std::vector<uint64_t> counters = read_counters(state, local);
           nb::dict ops;
-          ops["high_throughput_dispatch"] = c[kHtDispatchSeq];
-          ops["high_throughput_combine"] = c[kHtCombineSeq];
-          ops["low_latency_dispatch"] = c[kLlDispatchSendSeq];
-          ops["low_latency_combine"] = c[kLlCombineSendSeq];
+          ops["high_throughput_dispatch"] = counters[kHtDispatchSeq];
+          ops["high_throughput_combine"] = counters[kHtCombineSeq];
+          ops["low_latency_dispatch"] = counters[kLlDispatchSendSeq];
+          ops["low_latency_combine"] = counters[kLlCombineSendSeq];
           ranks.append(ops);
         }
         out["ops_per_local_rank"] = ranks;
@@ -184,8 +185,8 @@ NB_MODULE(_jax_ep_cuda, m) {
   m.def(
       "ipc_handle",
       [](int device, uint64_t ptr) {
-        std::string h = ipc_handle(device, ptr);
-        return nb::bytes(h.data(), h.size());
+        std::string handle = ipc_handle(device, ptr);
+        return nb::bytes(handle.data(), handle.size());
       },
       nb::arg("device"), nb::arg("ptr"));
   m.def(

@@ -43,9 +43,9 @@ struct BufferSizes {
 
 // Bytes of one token row on the wire: the raw payload, or FP8 + one float scale per
 // 128 channels, whichever is larger, padded to 16 bytes for vector copies.
-JAX_EP_HD inline size_t wire_row_bytes(const BufferSizes& s) {
-  size_t raw = size_t(s.hidden) * s.elem_bytes;
-  size_t fp8 = size_t(s.hidden) + size_t((s.hidden + kFp8Group - 1) / kFp8Group) * 4;
+JAX_EP_HD inline size_t wire_row_bytes(const BufferSizes& sizes) {
+  size_t raw = size_t(sizes.hidden) * sizes.elem_bytes;
+  size_t fp8 = size_t(sizes.hidden) + size_t((sizes.hidden + kFp8Group - 1) / kFp8Group) * 4;
   return align_up(raw > fp8 ? raw : fp8, 16);
 }
 
@@ -107,54 +107,54 @@ enum Counter : int {
   kNumCounters = 8,
 };
 
-JAX_EP_HD inline BufferLayout make_layout(const BufferSizes& s) {
-  BufferLayout L;
-  L.sizes = s;
-  L.row_bytes = wire_row_bytes(s);
-  L.combine_row_bytes = align_up(size_t(s.hidden) * s.elem_bytes, 16);
-  L.bitmap_words = (size_t(s.num_ranks) * s.max_tokens + 31) / 32;
-  const size_t R = s.num_ranks, T = s.max_tokens, K = s.num_topk, E = s.num_local_experts;
+JAX_EP_HD inline BufferLayout make_layout(const BufferSizes& sizes) {
+  BufferLayout layout;
+  layout.sizes = sizes;
+  layout.row_bytes = wire_row_bytes(sizes);
+  layout.combine_row_bytes = align_up(size_t(sizes.hidden) * sizes.elem_bytes, 16);
+  layout.bitmap_words = (size_t(sizes.num_ranks) * sizes.max_tokens + 31) / 32;
+  const size_t R = sizes.num_ranks, T_max = sizes.max_tokens, K = sizes.num_topk, E_loc = sizes.num_local_experts;
   size_t off = 0;
   auto take = [&](size_t bytes) {
     size_t at = off;
     off = align_up(off + bytes, kAlign);
     return at;
   };
-  L.ht_dispatch_arrival = take(R * 8);
-  L.ht_combine_arrival = take(R * 8);
-  L.ht_dispatch_meta = take(2 * R * T * K * 8);
-  L.ht_dispatch_data = take(2 * R * T * L.row_bytes);
-  L.ht_combine_data = take(2 * R * T * L.combine_row_bytes);
-  L.ht_combine_extra = take(2 * R * T * K * 4);
-  const size_t T_ll = s.ll_max_tokens;
-  if (s.low_latency) {
-    L.ll_dispatch_signal = take(2 * E * R * 8);
-    L.ll_dispatch_data = take(2 * E * R * T_ll * L.ll_message_bytes());
-    L.ll_combine_signal = take(2 * R * 8);
-    L.ll_combine_data = take(2 * T_ll * K * L.combine_row_bytes);
+  layout.ht_dispatch_arrival = take(R * 8);
+  layout.ht_combine_arrival = take(R * 8);
+  layout.ht_dispatch_meta = take(2 * R * T_max * K * 8);
+  layout.ht_dispatch_data = take(2 * R * T_max * layout.row_bytes);
+  layout.ht_combine_data = take(2 * R * T_max * layout.combine_row_bytes);
+  layout.ht_combine_extra = take(2 * R * T_max * K * 4);
+  const size_t T_ll = sizes.ll_max_tokens;
+  if (sizes.low_latency) {
+    layout.ll_dispatch_signal = take(2 * E_loc * R * 8);
+    layout.ll_dispatch_data = take(2 * E_loc * R * T_ll * layout.ll_message_bytes());
+    layout.ll_combine_signal = take(2 * R * 8);
+    layout.ll_combine_data = take(2 * T_ll * K * layout.combine_row_bytes);
   }
-  if (s.num_nodes > 1) {
-    const size_t N = s.num_nodes, meta = L.meta_bytes_per_token();
-    L.net_dispatch_signal = take(N * 8);
-    L.net_combine_signal = take(N * 8);
-    L.net_dispatch_meta = take(2 * N * T * meta);
-    L.net_dispatch_data = take(2 * N * T * L.row_bytes);
-    L.net_combine_data = take(2 * N * T * L.combine_row_bytes);
-    L.net_combine_tag = take(2 * R * T * 4);
-    L.net_stage_meta = take(T * meta);
-    L.net_stage_data = take(T * L.row_bytes);
-    L.net_stage_combine = take(N * T * L.combine_row_bytes);
-    if (s.low_latency) {
-      L.ll_stage_dispatch = take(T_ll * K * L.ll_message_bytes());
-      L.ll_stage_combine = take(R * T_ll * (K < E ? K : E) * L.combine_row_bytes);
+  if (sizes.num_nodes > 1) {
+    const size_t N = sizes.num_nodes, meta = layout.meta_bytes_per_token();
+    layout.net_dispatch_signal = take(N * 8);
+    layout.net_combine_signal = take(N * 8);
+    layout.net_dispatch_meta = take(2 * N * T_max * meta);
+    layout.net_dispatch_data = take(2 * N * T_max * layout.row_bytes);
+    layout.net_combine_data = take(2 * N * T_max * layout.combine_row_bytes);
+    layout.net_combine_tag = take(2 * R * T_max * 4);
+    layout.net_stage_meta = take(T_max * meta);
+    layout.net_stage_data = take(T_max * layout.row_bytes);
+    layout.net_stage_combine = take(N * T_max * layout.combine_row_bytes);
+    if (sizes.low_latency) {
+      layout.ll_stage_dispatch = take(T_ll * K * layout.ll_message_bytes());
+      layout.ll_stage_combine = take(R * T_ll * (K < E_loc ? K : E_loc) * layout.combine_row_bytes);
     }
   }
-  L.counters = take(kNumCounters * 8);
-  L.bitmaps = take((E + 1) * L.bitmap_words * 4);
-  L.prefixes = take((E + 1) * L.bitmap_words * 4);
-  L.totals = take((E + 1) * 4);
-  L.total_bytes = off;
-  return L;
+  layout.counters = take(kNumCounters * 8);
+  layout.bitmaps = take((E_loc + 1) * layout.bitmap_words * 4);
+  layout.prefixes = take((E_loc + 1) * layout.bitmap_words * 4);
+  layout.totals = take((E_loc + 1) * 4);
+  layout.total_bytes = off;
+  return layout;
 }
 
 }  // namespace jax_ep

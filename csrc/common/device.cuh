@@ -20,47 +20,47 @@ namespace jax_ep {
 // ---------------------------------------------------------------------------
 
 __device__ __forceinline__ uint64_t global_timer_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
+  uint64_t ns;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+  return ns;
 }
 
-__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
+__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* ptr) {
   uint64_t v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(ptr) : "memory");
   return v;
 }
 
-__device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+__device__ __forceinline__ void st_release_sys(uint64_t* ptr, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(v) : "memory");
 }
 
-__device__ __forceinline__ void add_release_sys(uint64_t* p, uint64_t v) {
-  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+__device__ __forceinline__ void add_release_sys(uint64_t* ptr, uint64_t v) {
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(v) : "memory");
 }
 
 // The same at the scope a group needs (CommContext::sys_scope): system scope when a
 // peer is another GPU; GPU scope when every rank runs on this GPU (loopback, EP=1),
 // where a system-scope release costs microseconds for nothing.
-__device__ __forceinline__ uint64_t ld_acquire(const uint64_t* p, bool sys) {
-  if (sys) return ld_acquire_sys(p);
+__device__ __forceinline__ uint64_t ld_acquire(const uint64_t* ptr, bool sys) {
+  if (sys) return ld_acquire_sys(ptr);
   uint64_t v;
-  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(ptr) : "memory");
   return v;
 }
 
-__device__ __forceinline__ void st_release(uint64_t* p, uint64_t v, bool sys) {
+__device__ __forceinline__ void st_release(uint64_t* ptr, uint64_t v, bool sys) {
   if (sys)
-    st_release_sys(p, v);
+    st_release_sys(ptr, v);
   else
-    asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+    asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(ptr), "l"(v) : "memory");
 }
 
-__device__ __forceinline__ void add_release(uint64_t* p, uint64_t v, bool sys) {
+__device__ __forceinline__ void add_release(uint64_t* ptr, uint64_t v, bool sys) {
   if (sys)
-    add_release_sys(p, v);
+    add_release_sys(ptr, v);
   else
-    asm volatile("red.release.gpu.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+    asm volatile("red.release.gpu.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(v) : "memory");
 }
 
 __device__ __forceinline__ void fence(bool sys) {
@@ -179,39 +179,39 @@ __device__ __forceinline__ int warp_exclusive_scan(int v, int* total) {
 // element conversion
 // ---------------------------------------------------------------------------
 
-__device__ __forceinline__ float to_f32(const void* p, int dtype, size_t i) {
+__device__ __forceinline__ float to_f32(const void* ptr, int dtype, size_t i) {
   switch (dtype) {
     case kBF16:
-      return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p)[i]);
+      return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(ptr)[i]);
     case kF16:
-      return __half2float(reinterpret_cast<const __half*>(p)[i]);
+      return __half2float(reinterpret_cast<const __half*>(ptr)[i]);
     default:
-      return reinterpret_cast<const float*>(p)[i];
+      return reinterpret_cast<const float*>(ptr)[i];
   }
 }
 
-__device__ __forceinline__ void from_f32(void* p, int dtype, size_t i, float v) {
+__device__ __forceinline__ void from_f32(void* ptr, int dtype, size_t i, float v) {
   switch (dtype) {
     case kBF16:
-      reinterpret_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+      reinterpret_cast<__nv_bfloat16*>(ptr)[i] = __float2bfloat16_rn(v);
       break;
     case kF16:
-      reinterpret_cast<__half*>(p)[i] = __float2half_rn(v);
+      reinterpret_cast<__half*>(ptr)[i] = __float2half_rn(v);
       break;
     default:
-      reinterpret_cast<float*>(p)[i] = v;
+      reinterpret_cast<float*>(ptr)[i] = v;
   }
 }
 
 // Loads 16 bytes from an input buffer XLA owns (read-only for the kernel's life).
-__device__ __forceinline__ int4 ld_input16(const void* p) {
-  return __ldg(reinterpret_cast<const int4*>(p));
+__device__ __forceinline__ int4 ld_input16(const void* ptr) {
+  return __ldg(reinterpret_cast<const int4*>(ptr));
 }
 
 // Loads 16 bytes a peer wrote into our buffer: bypass L1, which may hold the line
 // from an earlier call.
-__device__ __forceinline__ int4 ld_peer16(const void* p) {
-  return __ldcg(reinterpret_cast<const int4*>(p));
+__device__ __forceinline__ int4 ld_peer16(const void* ptr) {
+  return __ldcg(reinterpret_cast<const int4*>(ptr));
 }
 
 // Unpacks 16 bytes of `dtype` elements to floats (8 for 16-bit types, 4 for f32).
@@ -223,10 +223,10 @@ __device__ __forceinline__ int unpack16(int4 v, int dtype, float* out) {
     out[3] = __int_as_float(v.w);
     return 4;
   }
-  const uint32_t w[4] = {uint32_t(v.x), uint32_t(v.y), uint32_t(v.z), uint32_t(v.w)};
+  const uint32_t words[4] = {uint32_t(v.x), uint32_t(v.y), uint32_t(v.z), uint32_t(v.w)};
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    uint16_t lo = w[j] & 0xffff, hi = w[j] >> 16;
+    uint16_t lo = words[j] & 0xffff, hi = words[j] >> 16;
     if (dtype == kBF16) {
       out[2 * j] = __bfloat162float(__ushort_as_bfloat16(lo));
       out[2 * j + 1] = __bfloat162float(__ushort_as_bfloat16(hi));
@@ -242,7 +242,7 @@ __device__ __forceinline__ int unpack16(int4 v, int dtype, float* out) {
 __device__ __forceinline__ int4 pack16(const float* in, int dtype) {
   if (dtype == kF32)
     return make_int4(__float_as_int(in[0]), __float_as_int(in[1]), __float_as_int(in[2]), __float_as_int(in[3]));
-  uint32_t w[4];
+  uint32_t words[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     uint16_t lo, hi;
@@ -253,9 +253,9 @@ __device__ __forceinline__ int4 pack16(const float* in, int dtype) {
       lo = __half_as_ushort(__float2half_rn(in[2 * j]));
       hi = __half_as_ushort(__float2half_rn(in[2 * j + 1]));
     }
-    w[j] = uint32_t(lo) | (uint32_t(hi) << 16);
+    words[j] = uint32_t(lo) | (uint32_t(hi) << 16);
   }
-  return make_int4(int(w[0]), int(w[1]), int(w[2]), int(w[3]));
+  return make_int4(int(words[0]), int(words[1]), int(words[2]), int(words[3]));
 }
 
 // ---------------------------------------------------------------------------
@@ -288,16 +288,16 @@ __device__ __forceinline__ void fp8_scales(float amax, bool round_scale, float* 
 
 // Quantises 8 floats with `inv`, saturating, round to nearest even: 8 bytes.
 __device__ __forceinline__ uint2 quantize8(const float* v, float inv) {
-  uint32_t w[2];
+  uint32_t words[2];
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
-    float2 a = make_float2(__fmul_rn(v[4 * j], inv), __fmul_rn(v[4 * j + 1], inv));
-    float2 b = make_float2(__fmul_rn(v[4 * j + 2], inv), __fmul_rn(v[4 * j + 3], inv));
-    uint32_t lo = __nv_cvt_float2_to_fp8x2(a, __NV_SATFINITE, __NV_E4M3);
-    uint32_t hi = __nv_cvt_float2_to_fp8x2(b, __NV_SATFINITE, __NV_E4M3);
-    w[j] = (lo & 0xffff) | (hi << 16);
+    float2 v01 = make_float2(__fmul_rn(v[4 * j], inv), __fmul_rn(v[4 * j + 1], inv));
+    float2 v23 = make_float2(__fmul_rn(v[4 * j + 2], inv), __fmul_rn(v[4 * j + 3], inv));
+    uint32_t q01 = __nv_cvt_float2_to_fp8x2(v01, __NV_SATFINITE, __NV_E4M3);
+    uint32_t q23 = __nv_cvt_float2_to_fp8x2(v23, __NV_SATFINITE, __NV_E4M3);
+    words[j] = (q01 & 0xffff) | (q23 << 16);
   }
-  return make_uint2(w[0], w[1]);
+  return make_uint2(words[0], words[1]);
 }
 
 // Max of |v| over the 16 lanes of a half warp (lanes 0-15 or 16-31).

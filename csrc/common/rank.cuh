@@ -89,8 +89,8 @@ __device__ inline bool wait_all_peers(const CommContext& c, const RankCtx& r, si
                                       int phase, uint64_t peers = ~0ull) {
   const uint64_t* words = reinterpret_cast<const uint64_t*>(r.self + arrival_offset);
   return wait_each(
-      c, r, c.num_ranks, [&](int p) { return p != r.rank && ((peers >> p) & 1); }, [&](int p) { return words + p; },
-      [](int p) { return p; }, target, phase);
+      c, r, c.num_ranks, [&](int peer) { return peer != r.rank && ((peers >> peer) & 1); },
+      [&](int peer) { return words + peer; }, [](int peer) { return peer; }, target, phase);
 }
 
 // Every block of a send kernel ends here: make its stores visible system-wide,
@@ -99,9 +99,9 @@ __device__ inline bool wait_all_peers(const CommContext& c, const RankCtx& r, si
 __device__ inline void publish_arrival(const CommContext& c, const RankCtx& r, size_t arrival_offset) {
   fence(c.sys_scope);
   __syncthreads();
-  const int p = threadIdx.x;
-  if (p < c.num_ranks && p != r.rank && ((node_peers(c, r.rank) >> p) & 1)) {
-    uint64_t* word = reinterpret_cast<uint64_t*>(c.peers[p] + arrival_offset) + r.rank;
+  const int peer = threadIdx.x;
+  if (peer < c.num_ranks && peer != r.rank && ((node_peers(c, r.rank) >> peer) & 1)) {
+    uint64_t* word = reinterpret_cast<uint64_t*>(c.peers[peer] + arrival_offset) + r.rank;
     add_release(word, 1, c.sys_scope);
   }
 }

@@ -20,8 +20,8 @@ __host__ __device__ inline int row_vector_bytes(size_t row_bytes) {
 
 // Peer-written data bypasses L1 (it may hold the line from an earlier call).
 template <typename V>
-__device__ __forceinline__ V load_vec(const uint8_t* p, bool from_peer) {
-  return from_peer ? __ldcg(reinterpret_cast<const V*>(p)) : __ldg(reinterpret_cast<const V*>(p));
+__device__ __forceinline__ V load_vec(const uint8_t* ptr, bool from_peer) {
+  return from_peer ? __ldcg(reinterpret_cast<const V*>(ptr)) : __ldg(reinterpret_cast<const V*>(ptr));
 }
 
 // Copies `bytes` from `src` to the ndst destinations (lane j holds destination j).
@@ -34,15 +34,15 @@ __device__ inline void copy_row_multi(const uint8_t* src, bool from_peer, size_t
     V v[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      size_t c = base + u * 32 + lane;
-      if (c < nvec) v[u] = load_vec<V>(src + c * sizeof(V), from_peer);
+      size_t i = base + u * 32 + lane;
+      if (i < nvec) v[u] = load_vec<V>(src + i * sizeof(V), from_peer);
     }
     for (int j = 0; j < ndst; ++j) {
       uint8_t* d = reinterpret_cast<uint8_t*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_dst), j));
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        size_t c = base + u * 32 + lane;
-        if (c < nvec) __stcs(reinterpret_cast<V*>(d + c * sizeof(V)), v[u]);  // streamed: written once
+        size_t i = base + u * 32 + lane;
+        if (i < nvec) __stcs(reinterpret_cast<V*>(d + i * sizeof(V)), v[u]);  // streamed: written once
       }
     }
   }
@@ -72,16 +72,16 @@ __device__ inline void copy_row_any(const uint8_t* src, bool from_peer, size_t b
 __device__ inline void quantize_row_multi(const uint8_t* x_row, int dtype, int hidden, bool round_scale,
                                           uint8_t* my_payload, float* my_scales, int ndst) {
   const int lane = lane_id(), half = lane >> 4, sub = lane & 15;
-  const int groups = hidden / kFp8Group;
+  const int num_groups = hidden / kFp8Group;
   const int esize = dtype == kF32 ? 4 : 2;
-  for (int g0 = 0; g0 < groups; g0 += 2) {
-    const int g = g0 + half;
-    const bool active = g < groups;
+  for (int group0 = 0; group0 < num_groups; group0 += 2) {
+    const int group = group0 + half;
+    const bool active = group < num_groups;
     float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     if (active) {
-      const uint8_t* p = x_row + (size_t(g) * kFp8Group + sub * 8) * esize;
-      int n = unpack16(ld_input16(p), dtype, v);
-      if (n == 4) unpack16(ld_input16(p + 16), dtype, v + 4);
+      const uint8_t* src = x_row + (size_t(group) * kFp8Group + sub * 8) * esize;
+      int n = unpack16(ld_input16(src), dtype, v);
+      if (n == 4) unpack16(ld_input16(src + 16), dtype, v + 4);
     }
     float amax = 0.f;
 #pragma unroll
@@ -94,8 +94,8 @@ __device__ inline void quantize_row_multi(const uint8_t* x_row, int dtype, int h
       uint8_t* pd = reinterpret_cast<uint8_t*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_payload), j));
       float* sd = reinterpret_cast<float*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_scales), j));
       if (active) {
-        *reinterpret_cast<uint2*>(pd + size_t(g) * kFp8Group + sub * 8) = q;
-        if (sub == 0) sd[g] = scale;
+        *reinterpret_cast<uint2*>(pd + size_t(group) * kFp8Group + sub * 8) = q;
+        if (sub == 0) sd[group] = scale;
       }
     }
   }
@@ -106,16 +106,16 @@ __device__ inline void zero_row(uint8_t* dst, size_t bytes) {
   const int lane = lane_id();
   switch (row_vector_bytes(bytes)) {
     case 16:
-      for (size_t c = lane; c < bytes / 16; c += 32) reinterpret_cast<int4*>(dst)[c] = make_int4(0, 0, 0, 0);
+      for (size_t i = lane; i < bytes / 16; i += 32) reinterpret_cast<int4*>(dst)[i] = make_int4(0, 0, 0, 0);
       break;
     case 8:
-      for (size_t c = lane; c < bytes / 8; c += 32) reinterpret_cast<int2*>(dst)[c] = make_int2(0, 0);
+      for (size_t i = lane; i < bytes / 8; i += 32) reinterpret_cast<int2*>(dst)[i] = make_int2(0, 0);
       break;
     case 4:
-      for (size_t c = lane; c < bytes / 4; c += 32) reinterpret_cast<int*>(dst)[c] = 0;
+      for (size_t i = lane; i < bytes / 4; i += 32) reinterpret_cast<int*>(dst)[i] = 0;
       break;
     default:
-      for (size_t c = lane; c < bytes / 2; c += 32) reinterpret_cast<short*>(dst)[c] = 0;
+      for (size_t i = lane; i < bytes / 2; i += 32) reinterpret_cast<short*>(dst)[i] = 0;
   }
 }
 
@@ -139,9 +139,9 @@ __device__ inline void weighted_sum_rows(const uint8_t* my_row, float my_w, int 
     const int per = 16 / esize;
     // the loop bound is the same for every lane: the shuffles need the whole warp
     const size_t chunks = bytes / 16;
-    for (size_t c0 = 0; c0 < chunks; c0 += 32) {
-      const size_t c = c0 + lane;
-      const bool active = c < chunks;
+    for (size_t chunk0 = 0; chunk0 < chunks; chunk0 += 32) {
+      const size_t chunk = chunk0 + lane;
+      const bool active = chunk < chunks;
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       // loads of kBatch rows in flight before the (ordered) accumulation
       constexpr int kBatch = 8;
@@ -152,11 +152,11 @@ __device__ inline void weighted_sum_rows(const uint8_t* my_row, float my_w, int 
 #pragma unroll
         for (int u = 0; u < kBatch; ++u) {
           const int j = j0 + u;
-          const uint8_t* r =
+          const uint8_t* row =
               reinterpret_cast<const uint8_t*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_row), j & 31));
           w[u] = __shfl_sync(kFullMask, my_w, j & 31);
-          has[u] = j < n && r != nullptr && active;
-          if (has[u]) raw[u] = from_peer ? ld_peer16(r + c * 16) : ld_input16(r + c * 16);
+          has[u] = j < n && row != nullptr && active;
+          if (has[u]) raw[u] = from_peer ? ld_peer16(row + chunk * 16) : ld_input16(row + chunk * 16);
         }
 #pragma unroll
         for (int u = 0; u < kBatch; ++u) {
@@ -168,7 +168,7 @@ __device__ inline void weighted_sum_rows(const uint8_t* my_row, float my_w, int 
             if (i < per) acc[i] = __fadd_rn(acc[i], __fmul_rn(w[u], v[i]));
         }
       }
-      if (active) *reinterpret_cast<int4*>(out + c * 16) = pack16(acc, dtype);
+      if (active) *reinterpret_cast<int4*>(out + chunk * 16) = pack16(acc, dtype);
     }
     return;
   }
@@ -177,11 +177,11 @@ __device__ inline void weighted_sum_rows(const uint8_t* my_row, float my_w, int 
     const int h = h0 + lane;
     float acc = 0.f;
     for (int j = 0; j < n; ++j) {
-      const uint8_t* r =
+      const uint8_t* row =
           reinterpret_cast<const uint8_t*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_row), j));
       const float w = __shfl_sync(kFullMask, my_w, j);
-      if (r == nullptr || h >= hidden) continue;
-      float v = from_peer ? load_peer_f32(r, dtype, h) : to_f32(r, dtype, h);
+      if (row == nullptr || h >= hidden) continue;
+      float v = from_peer ? load_peer_f32(row, dtype, h) : to_f32(row, dtype, h);
       acc = __fadd_rn(acc, __fmul_rn(w, v));
     }
     if (h < hidden) from_f32(out, dtype, h, acc);

@@ -79,17 +79,17 @@ __global__ void __launch_bounds__(kThreads) ht_combine_send(HtCombineArgs a) {
 __global__ void __launch_bounds__(kThreads) ht_combine_recv(HtCombineArgs a) {
   if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   const CommContext& c = a.c;
-  const BufferLayout& L = c.layout;
+  const BufferLayout& layout = c.layout;
   const int local = blockIdx.x / c.copy_blocks, block = blockIdx.x % c.copy_blocks;
   const RankCtx r = rank_ctx(c, local, kHtCombineSeq);
   const uint64_t target = r.seq * uint64_t(c.copy_blocks);  // one arrival per send (or relay) block
-  const bool net = L.sizes.num_nodes > 1;
-  const int P = L.ranks_per_node(), me_local = r.rank % P;
+  const bool net = layout.sizes.num_nodes > 1;
+  const int P = layout.ranks_per_node(), me_local = r.rank % P;
   // one node: every peer's partials; several: every other node's summed row (our own
   // node's relay is this rank, whose relay kernel ran before this one)
-  const bool ok = net ? wait_nodes(c, r, L.net_combine_signal, r.rank / P, target, kPhaseNetCombineArrival,
+  const bool ok = net ? wait_nodes(c, r, layout.net_combine_signal, r.rank / P, target, kPhaseNetCombineArrival,
                                    [&](int m) { return m * P + me_local; })
-                      : wait_all_peers(c, r, L.ht_combine_arrival, target, kPhaseHtCombineArrival);
+                      : wait_all_peers(c, r, layout.ht_combine_arrival, target, kPhaseHtCombineArrival);
   if (ok) {
     const int T = a.num_tokens;
     const int esize = a.dtype == kF32 ? 4 : 2;
@@ -101,14 +101,14 @@ __global__ void __launch_bounds__(kThreads) ht_combine_recv(HtCombineArgs a) {
       const uint8_t* my_row;
       const int n =
           net ? lanes_of_units(
-                    nodes_of(ranks, P), [&](int m) { return net_combine_row(L, r.self, r.parity, m, t); }, &my_row)
-              : lanes_of_units(ranks, [&](int d) { return combine_row(L, r.self, r.parity, d, t); }, &my_row);
+                    nodes_of(ranks, P), [&](int m) { return net_combine_row(layout, r.self, r.parity, m, t); }, &my_row)
+              : lanes_of_units(ranks, [&](int d) { return combine_row(layout, r.self, r.parity, d, t); }, &my_row);
       weighted_sum_rows(my_row, 1.f, n, true, a.dtype, a.hidden, out + size_t(t) * a.hidden * esize);
       if (a.num_extra) {  // the extra columns: the same ranks, ascending, in float32
         float acc = 0.f;
-        for (uint64_t m = ranks; m; m &= m - 1) {
-          const int d = __ffsll(m) - 1;
-          if (lane_id() < a.num_extra) acc += __ldcg(combine_extra(L, r.self, r.parity, d, t) + lane_id());
+        for (uint64_t rest = ranks; rest; rest &= rest - 1) {
+          const int d = __ffsll(rest) - 1;
+          if (lane_id() < a.num_extra) acc += __ldcg(combine_extra(layout, r.self, r.parity, d, t) + lane_id());
         }
         if (lane_id() < a.num_extra) a.out_extra[(size_t(local) * T + t) * a.num_extra + lane_id()] = acc;
       }

@@ -7,25 +7,26 @@
 namespace jax_ep {
 
 // Slot addresses inside a buffer (see common/buffer_layout.h).
-__device__ inline uint8_t* dispatch_row(const BufferLayout& L, uint8_t* base, int parity, int src, int t) {
-  return base + L.ht_dispatch_data +
-         ((size_t(parity) * L.sizes.num_ranks + src) * L.sizes.max_tokens + t) * L.row_bytes;
+__device__ inline uint8_t* dispatch_row(const BufferLayout& layout, uint8_t* base, int parity, int src, int t) {
+  return base + layout.ht_dispatch_data +
+         ((size_t(parity) * layout.sizes.num_ranks + src) * layout.sizes.max_tokens + t) * layout.row_bytes;
 }
 
-__device__ inline uint8_t* dispatch_meta(const BufferLayout& L, uint8_t* base, int parity, int src, int t) {
-  return base + L.ht_dispatch_meta +
-         ((size_t(parity) * L.sizes.num_ranks + src) * L.sizes.max_tokens + t) * L.meta_bytes_per_token();
+__device__ inline uint8_t* dispatch_meta(const BufferLayout& layout, uint8_t* base, int parity, int src, int t) {
+  return base + layout.ht_dispatch_meta +
+         ((size_t(parity) * layout.sizes.num_ranks + src) * layout.sizes.max_tokens + t) *
+             layout.meta_bytes_per_token();
 }
 
-__device__ inline uint8_t* combine_row(const BufferLayout& L, uint8_t* base, int parity, int src, int t) {
-  return base + L.ht_combine_data +
-         ((size_t(parity) * L.sizes.num_ranks + src) * L.sizes.max_tokens + t) * L.combine_row_bytes;
+__device__ inline uint8_t* combine_row(const BufferLayout& layout, uint8_t* base, int parity, int src, int t) {
+  return base + layout.ht_combine_data +
+         ((size_t(parity) * layout.sizes.num_ranks + src) * layout.sizes.max_tokens + t) * layout.combine_row_bytes;
 }
 
 // The extra float columns that travel with combine_row(.., src, t) (num_topk of them).
-__device__ inline float* combine_extra(const BufferLayout& L, uint8_t* base, int parity, int src, int t) {
-  return reinterpret_cast<float*>(base + L.ht_combine_extra) +
-         ((size_t(parity) * L.sizes.num_ranks + src) * L.sizes.max_tokens + t) * L.sizes.num_topk;
+__device__ inline float* combine_extra(const BufferLayout& layout, uint8_t* base, int parity, int src, int t) {
+  return reinterpret_cast<float*>(base + layout.ht_combine_extra) +
+         ((size_t(parity) * layout.sizes.num_ranks + src) * layout.sizes.max_tokens + t) * layout.sizes.num_topk;
 }
 
 }  // namespace jax_ep

@@ -35,35 +35,35 @@ struct Shape {
 };
 
 __device__ inline Shape shape_of(const HtDispatchArgs& a) {
-  Shape s;
-  s.T = a.num_tokens;
-  s.K = a.num_topk;
-  s.H = a.hidden;
-  s.E = a.num_experts;
-  s.R = a.c.num_ranks;
-  s.E_loc = s.E / s.R;
-  s.esize = a.dtype == kF32 ? 4 : 2;
-  s.num_buckets = a.layout_kind == kPerRank ? 1 : s.E_loc + 1;
-  s.rows_out = a.layout_kind == kExpertMajor ? s.E_loc * a.capacity : a.capacity;
-  return s;
+  Shape shape;
+  shape.T = a.num_tokens;
+  shape.K = a.num_topk;
+  shape.H = a.hidden;
+  shape.E = a.num_experts;
+  shape.R = a.c.num_ranks;
+  shape.E_loc = shape.E / shape.R;
+  shape.esize = a.dtype == kF32 ? 4 : 2;
+  shape.num_buckets = a.layout_kind == kPerRank ? 1 : shape.E_loc + 1;
+  shape.rows_out = a.layout_kind == kExpertMajor ? shape.E_loc * a.capacity : a.capacity;
+  return shape;
 }
 
 // Expert id of (source rank, token, k) as this rank sees it; -1 when masked or out of
 // range (senders canonicalise their rows, our own input is checked here).
-__device__ inline int routing_id(const HtDispatchArgs& a, const Shape& s, const RankCtx& r, int src, int t, int k) {
+__device__ inline int routing_id(const HtDispatchArgs& a, const Shape& shape, const RankCtx& r, int src, int t, int k) {
   if (src == r.rank) {
-    int e = a.topk_idx[(size_t(r.local) * s.T + t) * s.K + k];
-    return e >= 0 && e < s.E ? e : -1;
+    int e = a.topk_idx[(size_t(r.local) * shape.T + t) * shape.K + k];
+    return e >= 0 && e < shape.E ? e : -1;
   }
   const int* meta = reinterpret_cast<const int*>(dispatch_meta(a.c.layout, r.self, r.parity, src, t));
   return __ldcg(meta + k);
 }
 
-__device__ inline float routing_weight(const HtDispatchArgs& a, const Shape& s, const RankCtx& r, int src, int t,
+__device__ inline float routing_weight(const HtDispatchArgs& a, const Shape& shape, const RankCtx& r, int src, int t,
                                        int k) {
-  if (src == r.rank) return a.topk_weights ? a.topk_weights[(size_t(r.local) * s.T + t) * s.K + k] : 0.f;
+  if (src == r.rank) return a.topk_weights ? a.topk_weights[(size_t(r.local) * shape.T + t) * shape.K + k] : 0.f;
   const float* meta = reinterpret_cast<const float*>(dispatch_meta(a.c.layout, r.self, r.parity, src, t));
-  return __ldcg(meta + s.K + k);
+  return __ldcg(meta + shape.K + k);
 }
 
 __device__ inline int local_id(int e, int rank, int e_loc) {
@@ -77,30 +77,30 @@ __device__ inline int local_id(int e, int rank, int e_loc) {
 __global__ void __launch_bounds__(kThreads) ht_dispatch_send(HtDispatchArgs a) {
   if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   const CommContext& c = a.c;
-  const Shape s = shape_of(a);
+  const Shape shape = shape_of(a);
   const int local = blockIdx.x / c.send_blocks, block = blockIdx.x % c.send_blocks;
   const RankCtx r = rank_ctx(c, local, kHtDispatchSeq);
   if (r.rank == c.fault_inject_rank) return;  // testing: a peer that never arrives
   const int lane = lane_id();
-  const int per_block = (s.T + c.send_blocks - 1) / c.send_blocks;
-  const int t_begin = block * per_block, t_end = min(s.T, t_begin + per_block);
-  const uint8_t* x = static_cast<const uint8_t*>(a.x) + size_t(local) * s.T * s.H * s.esize;
-  const size_t raw_bytes = size_t(s.H) * s.esize;
+  const int per_block = (shape.T + c.send_blocks - 1) / c.send_blocks;
+  const int t_begin = block * per_block, t_end = min(shape.T, t_begin + per_block);
+  const uint8_t* x = static_cast<const uint8_t*>(a.x) + size_t(local) * shape.T * shape.H * shape.esize;
+  const size_t raw_bytes = size_t(shape.H) * shape.esize;
 
   for (int t = t_begin + warp_id(); t < t_end; t += kWarps) {
-    int e = lane < s.K ? a.topk_idx[(size_t(local) * s.T + t) * s.K + lane] : -1;
-    if (lane < s.K && (e < -1 || e >= s.E)) record_error(c.err, kErrBadExpert, r.rank, t, lane, s.E, e, 0);
-    const bool valid = lane < s.K && e >= 0 && e < s.E;
+    int e = lane < shape.K ? a.topk_idx[(size_t(local) * shape.T + t) * shape.K + lane] : -1;
+    if (lane < shape.K && (e < -1 || e >= shape.E)) record_error(c.err, kErrBadExpert, r.rank, t, lane, shape.E, e, 0);
+    const bool valid = lane < shape.K && e >= 0 && e < shape.E;
     if (!valid) e = -1;
-    const uint64_t dests = dest_mask(valid, valid ? e / s.E_loc : 0);
-    const float w = valid && a.topk_weights ? a.topk_weights[(size_t(local) * s.T + t) * s.K + lane] : 0.f;
+    const uint64_t dests = dest_mask(valid, valid ? e / shape.E_loc : 0);
+    const float w = valid && a.topk_weights ? a.topk_weights[(size_t(local) * shape.T + t) * shape.K + lane] : 0.f;
 
     // routing rows: every peer learns which of our tokens it receives
-    for (int p = 0; p < s.R; ++p) {
-      if (p == r.rank || lane >= s.K) continue;
-      uint8_t* meta = dispatch_meta(c.layout, c.peers[p], r.parity, r.rank, t);
+    for (int peer = 0; peer < shape.R; ++peer) {
+      if (peer == r.rank || lane >= shape.K) continue;
+      uint8_t* meta = dispatch_meta(c.layout, c.peers[peer], r.parity, r.rank, t);
       reinterpret_cast<int*>(meta)[lane] = e;
-      if ((dests >> p) & 1) reinterpret_cast<float*>(meta)[s.K + lane] = w;
+      if ((dests >> peer) & 1) reinterpret_cast<float*>(meta)[shape.K + lane] = w;
     }
     // token rows to each destination rank but ourselves (read locally at copy-out)
     uint64_t remote = dests & ~(1ull << r.rank);
@@ -108,13 +108,14 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_send(HtDispatchArgs a) {
     if (ndst == 0) continue;
     uint8_t* my_dst = nullptr;
     for (int j = 0; j < ndst; ++j) {
-      const int p = __ffsll(remote) - 1;
+      const int peer = __ffsll(remote) - 1;
       remote &= remote - 1;
-      if (lane == j) my_dst = dispatch_row(c.layout, c.peers[p], r.parity, r.rank, t);
+      if (lane == j) my_dst = dispatch_row(c.layout, c.peers[peer], r.parity, r.rank, t);
     }
     const uint8_t* x_row = x + size_t(t) * raw_bytes;
     if (a.fp8) {
-      quantize_row_multi(x_row, a.dtype, s.H, a.round_scale, my_dst, reinterpret_cast<float*>(my_dst + s.H), ndst);
+      quantize_row_multi(x_row, a.dtype, shape.H, a.round_scale, my_dst, reinterpret_cast<float*>(my_dst + shape.H),
+                         ndst);
     } else {
       copy_row_any(x_row, false, raw_bytes, my_dst, ndst);
     }
@@ -130,37 +131,37 @@ __global__ void __launch_bounds__(kBitmapThreads) ht_dispatch_bitmap(HtDispatchA
   if (returns_closed(a.c)) return;            // docs/protocol.md, "Ordering and lifetime"
   extern __shared__ uint32_t expert_words[];  // [warps][E_loc]
   const CommContext& c = a.c;
-  const Shape s = shape_of(a);
+  const Shape shape = shape_of(a);
   const int local = blockIdx.x / c.copy_blocks, block = blockIdx.x % c.copy_blocks;
   const RankCtx r = rank_ctx(c, local, kHtDispatchSeq);
   const uint64_t target = r.seq * uint64_t(c.send_blocks);
   if (!wait_all_peers(c, r, c.layout.ht_dispatch_arrival, target, kPhaseHtDispatchArrival)) return;
 
   const int lane = lane_id(), warp = threadIdx.x / 32, warps = kBitmapThreads / 32;
-  const int num_words = (s.R * s.T + 31) / 32;
+  const int num_words = (shape.R * shape.T + 31) / 32;
   uint32_t* bitmaps = reinterpret_cast<uint32_t*>(r.self + c.layout.bitmaps);
-  uint32_t* mine = expert_words + warp * s.E_loc;
-  const bool experts = s.num_buckets > 1;
-  for (int w = block * warps + warp; w < num_words; w += c.copy_blocks * warps) {
-    const int p = w * 32 + lane;
-    const bool in_range = p < s.R * s.T;
-    const int src = in_range ? p / s.T : 0, t = in_range ? p % s.T : 0;
+  uint32_t* mine = expert_words + warp * shape.E_loc;
+  const bool experts = shape.num_buckets > 1;
+  for (int word_idx = block * warps + warp; word_idx < num_words; word_idx += c.copy_blocks * warps) {
+    const int p = word_idx * 32 + lane;
+    const bool in_range = p < shape.R * shape.T;
+    const int src = in_range ? p / shape.T : 0, t = in_range ? p % shape.T : 0;
     if (experts) {
-      for (int e = lane; e < s.E_loc; e += 32) mine[e] = 0;
+      for (int e = lane; e < shape.E_loc; e += 32) mine[e] = 0;
       __syncwarp();
     }
     bool any = false;
-    for (int k = 0; k < s.K && in_range; ++k) {
-      const int le = local_id(routing_id(a, s, r, src, t, k), r.rank, s.E_loc);
+    for (int k = 0; k < shape.K && in_range; ++k) {
+      const int le = local_id(routing_id(a, shape, r, src, t, k), r.rank, shape.E_loc);
       if (le < 0) continue;
       any = true;
       if (experts) atomicOr(&mine[le], 1u << lane);
     }
     const uint32_t word = __ballot_sync(kFullMask, any);
-    if (lane == 0) bitmaps[w] = word;
+    if (lane == 0) bitmaps[word_idx] = word;
     if (experts) {
       __syncwarp();
-      for (int e = lane; e < s.E_loc; e += 32) bitmaps[size_t(1 + e) * c.layout.bitmap_words + w] = mine[e];
+      for (int e = lane; e < shape.E_loc; e += 32) bitmaps[size_t(1 + e) * c.layout.bitmap_words + word_idx] = mine[e];
       __syncwarp();
     }
   }
@@ -174,18 +175,18 @@ __global__ void __launch_bounds__(kScanThreads) ht_dispatch_scan(HtDispatchArgs 
   if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   __shared__ int warp_totals[kScanThreads / 32];
   const CommContext& c = a.c;
-  const Shape s = shape_of(a);
-  const int local = blockIdx.x / s.num_buckets, bucket = blockIdx.x % s.num_buckets;
+  const Shape shape = shape_of(a);
+  const int local = blockIdx.x / shape.num_buckets, bucket = blockIdx.x % shape.num_buckets;
   const RankCtx r = rank_ctx(c, local, kHtDispatchSeq);
   if (aborted(c, r)) return;
-  const int num_words = (s.R * s.T + 31) / 32;
+  const int num_words = (shape.R * shape.T + 31) / 32;
   const uint32_t* words =
       reinterpret_cast<const uint32_t*>(r.self + c.layout.bitmaps) + size_t(bucket) * c.layout.bitmap_words;
   uint32_t* prefix = reinterpret_cast<uint32_t*>(r.self + c.layout.prefixes) + size_t(bucket) * c.layout.bitmap_words;
   const int per = (num_words + kScanThreads - 1) / kScanThreads;
-  const int w0 = threadIdx.x * per, w1 = min(num_words, w0 + per);
+  const int word0 = threadIdx.x * per, word1 = min(num_words, word0 + per);
   int mine = 0;
-  for (int w = w0; w < w1; ++w) mine += __popc(words[w]);
+  for (int word_idx = word0; word_idx < word1; ++word_idx) mine += __popc(words[word_idx]);
   int warp_total;
   int before = warp_exclusive_scan(mine, &warp_total);
   if (lane_id() == 0) warp_totals[warp_id()] = warp_total;
@@ -198,9 +199,9 @@ __global__ void __launch_bounds__(kScanThreads) ht_dispatch_scan(HtDispatchArgs 
   }
   __syncthreads();
   int run = warp_totals[warp_id()] + before;
-  for (int w = w0; w < w1; ++w) {
-    prefix[w] = run;
-    run += __popc(words[w]);
+  for (int word_idx = word0; word_idx < word1; ++word_idx) {
+    prefix[word_idx] = run;
+    run += __popc(words[word_idx]);
   }
 }
 
@@ -209,10 +210,10 @@ __global__ void __launch_bounds__(kScanThreads) ht_dispatch_scan(HtDispatchArgs 
 // ---------------------------------------------------------------------------
 
 // Rows kept per expert and ragged offsets, from the bucket totals.
-__device__ inline void expert_offsets(const HtDispatchArgs& a, const Shape& s, const int* totals, int* offsets) {
+__device__ inline void expert_offsets(const HtDispatchArgs& a, const Shape& shape, const int* totals, int* offsets) {
   if (threadIdx.x == 0) {
     int run = 0;
-    for (int e = 0; e < s.E_loc; ++e) {
+    for (int e = 0; e < shape.E_loc; ++e) {
       offsets[e] = run;
       run += totals[1 + e];
     }
@@ -220,7 +221,8 @@ __device__ inline void expert_offsets(const HtDispatchArgs& a, const Shape& s, c
   __syncthreads();
 }
 
-__device__ inline int kept_rows(const HtDispatchArgs& a, const Shape& s, const int* totals, const int* offsets, int e) {
+__device__ inline int kept_rows(const HtDispatchArgs& a, const Shape& shape, const int* totals, const int* offsets,
+                                int e) {
   const int n = totals[1 + e];
   if (a.layout_kind == kExpertMajor) return min(n, a.capacity);
   return max(0, min(n, a.capacity - offsets[e]));
@@ -233,7 +235,7 @@ __global__ void __launch_bounds__(kThreads, 2) ht_dispatch_copy(HtDispatchArgs a
   uint8_t** warp_payload = reinterpret_cast<uint8_t**>(smem + ((a.num_experts / a.c.num_ranks + 1) & ~1));
   float** warp_scales = reinterpret_cast<float**>(warp_payload + kWarps * 32);
   const CommContext& c = a.c;
-  const Shape s = shape_of(a);
+  const Shape shape = shape_of(a);
   const int local = blockIdx.x / c.copy_blocks, block = blockIdx.x % c.copy_blocks;
   const RankCtx r = rank_ctx(c, local, kHtDispatchSeq);
   if (aborted(c, r)) return;
@@ -243,19 +245,19 @@ __global__ void __launch_bounds__(kThreads, 2) ht_dispatch_copy(HtDispatchArgs a
   const uint32_t* prefixes = reinterpret_cast<const uint32_t*>(r.self + c.layout.prefixes);
   const size_t bw = c.layout.bitmap_words;
   const bool per_rank = a.layout_kind == kPerRank;
-  if (!per_rank) expert_offsets(a, s, totals, offsets);
+  if (!per_rank) expert_offsets(a, shape, totals, offsets);
 
-  const size_t RT = size_t(s.R) * s.T;
-  const int kr = per_rank ? 1 : s.K;
+  const size_t RT = size_t(shape.R) * shape.T;
+  const int kr = per_rank ? 1 : shape.K;
   int* recv_src = a.recv_src + local * RT;
-  int* recv_topk_idx = a.recv_topk_idx + local * RT * s.K;
-  float* recv_weights = a.recv_weights + local * RT * s.K;
+  int* recv_topk_idx = a.recv_topk_idx + local * RT * shape.K;
+  float* recv_weights = a.recv_weights + local * RT * shape.K;
   int* recv_rows = a.recv_rows + local * RT * kr;
-  const size_t payload_bytes = a.fp8 ? size_t(s.H) : size_t(s.H) * s.esize;
-  const int scale_cols = s.H / kFp8Group;
-  uint8_t* out_x = static_cast<uint8_t*>(a.out_x) + size_t(local) * s.rows_out * payload_bytes;
-  float* out_scales = a.fp8 ? a.out_scales + size_t(local) * s.rows_out * scale_cols : nullptr;
-  const uint8_t* x = static_cast<const uint8_t*>(a.x) + size_t(local) * s.T * s.H * s.esize;
+  const size_t payload_bytes = a.fp8 ? size_t(shape.H) : size_t(shape.H) * shape.esize;
+  const int scale_cols = shape.H / kFp8Group;
+  uint8_t* out_x = static_cast<uint8_t*>(a.out_x) + size_t(local) * shape.rows_out * payload_bytes;
+  float* out_scales = a.fp8 ? a.out_scales + size_t(local) * shape.rows_out * scale_cols : nullptr;
+  const uint8_t* x = static_cast<const uint8_t*>(a.x) + size_t(local) * shape.T * shape.H * shape.esize;
 
   // summary outputs
   if (block == 0 && threadIdx.x == 0) {
@@ -267,9 +269,9 @@ __global__ void __launch_bounds__(kThreads, 2) ht_dispatch_copy(HtDispatchArgs a
       a.out_dropped[local] = n - kept;
     } else {
       int dropped = 0;
-      for (int e = 0; e < s.E_loc; ++e) {
-        const int kept = kept_rows(a, s, totals, offsets, e);
-        a.out_counts[size_t(local) * s.E_loc + e] = kept;
+      for (int e = 0; e < shape.E_loc; ++e) {
+        const int kept = kept_rows(a, shape, totals, offsets, e);
+        a.out_counts[size_t(local) * shape.E_loc + e] = kept;
         dropped += totals[1 + e] - kept;
       }
       a.out_dropped[local] = dropped;
@@ -279,19 +281,19 @@ __global__ void __launch_bounds__(kThreads, 2) ht_dispatch_copy(HtDispatchArgs a
   // one warp per candidate token (not per 32-token word: a word per warp leaves most
   // of the GPU idle); a token's list index is its word's prefix plus the bits before it
   for (int p = block * kWarps + warp; p < int(RT); p += c.copy_blocks * kWarps) {
-    const int w = p / 32, j = p % 32;
-    const uint32_t bits = bitmaps[w];
-    if (!((bits >> j) & 1u)) continue;
+    const int word_idx = p / 32, bit = p % 32;
+    const uint32_t bits = bitmaps[word_idx];
+    if (!((bits >> bit) & 1u)) continue;
     {
-      const int i = prefixes[w] + __popc(bits & ((1u << j) - 1u));
-      const int src = p / s.T, t = p % s.T;
-      const int e = lane < s.K ? routing_id(a, s, r, src, t, lane) : -1;
-      const int le = local_id(e, r.rank, s.E_loc);
-      const float wt = le >= 0 ? routing_weight(a, s, r, src, t, lane) : 0.f;
+      const int i = prefixes[word_idx] + __popc(bits & ((1u << bit) - 1u));
+      const int src = p / shape.T, t = p % shape.T;
+      const int e = lane < shape.K ? routing_id(a, shape, r, src, t, lane) : -1;
+      const int le = local_id(e, r.rank, shape.E_loc);
+      const float w = le >= 0 ? routing_weight(a, shape, r, src, t, lane) : 0.f;
       if (lane == 0) recv_src[i] = p;
-      if (lane < s.K) {
-        recv_topk_idx[size_t(i) * s.K + lane] = le;
-        recv_weights[size_t(i) * s.K + lane] = wt;
+      if (lane < shape.K) {
+        recv_topk_idx[size_t(i) * shape.K + lane] = le;
+        recv_weights[size_t(i) * shape.K + lane] = w;
       }
       // destination rows: lane j of the destination list holds row j
       int row = -1;
@@ -299,27 +301,27 @@ __global__ void __launch_bounds__(kThreads, 2) ht_dispatch_copy(HtDispatchArgs a
       if (per_rank) {
         row = i < a.capacity ? i : -1;
         if (lane == 0) recv_rows[i] = row;
-        if (row >= 0 && lane < s.K) {
-          a.out_topk_idx[(size_t(local) * a.capacity + row) * s.K + lane] = le;
-          a.out_topk_weights[(size_t(local) * a.capacity + row) * s.K + lane] = wt;
+        if (row >= 0 && lane < shape.K) {
+          a.out_topk_idx[(size_t(local) * a.capacity + row) * shape.K + lane] = le;
+          a.out_topk_weights[(size_t(local) * a.capacity + row) * shape.K + lane] = w;
         }
         first = lane == 0;
       } else if (le >= 0) {
-        const uint32_t below = (1u << j) - 1u;
-        const int slot = prefixes[(1 + le) * bw + w] + __popc(bitmaps[(1 + le) * bw + w] & below);
+        const uint32_t below = (1u << bit) - 1u;
+        const int slot = prefixes[(1 + le) * bw + word_idx] + __popc(bitmaps[(1 + le) * bw + word_idx] & below);
         if (a.layout_kind == kExpertMajor)
           row = slot < a.capacity ? le * a.capacity + slot : -1;
         else
           row = offsets[le] + slot < a.capacity ? offsets[le] + slot : -1;
       }
       if (!per_rank) {
-        for (int k2 = 0; k2 < s.K; ++k2) {  // a repeated expert keeps its first k's copy
+        for (int k2 = 0; k2 < shape.K; ++k2) {  // a repeated expert keeps its first k's copy
           const int other = __shfl_sync(kFullMask, le, k2);
           if (k2 < lane && other == le) first = false;
         }
-        if (lane < s.K) recv_rows[size_t(i) * s.K + lane] = row;
+        if (lane < shape.K) recv_rows[size_t(i) * shape.K + lane] = row;
       }
-      const bool writes = first && row >= 0 && (per_rank ? lane == 0 : lane < s.K);
+      const bool writes = first && row >= 0 && (per_rank ? lane == 0 : lane < shape.K);
       const unsigned writers = __ballot_sync(kFullMask, writes);
       const int ndst = __popc(writers);
       if (writes) {
@@ -333,16 +335,16 @@ __global__ void __launch_bounds__(kThreads, 2) ht_dispatch_copy(HtDispatchArgs a
       __syncwarp();
       if (ndst > 0) {
         if (src == r.rank) {
-          const uint8_t* x_row = x + size_t(t) * s.H * s.esize;
+          const uint8_t* x_row = x + size_t(t) * shape.H * shape.esize;
           if (a.fp8)
-            quantize_row_multi(x_row, a.dtype, s.H, a.round_scale, my_payload, my_scales, ndst);
+            quantize_row_multi(x_row, a.dtype, shape.H, a.round_scale, my_payload, my_scales, ndst);
           else
             copy_row_any(x_row, false, payload_bytes, my_payload, ndst);
         } else {
           const uint8_t* wire = dispatch_row(c.layout, r.self, r.parity, src, t);
           copy_row_any(wire, true, payload_bytes, my_payload, ndst);
           if (a.fp8)
-            copy_row_any(wire + s.H, true, size_t(scale_cols) * 4, reinterpret_cast<uint8_t*>(my_scales), ndst);
+            copy_row_any(wire + shape.H, true, size_t(scale_cols) * 4, reinterpret_cast<uint8_t*>(my_scales), ndst);
         }
       }
     }
@@ -356,30 +358,30 @@ __global__ void __launch_bounds__(kThreads, 2) ht_dispatch_copy(HtDispatchArgs a
 __global__ void __launch_bounds__(kThreads) ht_dispatch_pad(HtDispatchArgs a) {
   if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   const CommContext& c = a.c;
-  const Shape s = shape_of(a);
+  const Shape shape = shape_of(a);
   const int local = blockIdx.x / c.copy_blocks, block = blockIdx.x % c.copy_blocks;
   const RankCtx r = rank_ctx(c, local, kHtDispatchSeq);
   const bool per_rank = a.layout_kind == kPerRank;
   const int* totals = reinterpret_cast<const int*>(r.self + c.layout.totals);
   if (!aborted(c, r)) {
-    const size_t RT = size_t(s.R) * s.T;
-    const int kr = per_rank ? 1 : s.K;
+    const size_t RT = size_t(shape.R) * shape.T;
+    const int kr = per_rank ? 1 : shape.K;
     const int n = totals[0];
     const int gthreads = c.copy_blocks * kThreads, gtid = block * kThreads + threadIdx.x;
     for (size_t i = size_t(n) + gtid; i < RT; i += gthreads) {
       a.recv_src[local * RT + i] = -1;
-      for (int k = 0; k < s.K; ++k) {
-        a.recv_topk_idx[(local * RT + i) * s.K + k] = -1;
-        a.recv_weights[(local * RT + i) * s.K + k] = 0.f;
+      for (int k = 0; k < shape.K; ++k) {
+        a.recv_topk_idx[(local * RT + i) * shape.K + k] = -1;
+        a.recv_weights[(local * RT + i) * shape.K + k] = 0.f;
       }
       for (int k = 0; k < kr; ++k) a.recv_rows[(local * RT + i) * kr + k] = -1;
     }
     if (per_rank) {  // routing of the rows past the kept ones: masked
       const int gwarps = c.copy_blocks * kWarps, gwarp = block * kWarps + warp_id();
       for (int row = min(n, a.capacity) + gwarp; row < a.capacity; row += gwarps) {
-        if (lane_id() < s.K) {
-          a.out_topk_idx[(size_t(local) * a.capacity + row) * s.K + lane_id()] = -1;
-          a.out_topk_weights[(size_t(local) * a.capacity + row) * s.K + lane_id()] = 0.f;
+        if (lane_id() < shape.K) {
+          a.out_topk_idx[(size_t(local) * a.capacity + row) * shape.K + lane_id()] = -1;
+          a.out_topk_weights[(size_t(local) * a.capacity + row) * shape.K + lane_id()] = 0.f;
         }
       }
     }

@@ -22,19 +22,20 @@ __device__ inline NodeCtx node_ctx(const CommContext& c, const RankCtx& r) {
   return NodeCtx{c.layout.sizes.num_nodes, P, r.rank / P, r.rank % P};
 }
 
-__device__ inline uint8_t* net_dispatch_meta(const BufferLayout& L, uint8_t* base, int parity, int node, int t) {
-  return base + L.net_dispatch_meta +
-         ((size_t(parity) * L.sizes.num_nodes + node) * L.sizes.max_tokens + t) * L.meta_bytes_per_token();
+__device__ inline uint8_t* net_dispatch_meta(const BufferLayout& layout, uint8_t* base, int parity, int node, int t) {
+  return base + layout.net_dispatch_meta +
+         ((size_t(parity) * layout.sizes.num_nodes + node) * layout.sizes.max_tokens + t) *
+             layout.meta_bytes_per_token();
 }
 
-__device__ inline uint8_t* net_dispatch_row(const BufferLayout& L, uint8_t* base, int parity, int node, int t) {
-  return base + L.net_dispatch_data +
-         ((size_t(parity) * L.sizes.num_nodes + node) * L.sizes.max_tokens + t) * L.row_bytes;
+__device__ inline uint8_t* net_dispatch_row(const BufferLayout& layout, uint8_t* base, int parity, int node, int t) {
+  return base + layout.net_dispatch_data +
+         ((size_t(parity) * layout.sizes.num_nodes + node) * layout.sizes.max_tokens + t) * layout.row_bytes;
 }
 
-__device__ inline uint8_t* net_combine_row(const BufferLayout& L, uint8_t* base, int parity, int node, int t) {
-  return base + L.net_combine_data +
-         ((size_t(parity) * L.sizes.num_nodes + node) * L.sizes.max_tokens + t) * L.combine_row_bytes;
+__device__ inline uint8_t* net_combine_row(const BufferLayout& layout, uint8_t* base, int parity, int node, int t) {
+  return base + layout.net_combine_data +
+         ((size_t(parity) * layout.sizes.num_nodes + node) * layout.sizes.max_tokens + t) * layout.combine_row_bytes;
 }
 
 // Row of ht_combine_data (and tag) at the relay where writer `writer` leaves its
@@ -51,9 +52,9 @@ __device__ inline int relay_rank(const CommContext& c, int writer, int src) {
   return (writer / P) * P + src % P;
 }
 
-__device__ inline uint32_t* net_combine_tag(const BufferLayout& L, uint8_t* base, int parity, int slot, int t) {
-  return reinterpret_cast<uint32_t*>(base + L.net_combine_tag) +
-         (size_t(parity) * L.sizes.num_ranks + slot) * L.sizes.max_tokens + t;
+__device__ inline uint32_t* net_combine_tag(const BufferLayout& layout, uint8_t* base, int parity, int slot, int t) {
+  return reinterpret_cast<uint32_t*>(base + layout.net_combine_tag) +
+         (size_t(parity) * layout.sizes.num_ranks + slot) * layout.sizes.max_tokens + t;
 }
 
 __device__ inline uint64_t* net_signal(uint8_t* base, size_t region, int node) {

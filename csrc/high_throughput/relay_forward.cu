@@ -16,7 +16,7 @@ constexpr int kWarps = kThreads / 32;
 __global__ void __launch_bounds__(kThreads) ht_dispatch_forward(HtDispatchArgs a) {
   if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   const CommContext& c = a.c;
-  const BufferLayout& L = c.layout;
+  const BufferLayout& layout = c.layout;
   const RankCtx r = rank_ctx(c, 0, kHtDispatchSeq);  // NVSHMEM: one rank per process
   if (r.rank == c.fault_inject_rank) return;         // testing: a peer that never arrives
   const NodeCtx nd = node_ctx(c, r);
@@ -25,7 +25,7 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_forward(HtDispatchArgs a
   block_tokens(T, c.send_blocks, blockIdx.x, &t_begin, &t_end);
   // every other node's source sends with send_blocks blocks, each signalling once
   const auto relay_of = [&](int m) { return m * nd.P + nd.local; };
-  if (!wait_nodes(c, r, L.net_dispatch_signal, nd.node, r.seq * c.send_blocks, kPhaseNetDispatchArrival, relay_of))
+  if (!wait_nodes(c, r, layout.net_dispatch_signal, nd.node, r.seq * c.send_blocks, kPhaseNetDispatchArrival, relay_of))
     return;
 
   const int lane = lane_id(), span = t_end - t_begin;
@@ -35,10 +35,10 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_forward(HtDispatchArgs a
   for (int i = warp_id(); i < nd.N * span; i += kWarps) {
     const int m = i / span, t = t_begin + i % span, src = relay_of(m);
     const bool own = src == r.rank;
-    const uint8_t* meta = own ? r.self + L.net_stage_meta + size_t(t) * L.meta_bytes_per_token()
-                              : net_dispatch_meta(L, r.self, r.parity, m, t);
-    const uint8_t* row =
-        own ? r.self + L.net_stage_data + size_t(t) * L.row_bytes : net_dispatch_row(L, r.self, r.parity, m, t);
+    const uint8_t* meta = own ? r.self + layout.net_stage_meta + size_t(t) * layout.meta_bytes_per_token()
+                              : net_dispatch_meta(layout, r.self, r.parity, m, t);
+    const uint8_t* row = own ? r.self + layout.net_stage_data + size_t(t) * layout.row_bytes
+                             : net_dispatch_row(layout, r.self, r.parity, m, t);
     // the source canonicalised its rows: -1 for masked or out-of-range ids
     const int e = lane < K ? __ldcg(reinterpret_cast<const int*>(meta) + lane) : -1;
     const float w = lane < K ? __ldcg(reinterpret_cast<const float*>(meta) + K + lane) : 0.f;
@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_forward(HtDispatchArgs a
     for (uint64_t to = node_ranks; to; to &= to - 1) {
       const int d = __ffsll(to) - 1;
       if (own && d == r.rank) continue;
-      uint8_t* dst = dispatch_meta(L, c.peers[d], r.parity, src, t);
+      uint8_t* dst = dispatch_meta(layout, c.peers[d], r.parity, src, t);
       if (lane < K) {
         reinterpret_cast<int*>(dst)[lane] = e;
         reinterpret_cast<float*>(dst)[K + lane] = w;
@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_forward(HtDispatchArgs a
     if (!to_rows) continue;
     uint8_t* my_dst;
     const int ndst =
-        lanes_of_units(to_rows, [&](int d) { return dispatch_row(L, c.peers[d], r.parity, src, t); }, &my_dst);
+        lanes_of_units(to_rows, [&](int d) { return dispatch_row(layout, c.peers[d], r.parity, src, t); }, &my_dst);
     copy_row_any(row, true, payload, my_dst, ndst);
   }
 
@@ -67,7 +67,8 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_forward(HtDispatchArgs a
   __syncthreads();
   for (int i = threadIdx.x; i < nd.N * nd.P; i += kThreads) {
     const int src = relay_of(i / nd.P), d = nd.node * nd.P + i % nd.P;
-    if (src != d) add_release(reinterpret_cast<uint64_t*>(c.peers[d] + L.ht_dispatch_arrival) + src, 1, c.sys_scope);
+    if (src != d)
+      add_release(reinterpret_cast<uint64_t*>(c.peers[d] + layout.ht_dispatch_arrival) + src, 1, c.sys_scope);
   }
 }
 

@@ -16,12 +16,12 @@ __global__ void __launch_bounds__(kThreads) dispatch_layout_kernel(LayoutArgs a)
   extern __shared__ int counts[];  // [R] ranks, then [E] experts
   int* rank_counts = counts;
   int* expert_counts = counts + a.num_ranks;
-  const int b = blockIdx.y;
+  const int batch_idx = blockIdx.y;
   const int T = a.num_tokens, K = a.num_topk, E = a.num_experts, R = a.num_ranks, e_loc = E / R;
   for (int i = threadIdx.x; i < R + E; i += kThreads) counts[i] = 0;
   __syncthreads();
   const int lane = lane_id();
-  const int* idx = a.topk_idx + size_t(b) * T * K;
+  const int* idx = a.topk_idx + size_t(batch_idx) * T * K;
   for (int t = blockIdx.x * kWarps + warp_id(); t < T; t += gridDim.x * kWarps) {
     int e = lane < K ? idx[size_t(t) * K + lane] : -1;
     if (lane < K && (e < -1 || e >= E)) record_error(a.err, kErrBadExpert, -1, t, lane, E, e, 0);
@@ -33,18 +33,18 @@ __global__ void __launch_bounds__(kThreads) dispatch_layout_kernel(LayoutArgs a)
     }
     if (first) atomicAdd(&expert_counts[e], 1);
     const uint64_t ranks = dest_mask(valid, valid ? e / e_loc : 0);
-    bool* row = a.is_token_in_rank + (size_t(b) * T + t) * R;
-    for (int r = lane; r < R; r += 32) {
-      const bool in = (ranks >> r) & 1;
-      row[r] = in;
-      if (in) atomicAdd(&rank_counts[r], 1);
+    bool* row = a.is_token_in_rank + (size_t(batch_idx) * T + t) * R;
+    for (int rank = lane; rank < R; rank += 32) {
+      const bool in = (ranks >> rank) & 1;
+      row[rank] = in;
+      if (in) atomicAdd(&rank_counts[rank], 1);
     }
   }
   __syncthreads();
-  for (int r = threadIdx.x; r < R; r += kThreads)
-    if (rank_counts[r]) atomicAdd(&a.num_tokens_per_rank[size_t(b) * R + r], rank_counts[r]);
+  for (int rank = threadIdx.x; rank < R; rank += kThreads)
+    if (rank_counts[rank]) atomicAdd(&a.num_tokens_per_rank[size_t(batch_idx) * R + rank], rank_counts[rank]);
   for (int e = threadIdx.x; e < E; e += kThreads)
-    if (expert_counts[e]) atomicAdd(&a.num_tokens_per_expert[size_t(b) * E + e], expert_counts[e]);
+    if (expert_counts[e]) atomicAdd(&a.num_tokens_per_expert[size_t(batch_idx) * E + e], expert_counts[e]);
 }
 
 }  // namespace

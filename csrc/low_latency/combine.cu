@@ -14,7 +14,7 @@ namespace {
 __global__ void __launch_bounds__(kLlRecvThreads) ll_combine_recv(LlCombineRecvArgs a) {
   if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   const CommContext& c = a.c;
-  const BufferLayout& L = c.layout;
+  const BufferLayout& layout = c.layout;
   const int R = c.num_ranks, T = a.num_tokens, K = a.num_topk, H = a.hidden, E = a.num_experts, e_loc = E / R;
   const int local = blockIdx.x / c.copy_blocks, block = blockIdx.x % c.copy_blocks;
   const RankCtx r = ll_recv_ctx(c, local, a.ticket);
@@ -23,11 +23,11 @@ __global__ void __launch_bounds__(kLlRecvThreads) ll_combine_recv(LlCombineRecvA
   const bool me_active = active[r.rank] != 0;
 
   bool ok = true;
-  const int p = threadIdx.x;
-  if (me_active && p < R && active[p]) {
+  const int peer = threadIdx.x;
+  if (me_active && peer < R && active[peer]) {
     uint64_t v = 0;
-    ok = wait_tag(ll_combine_signal(L, r.self, r.parity, p), uint32_t(r.seq), p, wait_ctx(c, r, kPhaseLlCombineSignal),
-                  &v);
+    ok = wait_tag(ll_combine_signal(layout, r.self, r.parity, peer), uint32_t(r.seq), peer,
+                  wait_ctx(c, r, kPhaseLlCombineSignal), &v);
   }
   if (__syncthreads_and(ok)) {
     const int esize = a.dtype == kF32 ? 4 : 2;
@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kLlRecvThreads) ll_combine_recv(LlCombineRecvA
       const bool valid = me_active && e >= 0 && e < E && active[e / e_loc];
       const unsigned same = __match_any_sync(kFullMask, valid ? e : -1 - lane);
       const ByteRange b = unit_range(row_bytes, units, kSumUnitBytes, u0, u1);
-      const uint8_t* my_row = valid ? ll_combine_row(L, r.self, r.parity, t, __ffs(same) - 1) + b.begin : nullptr;
+      const uint8_t* my_row = valid ? ll_combine_row(layout, r.self, r.parity, t, __ffs(same) - 1) + b.begin : nullptr;
       const float w = lane < K ? __ldg(weights + size_t(t) * K + lane) : 0.f;
       weighted_sum_rows(my_row, w, K, true, a.dtype, int((b.end - b.begin) / esize), out + t * row_bytes + b.begin);
     });

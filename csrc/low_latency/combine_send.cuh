@@ -17,8 +17,8 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_combine_send(LlCombineSe
   __shared__ uint8_t* peers[kMaxRanks];
   __shared__ int active[kMaxRanks];
   const CommContext& c = a.c;
-  const BufferLayout& L = c.layout;
-  const int R = c.num_ranks, e_loc = a.num_experts / R, T_max = L.sizes.ll_max_tokens;
+  const BufferLayout& layout = c.layout;
+  const int R = c.num_ranks, e_loc = a.num_experts / R, T_max = layout.sizes.ll_max_tokens;
   const size_t RT = size_t(R) * T_max;
   int* counts = smem;           // [E_loc] rows per local expert
   int* offsets = smem + e_loc;  // [E_loc + 1] flat exclusive prefix
@@ -45,23 +45,23 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_combine_send(LlCombineSe
     const int* topk_slot = a.topk_slot + size_t(local) * e_loc * RT;
     const int units = row_units(row_bytes, kCopyUnitBytes);
     const int worker = block * kLlSendWarps + warp_id();
-    for_each_piece(offsets[e_loc], units, worker, c.send_blocks * kLlSendWarps, [&](int g, int u0, int u1) {
-      const int e = segment_of(offsets, e_loc, g);
-      const size_t row = size_t(e) * RT + (g - offsets[e]);
+    for_each_piece(offsets[e_loc], units, worker, c.send_blocks * kLlSendWarps, [&](int flat, int u0, int u1) {
+      const int e = segment_of(offsets, e_loc, flat);
+      const size_t row = size_t(e) * RT + (flat - offsets[e]);
       const int src = __ldg(src_info + row), k = __ldg(topk_slot + row);
       const int s = src / T_max, t = src - s * T_max;
       // a handle that did not come from this group's dispatch: skip rather than scribble
-      if (src < 0 || s >= R || !active[s] || k < 0 || k >= L.sizes.num_topk) return;
+      if (src < 0 || s >= R || !active[s] || k < 0 || k >= layout.sizes.num_topk) return;
       const ByteRange b = unit_range(row_bytes, units, kCopyUnitBytes, u0, u1);
-      // a home rank on another node: staged here (row g of the staging region), put there
+      // a home rank on another node: staged here (row `flat` of the staging region), put there
       const bool far = is_far<Net>(c, r, s);
-      if (far && size_t(g) >= ll_max_recv_rows(L)) return;  // staging holds what a dispatch delivers
-      uint8_t* dst = far ? r.self + L.ll_stage_combine + size_t(g) * L.combine_row_bytes
-                         : ll_combine_row(L, peers[s], r.parity, t, k);
+      if (far && size_t(flat) >= ll_max_recv_rows(layout)) return;  // staging holds what a dispatch delivers
+      uint8_t* dst = far ? r.self + layout.ll_stage_combine + size_t(flat) * layout.combine_row_bytes
+                         : ll_combine_row(layout, peers[s], r.parity, t, k);
       copy_row_any(y + row * row_bytes + b.begin, false, b.end - b.begin, dst + b.begin, 1);
       if (far) {
         __syncwarp();
-        Net::put_warp(ll_combine_row(L, r.self, r.parity, t, k) + b.begin, dst + b.begin, b.end - b.begin, s);
+        Net::put_warp(ll_combine_row(layout, r.self, r.parity, t, k) + b.begin, dst + b.begin, b.end - b.begin, s);
       }
     });
   }
@@ -69,10 +69,10 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_combine_send(LlCombineSe
   // --- one flag per live home rank, after every block's rows (and puts)
   Net::quiet();
   if (finish_send(c, r, kLlCombineSendSeq, c.send_blocks) && sends && !aborted(c, r)) {
-    const int p = threadIdx.x;
-    if (p < R && active[p])
+    const int peer = threadIdx.x;
+    if (peer < R && active[peer])
       publish_signal<Net>(
-          c, r, peers, p, [&](uint8_t* base) { return ll_combine_signal(L, base, r.parity, r.rank); },
+          c, r, peers, peer, [&](uint8_t* base) { return ll_combine_signal(layout, base, r.parity, r.rank); },
           ll_signal(r.seq, 1));
   }
 }

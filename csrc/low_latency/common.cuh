@@ -24,26 +24,28 @@ constexpr int kLlRecvWarps = kLlRecvThreads / 32;
 // ---------------------------------------------------------------------------
 
 // Message j of source `src` for local expert `expert`: 16-byte header, then the row.
-__device__ inline uint8_t* ll_dispatch_message(const BufferLayout& L, uint8_t* base, int parity, int expert, int src,
-                                               int j) {
-  const size_t slot =
-      ((size_t(parity) * L.sizes.num_local_experts + expert) * L.sizes.num_ranks + src) * L.sizes.ll_max_tokens + j;
-  return base + L.ll_dispatch_data + slot * L.ll_message_bytes();
+__device__ inline uint8_t* ll_dispatch_message(const BufferLayout& layout, uint8_t* base, int parity, int expert,
+                                               int src, int j) {
+  const size_t slot = ((size_t(parity) * layout.sizes.num_local_experts + expert) * layout.sizes.num_ranks + src) *
+                          layout.sizes.ll_max_tokens +
+                      j;
+  return base + layout.ll_dispatch_data + slot * layout.ll_message_bytes();
 }
 
-__device__ inline uint64_t* ll_dispatch_signal(const BufferLayout& L, uint8_t* base, int parity, int expert, int src) {
-  const size_t word = (size_t(parity) * L.sizes.num_local_experts + expert) * L.sizes.num_ranks + src;
-  return reinterpret_cast<uint64_t*>(base + L.ll_dispatch_signal) + word;
+__device__ inline uint64_t* ll_dispatch_signal(const BufferLayout& layout, uint8_t* base, int parity, int expert,
+                                               int src) {
+  const size_t word = (size_t(parity) * layout.sizes.num_local_experts + expert) * layout.sizes.num_ranks + src;
+  return reinterpret_cast<uint64_t*>(base + layout.ll_dispatch_signal) + word;
 }
 
 // Expert output of home token t for its top-k slot k (the first k choosing that expert).
-__device__ inline uint8_t* ll_combine_row(const BufferLayout& L, uint8_t* base, int parity, int t, int k) {
-  const size_t slot = (size_t(parity) * L.sizes.ll_max_tokens + t) * L.sizes.num_topk + k;
-  return base + L.ll_combine_data + slot * L.combine_row_bytes;
+__device__ inline uint8_t* ll_combine_row(const BufferLayout& layout, uint8_t* base, int parity, int t, int k) {
+  const size_t slot = (size_t(parity) * layout.sizes.ll_max_tokens + t) * layout.sizes.num_topk + k;
+  return base + layout.ll_combine_data + slot * layout.combine_row_bytes;
 }
 
-__device__ inline uint64_t* ll_combine_signal(const BufferLayout& L, uint8_t* base, int parity, int src) {
-  return reinterpret_cast<uint64_t*>(base + L.ll_combine_signal) + size_t(parity) * L.sizes.num_ranks + src;
+__device__ inline uint64_t* ll_combine_signal(const BufferLayout& layout, uint8_t* base, int parity, int src) {
+  return reinterpret_cast<uint64_t*>(base + layout.ll_combine_signal) + size_t(parity) * layout.sizes.num_ranks + src;
 }
 
 // Signal words carry the op's sequence number in the high half, so a word left from an
@@ -96,9 +98,10 @@ inline int ll_block_limit(const CommContext& c) {
 
 // Most rows one rank can receive in a low-latency dispatch: each source token sends
 // once per distinct expert, and at most num_topk (or all local experts) live here.
-JAX_EP_HD inline long long ll_max_recv_rows(const BufferLayout& L) {
-  const int k = L.sizes.num_topk < L.sizes.num_local_experts ? L.sizes.num_topk : L.sizes.num_local_experts;
-  return (long long)L.sizes.num_ranks * L.sizes.ll_max_tokens * k;
+JAX_EP_HD inline long long ll_max_recv_rows(const BufferLayout& layout) {
+  const int k =
+      layout.sizes.num_topk < layout.sizes.num_local_experts ? layout.sizes.num_topk : layout.sizes.num_local_experts;
+  return (long long)layout.sizes.num_ranks * layout.sizes.ll_max_tokens * k;
 }
 
 // Calls f(item, u0, u1) for each item's units [u0, u1) in worker's share of
@@ -122,8 +125,8 @@ __device__ inline uint8_t* compact_lanes(uint8_t* mine, unsigned mask) {
   for (int j = 0; mask; ++j) {
     const int src = __ffs(mask) - 1;
     mask &= mask - 1;
-    auto p = reinterpret_cast<uint8_t*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(mine), src));
-    if (lane_id() == j) out = p;
+    auto ptr = reinterpret_cast<uint8_t*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(mine), src));
+    if (lane_id() == j) out = ptr;
   }
   return out;
 }
@@ -208,15 +211,15 @@ __device__ __forceinline__ uint64_t received_record(uint64_t record, uint64_t se
 template <class Net>
 __device__ inline bool peer_received(const CommContext& c, const RankCtx& r, const int* active, int recv_counter,
                                      int phase) {
-  const int p = threadIdx.x;
-  if (r.seq <= 2 || p >= c.num_ranks || !active[p]) return true;
+  const int peer = threadIdx.x;
+  if (r.seq <= 2 || peer >= c.num_ranks || !active[peer]) return true;
   const uint64_t target = 2 * (r.seq - 2);
-  if (is_far<Net>(c, r, p)) {
+  if (is_far<Net>(c, r, peer)) {
     const uint64_t* word = counters_of(c, r.self) + recv_counter;  // symmetric: p's copy
     uint64_t seen;
-    return wait_word([&] { return Net::get_u64(word, p); }, target, false, p, wait_ctx(c, r, phase), &seen);
+    return wait_word([&] { return Net::get_u64(word, peer); }, target, false, peer, wait_ctx(c, r, phase), &seen);
   }
-  return wait_geq(counters_of(c, c.peers[p]) + recv_counter, target, p, wait_ctx(c, r, phase));
+  return wait_geq(counters_of(c, c.peers[peer]) + recv_counter, target, peer, wait_ctx(c, r, phase));
 }
 
 // End of a send kernel's data phase. The last block to get here publishes the op's

@@ -19,9 +19,9 @@ __global__ void __launch_bounds__(kLlRecvThreads) ll_dispatch_recv(LlDispatchRec
   if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   extern __shared__ int smem[];
   const CommContext& c = a.c;
-  const BufferLayout& L = c.layout;
+  const BufferLayout& layout = c.layout;
   const int R = c.num_ranks, E = a.num_experts, e_loc = E / R, H = a.hidden;
-  const int T_max = L.sizes.ll_max_tokens;
+  const int T_max = layout.sizes.ll_max_tokens;
   int* counts = smem;     // [E_loc][R] messages of (local expert, source)
   int* start = smem + E;  // [E_loc * R + 1] flat exclusive prefix: expert-major, then source
   const int local = blockIdx.x / c.copy_blocks, block = blockIdx.x % c.copy_blocks;
@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(kLlRecvThreads) ll_dispatch_recv(LlDispatchRec
     uint32_t n = 0;
     if (ok && me_active && active[s]) {
       uint64_t v = 0;
-      ok = wait_tag(ll_dispatch_signal(L, r.self, r.parity, i / R, s), uint32_t(r.seq), s,
+      ok = wait_tag(ll_dispatch_signal(layout, r.self, r.parity, i / R, s), uint32_t(r.seq), s,
                     wait_ctx(c, r, kPhaseLlDispatchSignal), &v);
       n = min(uint32_t(v), uint32_t(T_max));
     }
@@ -65,18 +65,18 @@ __global__ void __launch_bounds__(kLlRecvThreads) ll_dispatch_recv(LlDispatchRec
     }
     // handle entries past each expert's rows (the data rows there stay undefined)
     const size_t stride = size_t(c.copy_blocks) * kLlRecvThreads;
-    for (size_t p = size_t(block) * kLlRecvThreads + threadIdx.x; p < size_t(e_loc) * RT; p += stride) {
-      const int e = int(p / RT);
-      if (int(p % RT) >= start[(e + 1) * R] - start[e * R]) src_info[p] = topk_slot[p] = -1;
+    for (size_t entry = size_t(block) * kLlRecvThreads + threadIdx.x; entry < size_t(e_loc) * RT; entry += stride) {
+      const int e = int(entry / RT);
+      if (int(entry % RT) >= start[(e + 1) * R] - start[e * R]) src_info[entry] = topk_slot[entry] = -1;
     }
 
-    // rows: flat index g over (expert, source, j), cut into units over every warp of the rank
+    // rows: index `flat` over (expert, source, j), cut into units over every warp of the rank
     const int units = row_units(payload_bytes, kCopyUnitBytes);
     const int worker = block * kLlRecvWarps + warp_id();
-    for_each_piece(start[E], units, worker, c.copy_blocks * kLlRecvWarps, [&](int g, int u0, int u1) {
-      const int es = segment_of(start, E, g), e = es / R, s = es % R;
-      const int j = g - start[es], row = start[es] - start[e * R] + j;
-      const uint8_t* msg = ll_dispatch_message(L, r.self, r.parity, e, s, j);
+    for_each_piece(start[E], units, worker, c.copy_blocks * kLlRecvWarps, [&](int flat, int u0, int u1) {
+      const int es = segment_of(start, E, flat), e = es / R, s = es % R;
+      const int j = flat - start[es], row = start[es] - start[e * R] + j;
+      const uint8_t* msg = ll_dispatch_message(layout, r.self, r.parity, e, s, j);
       const size_t out_row = size_t(e) * RT + row;
       if (u0 == 0) {
         if (lane_id() == 0) {

@@ -13,8 +13,8 @@ namespace jax_ep {
 namespace {
 
 // Staging slot of message (t, k) for a rank on another node (NVSHMEM's source buffer).
-__device__ inline uint8_t* ll_stage_message(const BufferLayout& L, uint8_t* base, int t, int k) {
-  return base + L.ll_stage_dispatch + (size_t(t) * L.sizes.num_topk + k) * L.ll_message_bytes();
+__device__ inline uint8_t* ll_stage_message(const BufferLayout& layout, uint8_t* base, int t, int k) {
+  return base + layout.ll_stage_dispatch + (size_t(t) * layout.sizes.num_topk + k) * layout.ll_message_bytes();
 }
 
 // (token, k) entries of a block's tokens whose expert and slot are staged at a time.
@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_dispatch_send(LlDispatch
   __shared__ int chunk_slot[kChunkEntries];    // [token][k] slot j, -1 when nothing is sent
   __shared__ int dropped;
   const CommContext& c = a.c;
-  const BufferLayout& L = c.layout;
+  const BufferLayout& layout = c.layout;
   const int local = blockIdx.x / c.send_blocks, block = blockIdx.x % c.send_blocks;
   const RankCtx r = rank_ctx(c, local, kLlDispatchSendSeq);
   const int T = a.num_tokens, K = a.num_topk, H = a.hidden, E = a.num_experts, R = c.num_ranks;
@@ -137,8 +137,8 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_dispatch_send(LlDispatch
           const int dest = e / e_loc;
           // a rank on another node: the message is staged here and put there below
           far = is_far<Net>(c, r, dest);
-          msg = far ? ll_stage_message(L, r.self, t, lane)
-                    : ll_dispatch_message(L, peers[dest], r.parity, e - dest * e_loc, r.rank, j);
+          msg = far ? ll_stage_message(layout, r.self, t, lane)
+                    : ll_dispatch_message(layout, peers[dest], r.parity, e - dest * e_loc, r.rank, j);
           // header: source token, first k choosing the expert, sequence number (debugging)
           if (u0 == 0) *reinterpret_cast<int4*>(msg) = make_int4(t, lane, int(r.seq), 0);
         }
@@ -170,8 +170,8 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_dispatch_send(LlDispatch
           for (; far_lanes; far_lanes &= far_lanes - 1) {
             const int k = __ffs(far_lanes) - 1;
             const int ek = __shfl_sync(kFullMask, e, k), jk = __shfl_sync(kFullMask, j, k), dest = ek / e_loc;
-            const uint8_t* staged = ll_stage_message(L, r.self, t, k);
-            uint8_t* remote = ll_dispatch_message(L, r.self, r.parity, ek - dest * e_loc, r.rank, jk);
+            const uint8_t* staged = ll_stage_message(layout, r.self, t, k);
+            uint8_t* remote = ll_dispatch_message(layout, r.self, r.parity, ek - dest * e_loc, r.rank, jk);
             Net::put_warp(remote + head, staged + head, kLowLatencyHeaderBytes + end - head, dest);
             if (send > sbegin)
               Net::put_warp(remote + kLowLatencyHeaderBytes + sbegin, staged + kLowLatencyHeaderBytes + sbegin,
@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_dispatch_send(LlDispatch
       if (active[dest])
         publish_signal<Net>(
             c, r, peers, dest,
-            [&](uint8_t* base) { return ll_dispatch_signal(L, base, r.parity, e - dest * e_loc, r.rank); },
+            [&](uint8_t* base) { return ll_dispatch_signal(layout, base, r.parity, e - dest * e_loc, r.rank); },
             ll_signal(r.seq, uint32_t(total[e])));
     }
   }

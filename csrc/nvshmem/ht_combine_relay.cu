@@ -19,12 +19,12 @@ constexpr int kWarps = kThreads / 32;
 __global__ void __launch_bounds__(kThreads) ht_net_combine_relay(HtCombineArgs a) {
   if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   const CommContext& c = a.c;
-  const BufferLayout& L = c.layout;
+  const BufferLayout& layout = c.layout;
   const RankCtx r = rank_ctx(c, 0, kHtCombineSeq);  // NVSHMEM: one rank per process
   if (r.rank == c.fault_inject_rank) return;        // testing: a peer that never arrives
   const NodeCtx nd = node_ctx(c, r);
   // the node's writers send with copy_blocks blocks (launch_ht_combine)
-  if (!wait_all_peers(c, r, L.ht_combine_arrival, r.seq * uint64_t(c.copy_blocks), kPhaseHtCombineArrival,
+  if (!wait_all_peers(c, r, layout.ht_combine_arrival, r.seq * uint64_t(c.copy_blocks), kPhaseHtCombineArrival,
                       node_peers(c, r.rank)))
     return;
   const int lane = lane_id(), T = a.num_tokens;
@@ -35,21 +35,21 @@ __global__ void __launch_bounds__(kThreads) ht_net_combine_relay(HtCombineArgs a
   for (int i = warp_id(); i < nd.N * span; i += kWarps) {
     const int m = i / span, t = t_begin + i % span;
     const bool tagged =
-        lane < nd.P && __ldcg(net_combine_tag(L, r.self, r.parity, lane * nd.N + m, t)) == uint32_t(r.seq);
+        lane < nd.P && __ldcg(net_combine_tag(layout, r.self, r.parity, lane * nd.N + m, t)) == uint32_t(r.seq);
     const uint32_t writers = __ballot_sync(kFullMask, tagged);
     if (!writers) continue;  // the token has no expert on this node
     const uint8_t* my_row;
-    const int n =
-        lanes_of_units(writers, [&](int w) { return combine_row(L, r.self, r.parity, w * nd.N + m, t); }, &my_row);
-    uint8_t* sum = m == nd.node
-                       ? net_combine_row(L, r.self, r.parity, nd.node, t)
-                       : r.self + L.net_stage_combine + (size_t(m) * L.sizes.max_tokens + t) * L.combine_row_bytes;
+    const int n = lanes_of_units(
+        writers, [&](int writer) { return combine_row(layout, r.self, r.parity, writer * nd.N + m, t); }, &my_row);
+    uint8_t* sum = m == nd.node ? net_combine_row(layout, r.self, r.parity, nd.node, t)
+                                : r.self + layout.net_stage_combine +
+                                      (size_t(m) * layout.sizes.max_tokens + t) * layout.combine_row_bytes;
     weighted_sum_rows(my_row, 1.f, n, true, a.dtype, a.hidden, sum);
     if (m == nd.node) continue;
     __syncwarp();
-    net_put_warp(net_combine_row(L, r.self, r.parity, nd.node, t), sum, row_bytes, m * nd.P + nd.local);
+    net_put_warp(net_combine_row(layout, r.self, r.parity, nd.node, t), sum, row_bytes, m * nd.P + nd.local);
   }
-  signal_other_nodes(r.self, L.net_combine_signal, nd);
+  signal_other_nodes(r.self, layout.net_combine_signal, nd);
 }
 
 }  // namespace

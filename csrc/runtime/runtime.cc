@@ -34,21 +34,21 @@ struct Registry {
 };
 
 Registry& registry() {
-  static Registry* r = new Registry();  // never destroyed: handlers may run during exit
-  return *r;
+  static Registry* reg = new Registry();  // never destroyed: handlers may run during exit
+  return *reg;
 }
 
-void alloc_error_record(DeviceState* s) {
+void alloc_error_record(DeviceState* state) {
   void* host = nullptr;
   check_cuda(cudaHostAlloc(&host, sizeof(ErrorRecord), cudaHostAllocMapped | cudaHostAllocPortable),
              "cudaHostAlloc(error record)");
   std::memset(host, 0, sizeof(ErrorRecord));
-  s->err_host = static_cast<ErrorRecord*>(host);
+  state->err_host = static_cast<ErrorRecord*>(host);
   void* dev = nullptr;
   check_cuda(cudaHostGetDevicePointer(&dev, host, 0), "cudaHostGetDevicePointer");
-  s->err_device = static_cast<ErrorRecord*>(dev);
-  check_cuda(cudaMalloc(&s->words, sizeof(DeviceWords)), "cudaMalloc(error claim)");
-  check_cuda(cudaMemset(s->words, 0, sizeof(DeviceWords)), "cudaMemset(error claim)");
+  state->err_device = static_cast<ErrorRecord*>(dev);
+  check_cuda(cudaMalloc(&state->words, sizeof(DeviceWords)), "cudaMalloc(error claim)");
+  check_cuda(cudaMemset(state->words, 0, sizeof(DeviceWords)), "cudaMemset(error claim)");
 }
 
 }  // namespace
@@ -80,22 +80,22 @@ DeviceState::~DeviceState() {
 }
 
 DeviceState* GroupControl::on(int device) const {
-  for (const auto& s : states_)
-    if (s->device == device) return s.get();
+  for (const auto& state : states_)
+    if (state->device == device) return state.get();
   return nullptr;
 }
 
 std::vector<int> GroupControl::devices() const {
   std::vector<int> out;
-  for (const auto& s : states_) out.push_back(s->device);
+  for (const auto& state : states_) out.push_back(state->device);
   return out;
 }
 
 void GroupControl::add(std::unique_ptr<DeviceState> state) {
   std::unique_lock<std::shared_mutex> lock(launch_mu_);
-  for (auto& s : states_) {
-    if (s->device == state->device) {
-      s = std::move(state);
+  for (auto& existing : states_) {
+    if (existing->device == state->device) {
+      existing = std::move(state);
       return;
     }
   }
@@ -110,9 +110,9 @@ void GroupControl::close() {
   // Kernels of this group that are still queued (a CUDA graph replayed without its
   // handlers) see the flag and return before touching a buffer; then drain the device.
   const DeviceWords closed{0, 1};
-  for (const auto& s : states_) {
-    DeviceGuard guard(s->device);
-    check_cuda(cudaMemcpy(&s->words->closed, &closed.closed, sizeof(int), cudaMemcpyHostToDevice),
+  for (const auto& state : states_) {
+    DeviceGuard guard(state->device);
+    check_cuda(cudaMemcpy(&state->words->closed, &closed.closed, sizeof(int), cudaMemcpyHostToDevice),
                "cudaMemcpy(closed flag)");
     check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize (closing a group)");
   }
@@ -123,44 +123,44 @@ std::shared_ptr<GroupControl> create_group(const std::string& key) {
   // Group that Python already dropped whose finalizer has not run yet: close it now.
   static std::atomic<uint64_t> next_instance{1};
   std::shared_ptr<GroupControl> stale;
-  auto g = std::make_shared<GroupControl>(key, next_instance.fetch_add(1));
+  auto group = std::make_shared<GroupControl>(key, next_instance.fetch_add(1));
   {
-    Registry& r = registry();
-    std::lock_guard<std::mutex> lock(r.mu);
-    auto& slot = r.live[key];
+    Registry& reg = registry();
+    std::lock_guard<std::mutex> lock(reg.mu);
+    auto& slot = reg.live[key];
     stale = std::move(slot);
-    slot = g;
+    slot = group;
   }
   if (stale) stale->close();
-  return g;
+  return group;
 }
 
 std::shared_ptr<GroupControl> find_group(const std::string& key) {
-  Registry& r = registry();
-  std::lock_guard<std::mutex> lock(r.mu);
-  auto it = r.live.find(key);
-  return it == r.live.end() ? nullptr : it->second;
+  Registry& reg = registry();
+  std::lock_guard<std::mutex> lock(reg.mu);
+  auto it = reg.live.find(key);
+  return it == reg.live.end() ? nullptr : it->second;
 }
 
 std::vector<std::string> live_group_keys() {
-  Registry& r = registry();
-  std::lock_guard<std::mutex> lock(r.mu);
+  Registry& reg = registry();
+  std::lock_guard<std::mutex> lock(reg.mu);
   std::vector<std::string> out;
-  for (const auto& [key, g] : r.live) out.push_back(key);
+  for (const auto& [key, group] : reg.live) out.push_back(key);
   return out;
 }
 
 void close_group(const std::string& key, uint64_t instance) {
-  std::shared_ptr<GroupControl> g;
+  std::shared_ptr<GroupControl> group;
   {
-    Registry& r = registry();
-    std::lock_guard<std::mutex> lock(r.mu);
-    auto it = r.live.find(key);
-    if (it == r.live.end() || it->second->instance() != instance) return;
-    g = std::move(it->second);
-    r.live.erase(it);
+    Registry& reg = registry();
+    std::lock_guard<std::mutex> lock(reg.mu);
+    auto it = reg.live.find(key);
+    if (it == reg.live.end() || it->second->instance() != instance) return;
+    group = std::move(it->second);
+    reg.live.erase(it);
   }
-  g->close();
+  group->close();
 }
 
 void register_state(GroupControl& group, const DeviceStateConfig& cfg) {
@@ -186,40 +186,40 @@ void register_state(GroupControl& group, const DeviceStateConfig& cfg) {
                                                      std::to_string(kNetOpsAbi) + "); rebuild both");
   }
   DeviceGuard guard(cfg.device);
-  auto s = std::make_unique<DeviceState>();
-  s->key = group.key();
-  s->net = N > 1 ? net : nullptr;
-  s->device = cfg.device;
-  s->layout = make_layout(cfg.sizes);
-  s->num_ranks = cfg.sizes.num_ranks;
-  s->first_rank = cfg.first_rank;
-  s->num_local_ranks = cfg.num_local_ranks;
-  s->send_blocks = cfg.send_blocks;
-  s->copy_blocks = cfg.copy_blocks;
-  s->timeout_ns = uint64_t(cfg.timeout_s * 1e9);
-  s->fault_inject_rank = cfg.fault_inject_rank;
-  for (uint64_t p : cfg.peer_bases) s->peers.push_back(reinterpret_cast<uint8_t*>(p));
-  alloc_error_record(s.get());
+  auto state = std::make_unique<DeviceState>();
+  state->key = group.key();
+  state->net = N > 1 ? net : nullptr;
+  state->device = cfg.device;
+  state->layout = make_layout(cfg.sizes);
+  state->num_ranks = cfg.sizes.num_ranks;
+  state->first_rank = cfg.first_rank;
+  state->num_local_ranks = cfg.num_local_ranks;
+  state->send_blocks = cfg.send_blocks;
+  state->copy_blocks = cfg.copy_blocks;
+  state->timeout_ns = uint64_t(cfg.timeout_s * 1e9);
+  state->fault_inject_rank = cfg.fault_inject_rank;
+  for (uint64_t base : cfg.peer_bases) state->peers.push_back(reinterpret_cast<uint8_t*>(base));
+  alloc_error_record(state.get());
   preload_kernels(cfg.device);
-  group.add(std::move(s));
+  group.add(std::move(state));
 }
 
 DeviceState* default_state(int device) {
-  Registry& r = registry();
+  Registry& reg = registry();
   {
-    std::lock_guard<std::mutex> lock(r.mu);
-    auto it = r.defaults.find(device);
-    if (it != r.defaults.end()) return it->second.get();
+    std::lock_guard<std::mutex> lock(reg.mu);
+    auto it = reg.defaults.find(device);
+    if (it != reg.defaults.end()) return it->second.get();
   }
   DeviceGuard guard(device);
-  auto s = std::make_unique<DeviceState>();
-  s->key = "(no group)";
-  s->device = device;
-  alloc_error_record(s.get());
+  auto state = std::make_unique<DeviceState>();
+  state->key = "(no group)";
+  state->device = device;
+  alloc_error_record(state.get());
   preload_kernels(device);
-  std::lock_guard<std::mutex> lock(r.mu);
-  auto& slot = r.defaults[device];
-  if (!slot) slot = std::move(s);
+  std::lock_guard<std::mutex> lock(reg.mu);
+  auto& slot = reg.defaults[device];
+  if (!slot) slot = std::move(state);
   return slot.get();
 }
 
@@ -298,11 +298,11 @@ void zero_buffer(int device, uint64_t ptr, size_t bytes) {
 
 uint64_t alloc_buffer(int device, size_t bytes) {
   DeviceGuard guard(device);
-  void* p = nullptr;
-  check_cuda(cudaMalloc(&p, bytes), "cudaMalloc(communication buffer)");
-  check_cuda(cudaMemset(p, 0, bytes), "cudaMemset(communication buffer)");
+  void* buffer = nullptr;
+  check_cuda(cudaMalloc(&buffer, bytes), "cudaMalloc(communication buffer)");
+  check_cuda(cudaMemset(buffer, 0, bytes), "cudaMemset(communication buffer)");
   check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-  return reinterpret_cast<uint64_t>(p);
+  return reinterpret_cast<uint64_t>(buffer);
 }
 
 void free_buffer(int device, uint64_t ptr) {
@@ -312,9 +312,9 @@ void free_buffer(int device, uint64_t ptr) {
 
 std::string ipc_handle(int device, uint64_t ptr) {
   DeviceGuard guard(device);
-  cudaIpcMemHandle_t h;
-  check_cuda(cudaIpcGetMemHandle(&h, reinterpret_cast<void*>(ptr)), "cudaIpcGetMemHandle");
-  return std::string(reinterpret_cast<const char*>(&h), sizeof(h));
+  cudaIpcMemHandle_t mem_handle;
+  check_cuda(cudaIpcGetMemHandle(&mem_handle, reinterpret_cast<void*>(ptr)), "cudaIpcGetMemHandle");
+  return std::string(reinterpret_cast<const char*>(&mem_handle), sizeof(mem_handle));
 }
 
 uint64_t ipc_open(int device, const std::string& handle) {
@@ -323,11 +323,11 @@ uint64_t ipc_open(int device, const std::string& handle) {
                                 std::to_string(sizeof(cudaIpcMemHandle_t)));
   }
   DeviceGuard guard(device);
-  cudaIpcMemHandle_t h;
-  std::memcpy(&h, handle.data(), sizeof(h));
-  void* p = nullptr;
-  check_cuda(cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle");
-  return reinterpret_cast<uint64_t>(p);
+  cudaIpcMemHandle_t mem_handle;
+  std::memcpy(&mem_handle, handle.data(), sizeof(mem_handle));
+  void* mapped = nullptr;
+  check_cuda(cudaIpcOpenMemHandle(&mapped, mem_handle, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle");
+  return reinterpret_cast<uint64_t>(mapped);
 }
 
 void ipc_close(int device, uint64_t ptr) {
