@@ -27,10 +27,7 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_combine_send(LlCombineSe
 
   for (int e = threadIdx.x; e < e_loc; e += kLlSendThreads)
     counts[e] = min(max(a.recv_count[size_t(local) * e_loc + e], 0), int(RT));
-  if (threadIdx.x < R) {
-    peers[threadIdx.x] = c.peers[threadIdx.x];
-    active[threadIdx.x] = a.active_ranks[size_t(local) * R + threadIdx.x] != 0;
-  }
+  load_peer_table(c, a.active_ranks, local, peers, active);
   __syncthreads();
   const bool sends = active[r.rank] && r.rank != c.fault_inject_rank;
   bool ok = !sends || peer_received<Net>(c, r, active, kLlCombineRecvSeq, kPhaseLlCombineReuse);

@@ -96,6 +96,17 @@ inline int ll_block_limit(const CommContext& c) {
   return share > 1 ? share : 1;
 }
 
+// The launch's peer bases and this rank's live-rank flags ([R] of active_ranks), copied
+// to shared memory by threads < R: the send kernels read them per message. The caller
+// synchronises the block before reading them.
+__device__ __forceinline__ void load_peer_table(const CommContext& c, const int* active_ranks, int local,
+                                                uint8_t** peers, int* active) {
+  if (threadIdx.x < c.num_ranks) {
+    peers[threadIdx.x] = c.peers[threadIdx.x];
+    active[threadIdx.x] = active_ranks[size_t(local) * c.num_ranks + threadIdx.x] != 0;
+  }
+}
+
 // Most rows one rank can receive in a low-latency dispatch: each source token sends
 // once per distinct expert, and at most num_topk (or all local experts) live here.
 JAX_EP_HD inline long long ll_max_recv_rows(const BufferLayout& layout) {
