@@ -228,6 +228,121 @@ __device__ inline int kept_rows(const HtDispatchArgs& a, const Shape& shape, con
   return max(0, min(n, a.capacity - offsets[e]));
 }
 
+// Block 0's summary outputs: tokens received, rows kept (per local expert, or in the
+// per_rank list) and selections dropped for want of capacity.
+__device__ __forceinline__ void write_counts(const HtDispatchArgs& a, const Shape& shape, int local, const int* totals,
+                                             const int* offsets) {
+  const int n = totals[0];
+  a.num_recv[local] = n;
+  if (a.layout_kind == kPerRank) {
+    const int kept = min(n, a.capacity);
+    a.out_counts[local] = kept;
+    a.out_dropped[local] = n - kept;
+  } else {
+    int dropped = 0;
+    for (int e = 0; e < shape.E_loc; ++e) {
+      const int kept = kept_rows(a, shape, totals, offsets, e);
+      a.out_counts[size_t(local) * shape.E_loc + e] = kept;
+      dropped += totals[1 + e] - kept;
+    }
+    a.out_dropped[local] = dropped;
+  }
+}
+
+// The handle entry of received token i, candidate p = src * T + t: recv_src, and per
+// k (lane) its local expert id le (-1: another rank's expert) and weight w.
+__device__ __forceinline__ void write_handle_entry(const Shape& shape, int i, int p, int le, float w, int* recv_src,
+                                                   int* recv_topk_idx, float* recv_weights) {
+  const int lane = lane_id();
+  if (lane == 0) recv_src[i] = p;
+  if (lane < shape.K) {
+    recv_topk_idx[size_t(i) * shape.K + lane] = le;
+    recv_weights[size_t(i) * shape.K + lane] = w;
+  }
+}
+
+// The output row of received token i for lane k's selection (local expert le, weight
+// w), -1 when it has none (another rank's expert, or past the capacity); per_rank:
+// the token's one row, lane 0's, whose routing it also writes. Writes the handle's
+// recv_rows and returns whether this lane stores the payload: the first k choosing
+// its expert (a repeated expert keeps the first k's copy). The expert layouts' row is
+// the token's slot in its expert's bucket: the bucket word's prefix plus the bits
+// before it. Warp-uniform (shuffles): the whole warp calls it for one token.
+__device__ __forceinline__ bool output_row(const HtDispatchArgs& a, const Shape& shape, int local, int i, int word_idx,
+                                           int bit, int le, float w, const uint32_t* bitmaps, const uint32_t* prefixes,
+                                           const int* offsets, int* recv_rows, int* row) {
+  const int lane = lane_id();
+  const bool per_rank = a.layout_kind == kPerRank;
+  const size_t bw = a.c.layout.bitmap_words;
+  *row = -1;
+  bool first = true;
+  if (per_rank) {
+    *row = i < a.capacity ? i : -1;
+    if (lane == 0) recv_rows[i] = *row;
+    if (*row >= 0 && lane < shape.K) {
+      a.out_topk_idx[(size_t(local) * a.capacity + *row) * shape.K + lane] = le;
+      a.out_topk_weights[(size_t(local) * a.capacity + *row) * shape.K + lane] = w;
+    }
+    first = lane == 0;
+  } else if (le >= 0) {
+    const uint32_t below = (1u << bit) - 1u;
+    const int slot = prefixes[(1 + le) * bw + word_idx] + __popc(bitmaps[(1 + le) * bw + word_idx] & below);
+    if (a.layout_kind == kExpertMajor)
+      *row = slot < a.capacity ? le * a.capacity + slot : -1;
+    else
+      *row = offsets[le] + slot < a.capacity ? offsets[le] + slot : -1;
+  }
+  if (!per_rank) {
+    for (int k2 = 0; k2 < shape.K; ++k2) {
+      const int other = __shfl_sync(kFullMask, le, k2);
+      if (k2 < lane && other == le) first = false;
+    }
+    if (lane < shape.K) recv_rows[size_t(i) * shape.K + lane] = *row;
+  }
+  return first && *row >= 0 && (per_rank ? lane == 0 : lane < shape.K);
+}
+
+// The destination list of one token: lane j (< the returned count) gets the payload
+// and scale addresses of output row `row` of the j-th lane that `writes`, through the
+// warp's slots in shared memory. Warp-uniform (ballot).
+__device__ __forceinline__ int gather_destinations(const HtDispatchArgs& a, bool writes, int row, uint8_t* out_x,
+                                                   float* out_scales, size_t payload_bytes, int scale_cols,
+                                                   uint8_t** warp_payload, float** warp_scales, uint8_t** my_payload,
+                                                   float** my_scales) {
+  const int lane = lane_id();
+  const unsigned writers = __ballot_sync(kFullMask, writes);
+  const int ndst = __popc(writers);
+  if (writes) {
+    const int pos = __popc(writers & lanemask_lt());
+    warp_payload[pos] = out_x + size_t(row) * payload_bytes;
+    warp_scales[pos] = a.fp8 ? out_scales + size_t(row) * scale_cols : nullptr;
+  }
+  __syncwarp();
+  *my_payload = lane < ndst ? warp_payload[lane] : nullptr;
+  *my_scales = lane < ndst ? warp_scales[lane] : nullptr;
+  __syncwarp();
+  return ndst;
+}
+
+// Copies token t of source src to the ndst destinations, reading it once: our own
+// input row (quantised here for FP8), or the wire row the source sent (payload, then
+// FP8 scales) with L1-bypassing loads. Warp-uniform.
+__device__ __forceinline__ void copy_token(const HtDispatchArgs& a, const Shape& shape, const RankCtx& r,
+                                           const uint8_t* x, int src, int t, size_t payload_bytes, int scale_cols,
+                                           uint8_t* my_payload, float* my_scales, int ndst) {
+  if (src == r.rank) {
+    const uint8_t* x_row = x + size_t(t) * shape.H * shape.esize;
+    if (a.fp8)
+      quantize_row_multi(x_row, a.dtype, shape.H, a.round_scale, my_payload, my_scales, ndst);
+    else
+      copy_row_any(x_row, false, payload_bytes, my_payload, ndst);
+  } else {
+    const uint8_t* wire = dispatch_row(a.c.layout, r.self, r.parity, src, t);
+    copy_row_any(wire, true, payload_bytes, my_payload, ndst);
+    if (a.fp8) copy_row_any(wire + shape.H, true, size_t(scale_cols) * 4, reinterpret_cast<uint8_t*>(my_scales), ndst);
+  }
+}
+
 __global__ void __launch_bounds__(kThreads, 2) ht_dispatch_copy(HtDispatchArgs a) {
   if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   extern __shared__ int smem[];
@@ -243,7 +358,6 @@ __global__ void __launch_bounds__(kThreads, 2) ht_dispatch_copy(HtDispatchArgs a
   const int* totals = reinterpret_cast<const int*>(r.self + c.layout.totals);
   const uint32_t* bitmaps = reinterpret_cast<const uint32_t*>(r.self + c.layout.bitmaps);
   const uint32_t* prefixes = reinterpret_cast<const uint32_t*>(r.self + c.layout.prefixes);
-  const size_t bw = c.layout.bitmap_words;
   const bool per_rank = a.layout_kind == kPerRank;
   if (!per_rank) expert_offsets(a, shape, totals, offsets);
 
@@ -259,24 +373,7 @@ __global__ void __launch_bounds__(kThreads, 2) ht_dispatch_copy(HtDispatchArgs a
   float* out_scales = a.fp8 ? a.out_scales + size_t(local) * shape.rows_out * scale_cols : nullptr;
   const uint8_t* x = static_cast<const uint8_t*>(a.x) + size_t(local) * shape.T * shape.H * shape.esize;
 
-  // summary outputs
-  if (block == 0 && threadIdx.x == 0) {
-    const int n = totals[0];
-    a.num_recv[local] = n;
-    if (per_rank) {
-      const int kept = min(n, a.capacity);
-      a.out_counts[local] = kept;
-      a.out_dropped[local] = n - kept;
-    } else {
-      int dropped = 0;
-      for (int e = 0; e < shape.E_loc; ++e) {
-        const int kept = kept_rows(a, shape, totals, offsets, e);
-        a.out_counts[size_t(local) * shape.E_loc + e] = kept;
-        dropped += totals[1 + e] - kept;
-      }
-      a.out_dropped[local] = dropped;
-    }
-  }
+  if (block == 0 && threadIdx.x == 0) write_counts(a, shape, local, totals, offsets);
 
   // one warp per candidate token (not per 32-token word: a word per warp leaves most
   // of the GPU idle); a token's list index is its word's prefix plus the bits before it
@@ -284,70 +381,20 @@ __global__ void __launch_bounds__(kThreads, 2) ht_dispatch_copy(HtDispatchArgs a
     const int word_idx = p / 32, bit = p % 32;
     const uint32_t bits = bitmaps[word_idx];
     if (!((bits >> bit) & 1u)) continue;
-    {
-      const int i = prefixes[word_idx] + __popc(bits & ((1u << bit) - 1u));
-      const int src = p / shape.T, t = p % shape.T;
-      const int e = lane < shape.K ? routing_id(a, shape, r, src, t, lane) : -1;
-      const int le = local_id(e, r.rank, shape.E_loc);
-      const float w = le >= 0 ? routing_weight(a, shape, r, src, t, lane) : 0.f;
-      if (lane == 0) recv_src[i] = p;
-      if (lane < shape.K) {
-        recv_topk_idx[size_t(i) * shape.K + lane] = le;
-        recv_weights[size_t(i) * shape.K + lane] = w;
-      }
-      // destination rows: lane j of the destination list holds row j
-      int row = -1;
-      bool first = true;
-      if (per_rank) {
-        row = i < a.capacity ? i : -1;
-        if (lane == 0) recv_rows[i] = row;
-        if (row >= 0 && lane < shape.K) {
-          a.out_topk_idx[(size_t(local) * a.capacity + row) * shape.K + lane] = le;
-          a.out_topk_weights[(size_t(local) * a.capacity + row) * shape.K + lane] = w;
-        }
-        first = lane == 0;
-      } else if (le >= 0) {
-        const uint32_t below = (1u << bit) - 1u;
-        const int slot = prefixes[(1 + le) * bw + word_idx] + __popc(bitmaps[(1 + le) * bw + word_idx] & below);
-        if (a.layout_kind == kExpertMajor)
-          row = slot < a.capacity ? le * a.capacity + slot : -1;
-        else
-          row = offsets[le] + slot < a.capacity ? offsets[le] + slot : -1;
-      }
-      if (!per_rank) {
-        for (int k2 = 0; k2 < shape.K; ++k2) {  // a repeated expert keeps its first k's copy
-          const int other = __shfl_sync(kFullMask, le, k2);
-          if (k2 < lane && other == le) first = false;
-        }
-        if (lane < shape.K) recv_rows[size_t(i) * shape.K + lane] = row;
-      }
-      const bool writes = first && row >= 0 && (per_rank ? lane == 0 : lane < shape.K);
-      const unsigned writers = __ballot_sync(kFullMask, writes);
-      const int ndst = __popc(writers);
-      if (writes) {
-        const int pos = __popc(writers & lanemask_lt());
-        warp_payload[warp * 32 + pos] = out_x + size_t(row) * payload_bytes;
-        warp_scales[warp * 32 + pos] = a.fp8 ? out_scales + size_t(row) * scale_cols : nullptr;
-      }
-      __syncwarp();
-      uint8_t* my_payload = lane < ndst ? warp_payload[warp * 32 + lane] : nullptr;
-      float* my_scales = lane < ndst ? warp_scales[warp * 32 + lane] : nullptr;
-      __syncwarp();
-      if (ndst > 0) {
-        if (src == r.rank) {
-          const uint8_t* x_row = x + size_t(t) * shape.H * shape.esize;
-          if (a.fp8)
-            quantize_row_multi(x_row, a.dtype, shape.H, a.round_scale, my_payload, my_scales, ndst);
-          else
-            copy_row_any(x_row, false, payload_bytes, my_payload, ndst);
-        } else {
-          const uint8_t* wire = dispatch_row(c.layout, r.self, r.parity, src, t);
-          copy_row_any(wire, true, payload_bytes, my_payload, ndst);
-          if (a.fp8)
-            copy_row_any(wire + shape.H, true, size_t(scale_cols) * 4, reinterpret_cast<uint8_t*>(my_scales), ndst);
-        }
-      }
-    }
+    const int i = prefixes[word_idx] + __popc(bits & ((1u << bit) - 1u));
+    const int src = p / shape.T, t = p % shape.T;
+    const int e = lane < shape.K ? routing_id(a, shape, r, src, t, lane) : -1;
+    const int le = local_id(e, r.rank, shape.E_loc);
+    const float w = le >= 0 ? routing_weight(a, shape, r, src, t, lane) : 0.f;
+    write_handle_entry(shape, i, p, le, w, recv_src, recv_topk_idx, recv_weights);
+    int row;
+    const bool writes =
+        output_row(a, shape, local, i, word_idx, bit, le, w, bitmaps, prefixes, offsets, recv_rows, &row);
+    uint8_t* my_payload;
+    float* my_scales;
+    const int ndst = gather_destinations(a, writes, row, out_x, out_scales, payload_bytes, scale_cols,
+                                         warp_payload + warp * 32, warp_scales + warp * 32, &my_payload, &my_scales);
+    if (ndst > 0) copy_token(a, shape, r, x, src, t, payload_bytes, scale_cols, my_payload, my_scales, ndst);
   }
 }
 
