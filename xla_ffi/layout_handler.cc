@@ -34,6 +34,7 @@ ffi::Error DispatchLayout(cudaStream_t stream, int32_t device, int64_t num_exper
   a.num_tokens_per_expert = static_cast<int*>(per_expert->untyped_data());
   a.is_token_in_rank = static_cast<bool*>(in_rank->untyped_data());
   a.err = state->sink();
+  a.num_sms = state->num_sms;
   if (a.num_tokens * K == 0) a.batch = int(per_rank->element_count() / num_ranks);
   return finish(stream, state, launch_dispatch_layout(a, stream), kSync);
 }

@@ -60,7 +60,9 @@ cudaError_t launch_dispatch_layout(const LayoutArgs& a, cudaStream_t stream) {
   err = cudaMemsetAsync(a.num_tokens_per_expert, 0, sizeof(int) * a.batch * a.num_experts, stream);
   if (err != cudaSuccess) return err;
   if (a.num_tokens == 0) return cudaSuccess;
-  const int blocks = min((a.num_tokens + kWarps - 1) / kWarps, 132);
+  // a warp per token, at most one block per SM (the loop strides over the rest): every
+  // block ends by adding its R + E shared counters to global memory, one flush per SM
+  const int blocks = min((a.num_tokens + kWarps - 1) / kWarps, a.num_sms);
   const size_t smem = sizeof(int) * (a.num_ranks + a.num_experts);
   dispatch_layout_kernel<<<dim3(blocks, a.batch), kThreads, smem, stream>>>(a);
   return cudaGetLastError();

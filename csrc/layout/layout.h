@@ -10,6 +10,7 @@ namespace jax_ep {
 struct LayoutArgs {
   int batch = 1;  // independent routing matrices (loopback ranks)
   int num_tokens = 0, num_topk = 0, num_experts = 0, num_ranks = 1;
+  int num_sms = 0;                       // SMs of the device: at most a block per SM and routing matrix
   const int* topk_idx = nullptr;         // [batch, T, K]
   int* num_tokens_per_rank = nullptr;    // [batch, R]
   int* num_tokens_per_expert = nullptr;  // [batch, E]

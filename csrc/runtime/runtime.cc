@@ -190,6 +190,7 @@ void register_state(GroupControl& group, const DeviceStateConfig& cfg) {
   state->key = group.key();
   state->net = N > 1 ? net : nullptr;
   state->device = cfg.device;
+  state->num_sms = num_sms(cfg.device);
   state->layout = make_layout(cfg.sizes);
   state->num_ranks = cfg.sizes.num_ranks;
   state->first_rank = cfg.first_rank;
@@ -215,6 +216,7 @@ DeviceState* default_state(int device) {
   auto state = std::make_unique<DeviceState>();
   state->key = "(no group)";
   state->device = device;
+  state->num_sms = num_sms(device);
   alloc_error_record(state.get());
   preload_kernels(device);
   std::lock_guard<std::mutex> lock(reg.mu);

@@ -54,6 +54,7 @@ struct DeviceState {
   int copy_blocks = 1;
   uint64_t timeout_ns = 0;
   int fault_inject_rank = -1;
+  int num_sms = 0;                    // the device's SMs (looked up once, when the state is made)
   std::vector<uint8_t*> peers;        // [num_ranks] buffer bases (null: another node), copied into each launch
   const NetOps* net = nullptr;        // the NVSHMEM module's launchers (groups spanning nodes)
   ErrorRecord* err_host = nullptr;    // pinned, mapped
