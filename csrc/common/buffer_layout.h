@@ -49,6 +49,12 @@ JAX_EP_HD inline size_t wire_row_bytes(const BufferSizes& sizes) {
   return align_up(raw > fp8 ? raw : fp8, 16);
 }
 
+// Bytes of one call's token row on the wire: FP8 (hidden a multiple of 128) plus one
+// float scale per 128 channels, or the raw payload of elem_bytes-byte elements.
+JAX_EP_HD inline size_t wire_payload_bytes(size_t hidden, size_t elem_bytes, bool fp8) {
+  return fp8 ? hidden + hidden / kFp8Group * 4 : hidden * elem_bytes;
+}
+
 // A low-latency dispatch message: 16-byte header (source token, first k) + row.
 constexpr size_t kLowLatencyHeaderBytes = 16;
 

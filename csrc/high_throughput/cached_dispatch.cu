@@ -10,10 +10,7 @@
 namespace jax_ep {
 namespace {
 
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
-
-__global__ void __launch_bounds__(kThreads) ht_cached_copy(HtDispatchArgs a) {
+__global__ void __launch_bounds__(kHtThreads) ht_cached_copy(HtDispatchArgs a) {
   if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   const CommContext& c = a.c;
   const int local = blockIdx.x / c.copy_blocks, block = blockIdx.x % c.copy_blocks;
@@ -26,7 +23,7 @@ __global__ void __launch_bounds__(kThreads) ht_cached_copy(HtDispatchArgs a) {
     const int* recv_src = a.recv_src + local * RT;
     const uint8_t* x = static_cast<const uint8_t*>(a.x) + size_t(local) * T * bytes;
     uint8_t* out = static_cast<uint8_t*>(a.out_x) + size_t(local) * RT * bytes;
-    for (size_t i = size_t(block) * kWarps + warp_id(); i < RT; i += size_t(c.copy_blocks) * kWarps) {
+    for (size_t i = size_t(block) * kHtWarps + warp_id(); i < RT; i += size_t(c.copy_blocks) * kHtWarps) {
       const int p = recv_src[i];
       uint8_t* dst = out + i * bytes;
       if (p < 0) {  // past the received tokens: rows of nothing, their cotangent is 0
@@ -51,7 +48,7 @@ cudaError_t prepare_ht_cached_dispatch_kernels() {
 
 cudaError_t launch_ht_cached_dispatch(const HtDispatchArgs& a, cudaStream_t stream) {
   if (cudaError_t err = launch_ht_dispatch_send(a, stream); err != cudaSuccess) return err;
-  ht_cached_copy<<<a.c.num_local_ranks * a.c.copy_blocks, kThreads, 0, stream>>>(a);
+  ht_cached_copy<<<a.c.num_local_ranks * a.c.copy_blocks, kHtThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 

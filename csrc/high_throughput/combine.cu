@@ -18,9 +18,6 @@
 namespace jax_ep {
 namespace {
 
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
-
 // Ranks a home token went to (lane k < K reads its k-th expert).
 __device__ inline uint64_t token_ranks(const HtCombineArgs& a, int local, int t) {
   const int lane = lane_id(), K = a.num_topk, E = a.num_experts, e_loc = E / a.c.num_ranks;
@@ -35,7 +32,7 @@ __device__ inline bool home_only(const HtCombineArgs& a, const RankCtx& r, int t
   return token_ranks(a, r.local, t) == (1ull << r.rank);
 }
 
-__global__ void __launch_bounds__(kThreads) ht_combine_send(HtCombineArgs a) {
+__global__ void __launch_bounds__(kHtThreads) ht_combine_send(HtCombineArgs a) {
   if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   const CommContext& c = a.c;
   const int blocks = gridDim.x / c.num_local_ranks;  // see launch_ht_combine
@@ -54,7 +51,7 @@ __global__ void __launch_bounds__(kThreads) ht_combine_send(HtCombineArgs a) {
   const int n = a.num_recv[local];
   const bool net = c.layout.sizes.num_nodes > 1;
   uint8_t* out = static_cast<uint8_t*>(a.out) + size_t(local) * T * row_bytes;
-  for (int i = block * kWarps + warp_id(); i < n; i += blocks * kWarps) {
+  for (int i = block * kHtWarps + warp_id(); i < n; i += blocks * kHtWarps) {
     const int p = recv_src[i], src = p / T, t = p % T;
     const int row = lane < kr ? recv_rows[size_t(i) * kr + lane] : -1;
     const float w = lane < kr ? (weights ? weights[size_t(i) * kr + lane] : 1.f) : 0.f;
@@ -76,7 +73,7 @@ __global__ void __launch_bounds__(kThreads) ht_combine_send(HtCombineArgs a) {
   publish_arrival(c, r, c.layout.ht_combine_arrival);
 }
 
-__global__ void __launch_bounds__(kThreads) ht_combine_recv(HtCombineArgs a) {
+__global__ void __launch_bounds__(kHtThreads) ht_combine_recv(HtCombineArgs a) {
   if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   const CommContext& c = a.c;
   const BufferLayout& layout = c.layout;
@@ -94,7 +91,7 @@ __global__ void __launch_bounds__(kThreads) ht_combine_recv(HtCombineArgs a) {
     const int T = a.num_tokens;
     const int esize = a.dtype == kF32 ? 4 : 2;
     uint8_t* out = static_cast<uint8_t*>(a.out) + size_t(local) * T * a.hidden * esize;
-    for (int t = block * kWarps + warp_id(); t < T; t += c.copy_blocks * kWarps) {
+    for (int t = block * kHtWarps + warp_id(); t < T; t += c.copy_blocks * kHtWarps) {
       const uint64_t ranks = token_ranks(a, local, t);
       if (ranks == (1ull << r.rank)) continue;  // written by the send kernel
       // lane j holds the j-th contributing rank's (or node's) row, in ascending order
@@ -130,11 +127,11 @@ cudaError_t launch_ht_combine(const HtCombineArgs& a, cudaStream_t stream) {
   const int L = c.num_local_ranks;
   // The send kernel's main work is the expert-side reduction, which reads every expert
   // row from local memory: it gets the copy kernels' blocks, not the NVLink budget.
-  ht_combine_send<<<L * c.copy_blocks, kThreads, 0, stream>>>(a);
+  ht_combine_send<<<L * c.copy_blocks, kHtThreads, 0, stream>>>(a);
   if (c.layout.sizes.num_nodes > 1) {
     if (cudaError_t err = c.net->ht_combine_relay(a, stream); err != cudaSuccess) return err;
   }
-  ht_combine_recv<<<L * c.copy_blocks, kThreads, 0, stream>>>(a);
+  ht_combine_recv<<<L * c.copy_blocks, kHtThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 

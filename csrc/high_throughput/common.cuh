@@ -1,4 +1,4 @@
-// Slot addressing shared by the high-throughput dispatch and combine kernels.
+// Block shape and slot addressing shared by the high-throughput dispatch and combine kernels.
 #pragma once
 
 #include "common/rank.cuh"
@@ -6,27 +6,36 @@
 
 namespace jax_ep {
 
-// Slot addresses inside a buffer (see common/buffer_layout.h).
+// Threads per block of every high-throughput kernel that moves token rows, a warp per
+// row at a time (dispatch's bitmap and scan kernels size their own blocks).
+constexpr int kHtThreads = 512;
+constexpr int kHtWarps = kHtThreads / 32;
+
+// Slot addresses inside a buffer (see common/buffer_layout.h). Every high-throughput
+// region written by others is [2][senders][T_max] rows: the half of the op's parity,
+// the sender's (rank's or node's) block, the token.
+__device__ __forceinline__ size_t ht_slot(const BufferLayout& layout, int parity, int senders, int sender, int t) {
+  return (size_t(parity) * senders + sender) * layout.sizes.max_tokens + t;
+}
+
 __device__ inline uint8_t* dispatch_row(const BufferLayout& layout, uint8_t* base, int parity, int src, int t) {
-  return base + layout.ht_dispatch_data +
-         ((size_t(parity) * layout.sizes.num_ranks + src) * layout.sizes.max_tokens + t) * layout.row_bytes;
+  return base + layout.ht_dispatch_data + ht_slot(layout, parity, layout.sizes.num_ranks, src, t) * layout.row_bytes;
 }
 
 __device__ inline uint8_t* dispatch_meta(const BufferLayout& layout, uint8_t* base, int parity, int src, int t) {
   return base + layout.ht_dispatch_meta +
-         ((size_t(parity) * layout.sizes.num_ranks + src) * layout.sizes.max_tokens + t) *
-             layout.meta_bytes_per_token();
+         ht_slot(layout, parity, layout.sizes.num_ranks, src, t) * layout.meta_bytes_per_token();
 }
 
 __device__ inline uint8_t* combine_row(const BufferLayout& layout, uint8_t* base, int parity, int src, int t) {
   return base + layout.ht_combine_data +
-         ((size_t(parity) * layout.sizes.num_ranks + src) * layout.sizes.max_tokens + t) * layout.combine_row_bytes;
+         ht_slot(layout, parity, layout.sizes.num_ranks, src, t) * layout.combine_row_bytes;
 }
 
 // The extra float columns that travel with combine_row(.., src, t) (num_topk of them).
 __device__ inline float* combine_extra(const BufferLayout& layout, uint8_t* base, int parity, int src, int t) {
   return reinterpret_cast<float*>(base + layout.ht_combine_extra) +
-         ((size_t(parity) * layout.sizes.num_ranks + src) * layout.sizes.max_tokens + t) * layout.sizes.num_topk;
+         ht_slot(layout, parity, layout.sizes.num_ranks, src, t) * layout.sizes.num_topk;
 }
 
 }  // namespace jax_ep

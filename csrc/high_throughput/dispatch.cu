@@ -25,8 +25,6 @@
 namespace jax_ep {
 namespace {
 
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
 constexpr int kBitmapThreads = 256;
 constexpr int kScanThreads = 1024;
 
@@ -74,7 +72,7 @@ __device__ inline int local_id(int e, int rank, int e_loc) {
 // send
 // ---------------------------------------------------------------------------
 
-__global__ void __launch_bounds__(kThreads) ht_dispatch_send(HtDispatchArgs a) {
+__global__ void __launch_bounds__(kHtThreads) ht_dispatch_send(HtDispatchArgs a) {
   if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   const CommContext& c = a.c;
   const Shape shape = shape_of(a);
@@ -87,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_send(HtDispatchArgs a) {
   const uint8_t* x = static_cast<const uint8_t*>(a.x) + size_t(local) * shape.T * shape.H * shape.esize;
   const size_t raw_bytes = size_t(shape.H) * shape.esize;
 
-  for (int t = t_begin + warp_id(); t < t_end; t += kWarps) {
+  for (int t = t_begin + warp_id(); t < t_end; t += kHtWarps) {
     int e = lane < shape.K ? a.topk_idx[(size_t(local) * shape.T + t) * shape.K + lane] : -1;
     if (lane < shape.K && (e < -1 || e >= shape.E)) record_error(c.err, kErrBadExpert, r.rank, t, lane, shape.E, e, 0);
     const bool valid = lane < shape.K && e >= 0 && e < shape.E;
@@ -343,12 +341,12 @@ __device__ __forceinline__ void copy_token(const HtDispatchArgs& a, const Shape&
   }
 }
 
-__global__ void __launch_bounds__(kThreads, 2) ht_dispatch_copy(HtDispatchArgs a) {
+__global__ void __launch_bounds__(kHtThreads, 2) ht_dispatch_copy(HtDispatchArgs a) {
   if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   extern __shared__ int smem[];
   int* offsets = smem;  // [E_loc]
   uint8_t** warp_payload = reinterpret_cast<uint8_t**>(smem + ((a.num_experts / a.c.num_ranks + 1) & ~1));
-  float** warp_scales = reinterpret_cast<float**>(warp_payload + kWarps * 32);
+  float** warp_scales = reinterpret_cast<float**>(warp_payload + kHtWarps * 32);
   const CommContext& c = a.c;
   const Shape shape = shape_of(a);
   const int local = blockIdx.x / c.copy_blocks, block = blockIdx.x % c.copy_blocks;
@@ -377,7 +375,7 @@ __global__ void __launch_bounds__(kThreads, 2) ht_dispatch_copy(HtDispatchArgs a
 
   // one warp per candidate token (not per 32-token word: a word per warp leaves most
   // of the GPU idle); a token's list index is its word's prefix plus the bits before it
-  for (int p = block * kWarps + warp; p < int(RT); p += c.copy_blocks * kWarps) {
+  for (int p = block * kHtWarps + warp; p < int(RT); p += c.copy_blocks * kHtWarps) {
     const int word_idx = p / 32, bit = p % 32;
     const uint32_t bits = bitmaps[word_idx];
     if (!((bits >> bit) & 1u)) continue;
@@ -402,7 +400,7 @@ __global__ void __launch_bounds__(kThreads, 2) ht_dispatch_copy(HtDispatchArgs a
 // padding
 // ---------------------------------------------------------------------------
 
-__global__ void __launch_bounds__(kThreads) ht_dispatch_pad(HtDispatchArgs a) {
+__global__ void __launch_bounds__(kHtThreads) ht_dispatch_pad(HtDispatchArgs a) {
   if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   const CommContext& c = a.c;
   const Shape shape = shape_of(a);
@@ -414,7 +412,7 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_pad(HtDispatchArgs a) {
     const size_t RT = size_t(shape.R) * shape.T;
     const int kr = per_rank ? 1 : shape.K;
     const int n = totals[0];
-    const int gthreads = c.copy_blocks * kThreads, gtid = block * kThreads + threadIdx.x;
+    const int gthreads = c.copy_blocks * kHtThreads, gtid = block * kHtThreads + threadIdx.x;
     for (size_t i = size_t(n) + gtid; i < RT; i += gthreads) {
       a.recv_src[local * RT + i] = -1;
       for (int k = 0; k < shape.K; ++k) {
@@ -424,7 +422,7 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_pad(HtDispatchArgs a) {
       for (int k = 0; k < kr; ++k) a.recv_rows[(local * RT + i) * kr + k] = -1;
     }
     if (per_rank) {  // routing of the rows past the kept ones: masked
-      const int gwarps = c.copy_blocks * kWarps, gwarp = block * kWarps + warp_id();
+      const int gwarps = c.copy_blocks * kHtWarps, gwarp = block * kHtWarps + warp_id();
       for (int row = min(n, a.capacity) + gwarp; row < a.capacity; row += gwarps) {
         if (lane_id() < shape.K) {
           a.out_topk_idx[(size_t(local) * a.capacity + row) * shape.K + lane_id()] = -1;
@@ -458,7 +456,7 @@ cudaError_t launch_ht_dispatch_send(const HtDispatchArgs& a, cudaStream_t stream
     if (cudaError_t err = c.net->ht_dispatch_send(a, stream); err != cudaSuccess) return err;
     return launch_ht_dispatch_forward(a, stream);
   }
-  ht_dispatch_send<<<c.num_local_ranks * c.send_blocks, kThreads, 0, stream>>>(a);
+  ht_dispatch_send<<<c.num_local_ranks * c.send_blocks, kHtThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
@@ -469,12 +467,12 @@ cudaError_t launch_ht_dispatch(const HtDispatchArgs& a, cudaStream_t stream) {
   const int num_buckets = a.layout_kind == kPerRank ? 1 : e_loc + 1;
   const size_t bitmap_smem = a.layout_kind == kPerRank ? 0 : size_t(kBitmapThreads / 32) * e_loc * 4;
   const size_t offsets_ints = size_t((e_loc + 1) & ~1);
-  const size_t copy_smem = offsets_ints * 4 + size_t(kWarps) * 32 * 2 * sizeof(void*);
+  const size_t copy_smem = offsets_ints * 4 + size_t(kHtWarps) * 32 * 2 * sizeof(void*);
   if (cudaError_t err = launch_ht_dispatch_send(a, stream); err != cudaSuccess) return err;
   ht_dispatch_bitmap<<<L * c.copy_blocks, kBitmapThreads, bitmap_smem, stream>>>(a);
   ht_dispatch_scan<<<L * num_buckets, kScanThreads, 0, stream>>>(a);
-  ht_dispatch_copy<<<L * c.copy_blocks, kThreads, copy_smem, stream>>>(a);
-  ht_dispatch_pad<<<L * c.copy_blocks, kThreads, 0, stream>>>(a);
+  ht_dispatch_copy<<<L * c.copy_blocks, kHtThreads, copy_smem, stream>>>(a);
+  ht_dispatch_pad<<<L * c.copy_blocks, kHtThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 

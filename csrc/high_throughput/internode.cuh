@@ -24,18 +24,31 @@ __device__ inline NodeCtx node_ctx(const CommContext& c, const RankCtx& r) {
 
 __device__ inline uint8_t* net_dispatch_meta(const BufferLayout& layout, uint8_t* base, int parity, int node, int t) {
   return base + layout.net_dispatch_meta +
-         ((size_t(parity) * layout.sizes.num_nodes + node) * layout.sizes.max_tokens + t) *
-             layout.meta_bytes_per_token();
+         ht_slot(layout, parity, layout.sizes.num_nodes, node, t) * layout.meta_bytes_per_token();
 }
 
 __device__ inline uint8_t* net_dispatch_row(const BufferLayout& layout, uint8_t* base, int parity, int node, int t) {
-  return base + layout.net_dispatch_data +
-         ((size_t(parity) * layout.sizes.num_nodes + node) * layout.sizes.max_tokens + t) * layout.row_bytes;
+  return base + layout.net_dispatch_data + ht_slot(layout, parity, layout.sizes.num_nodes, node, t) * layout.row_bytes;
 }
 
 __device__ inline uint8_t* net_combine_row(const BufferLayout& layout, uint8_t* base, int parity, int node, int t) {
   return base + layout.net_combine_data +
-         ((size_t(parity) * layout.sizes.num_nodes + node) * layout.sizes.max_tokens + t) * layout.combine_row_bytes;
+         ht_slot(layout, parity, layout.sizes.num_nodes, node, t) * layout.combine_row_bytes;
+}
+
+// This rank's staging (private; NVSHMEM's put sources, single-buffered: the puts
+// complete before the kernel ends) of its token t: routing row and wire row ...
+__device__ inline uint8_t* net_stage_meta(const BufferLayout& layout, uint8_t* base, int t) {
+  return base + layout.net_stage_meta + size_t(t) * layout.meta_bytes_per_token();
+}
+
+__device__ inline uint8_t* net_stage_row(const BufferLayout& layout, uint8_t* base, int t) {
+  return base + layout.net_stage_data + size_t(t) * layout.row_bytes;
+}
+
+// ... and, at a relay, its sum of node m's partials of token t.
+__device__ inline uint8_t* net_stage_combine(const BufferLayout& layout, uint8_t* base, int m, int t) {
+  return base + layout.net_stage_combine + (size_t(m) * layout.sizes.max_tokens + t) * layout.combine_row_bytes;
 }
 
 // Row of ht_combine_data (and tag) at the relay where writer `writer` leaves its
@@ -54,11 +67,24 @@ __device__ inline int relay_rank(const CommContext& c, int writer, int src) {
 
 __device__ inline uint32_t* net_combine_tag(const BufferLayout& layout, uint8_t* base, int parity, int slot, int t) {
   return reinterpret_cast<uint32_t*>(base + layout.net_combine_tag) +
-         (size_t(parity) * layout.sizes.num_ranks + slot) * layout.sizes.max_tokens + t;
+         ht_slot(layout, parity, layout.sizes.num_ranks, slot, t);
 }
 
 __device__ inline uint64_t* net_signal(uint8_t* base, size_t region, int node) {
   return reinterpret_cast<uint64_t*>(base + region) + node;
+}
+
+// The start of every internode kernel (one rank per process under NVSHMEM, so local
+// rank 0): false in every thread of the block when it must return at once, because
+// the group is closed (docs/protocol.md, "Ordering and lifetime") or this is the
+// fault-injected rank (testing: a peer that never arrives). Else this rank's context
+// for op counter `counter` and its node's.
+__device__ __forceinline__ bool start_internode(const CommContext& c, int counter, RankCtx* r, NodeCtx* nd) {
+  if (returns_closed(c)) return false;
+  *r = rank_ctx(c, 0, counter);
+  if (r->rank == c.fault_inject_rank) return false;
+  *nd = node_ctx(c, *r);
+  return true;
 }
 
 // The nodes of the ranks in `ranks` (bit n set when a rank of node n is in it).

@@ -10,16 +10,12 @@
 namespace jax_ep {
 namespace {
 
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
-
-__global__ void __launch_bounds__(kThreads) ht_dispatch_forward(HtDispatchArgs a) {
-  if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
+__global__ void __launch_bounds__(kHtThreads) ht_dispatch_forward(HtDispatchArgs a) {
+  RankCtx r;
+  NodeCtx nd;
+  if (!start_internode(a.c, kHtDispatchSeq, &r, &nd)) return;
   const CommContext& c = a.c;
   const BufferLayout& layout = c.layout;
-  const RankCtx r = rank_ctx(c, 0, kHtDispatchSeq);  // NVSHMEM: one rank per process
-  if (r.rank == c.fault_inject_rank) return;         // testing: a peer that never arrives
-  const NodeCtx nd = node_ctx(c, r);
   const int T = a.num_tokens, K = a.num_topk, e_loc = a.num_experts / c.num_ranks;
   int t_begin, t_end;
   block_tokens(T, c.send_blocks, blockIdx.x, &t_begin, &t_end);
@@ -29,16 +25,13 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_forward(HtDispatchArgs a
     return;
 
   const int lane = lane_id(), span = t_end - t_begin;
-  const size_t payload =
-      a.fp8 ? size_t(a.hidden) + size_t(a.hidden / kFp8Group) * 4 : size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);
+  const size_t payload = wire_payload_bytes(a.hidden, a.dtype == kF32 ? 4 : 2, a.fp8);
   const uint64_t node_ranks = node_peers(c, r.rank);
-  for (int i = warp_id(); i < nd.N * span; i += kWarps) {
+  for (int i = warp_id(); i < nd.N * span; i += kHtWarps) {
     const int m = i / span, t = t_begin + i % span, src = relay_of(m);
     const bool own = src == r.rank;
-    const uint8_t* meta = own ? r.self + layout.net_stage_meta + size_t(t) * layout.meta_bytes_per_token()
-                              : net_dispatch_meta(layout, r.self, r.parity, m, t);
-    const uint8_t* row = own ? r.self + layout.net_stage_data + size_t(t) * layout.row_bytes
-                             : net_dispatch_row(layout, r.self, r.parity, m, t);
+    const uint8_t* meta = own ? net_stage_meta(layout, r.self, t) : net_dispatch_meta(layout, r.self, r.parity, m, t);
+    const uint8_t* row = own ? net_stage_row(layout, r.self, t) : net_dispatch_row(layout, r.self, r.parity, m, t);
     // the source canonicalised its rows: -1 for masked or out-of-range ids
     const int e = lane < K ? __ldcg(reinterpret_cast<const int*>(meta) + lane) : -1;
     const float w = lane < K ? __ldcg(reinterpret_cast<const float*>(meta) + K + lane) : 0.f;
@@ -65,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) ht_dispatch_forward(HtDispatchArgs a
   // one arrival per block for every (source, rank of the node) pair but a rank's own
   fence(c.sys_scope);
   __syncthreads();
-  for (int i = threadIdx.x; i < nd.N * nd.P; i += kThreads) {
+  for (int i = threadIdx.x; i < nd.N * nd.P; i += kHtThreads) {
     const int src = relay_of(i / nd.P), d = nd.node * nd.P + i % nd.P;
     if (src != d)
       add_release(reinterpret_cast<uint64_t*>(c.peers[d] + layout.ht_dispatch_arrival) + src, 1, c.sys_scope);
@@ -80,7 +73,7 @@ cudaError_t prepare_ht_forward_kernels() {
 }
 
 cudaError_t launch_ht_dispatch_forward(const HtDispatchArgs& a, cudaStream_t stream) {
-  ht_dispatch_forward<<<a.c.send_blocks, kThreads, 0, stream>>>(a);
+  ht_dispatch_forward<<<a.c.send_blocks, kHtThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 

@@ -13,16 +13,12 @@
 namespace jax_ep {
 namespace {
 
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
-
-__global__ void __launch_bounds__(kThreads) ht_net_combine_relay(HtCombineArgs a) {
-  if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
+__global__ void __launch_bounds__(kHtThreads) ht_net_combine_relay(HtCombineArgs a) {
+  RankCtx r;
+  NodeCtx nd;
+  if (!start_internode(a.c, kHtCombineSeq, &r, &nd)) return;
   const CommContext& c = a.c;
   const BufferLayout& layout = c.layout;
-  const RankCtx r = rank_ctx(c, 0, kHtCombineSeq);  // NVSHMEM: one rank per process
-  if (r.rank == c.fault_inject_rank) return;        // testing: a peer that never arrives
-  const NodeCtx nd = node_ctx(c, r);
   // the node's writers send with copy_blocks blocks (launch_ht_combine)
   if (!wait_all_peers(c, r, layout.ht_combine_arrival, r.seq * uint64_t(c.copy_blocks), kPhaseHtCombineArrival,
                       node_peers(c, r.rank)))
@@ -32,7 +28,7 @@ __global__ void __launch_bounds__(kThreads) ht_net_combine_relay(HtCombineArgs a
   int t_begin, t_end;
   block_tokens(T, gridDim.x, blockIdx.x, &t_begin, &t_end);
   const int span = t_end - t_begin;
-  for (int i = warp_id(); i < nd.N * span; i += kWarps) {
+  for (int i = warp_id(); i < nd.N * span; i += kHtWarps) {
     const int m = i / span, t = t_begin + i % span;
     const bool tagged =
         lane < nd.P && __ldcg(net_combine_tag(layout, r.self, r.parity, lane * nd.N + m, t)) == uint32_t(r.seq);
@@ -41,9 +37,8 @@ __global__ void __launch_bounds__(kThreads) ht_net_combine_relay(HtCombineArgs a
     const uint8_t* my_row;
     const int n = lanes_of_units(
         writers, [&](int writer) { return combine_row(layout, r.self, r.parity, writer * nd.N + m, t); }, &my_row);
-    uint8_t* sum = m == nd.node ? net_combine_row(layout, r.self, r.parity, nd.node, t)
-                                : r.self + layout.net_stage_combine +
-                                      (size_t(m) * layout.sizes.max_tokens + t) * layout.combine_row_bytes;
+    uint8_t* sum =
+        m == nd.node ? net_combine_row(layout, r.self, r.parity, nd.node, t) : net_stage_combine(layout, r.self, m, t);
     weighted_sum_rows(my_row, 1.f, n, true, a.dtype, a.hidden, sum);
     if (m == nd.node) continue;
     __syncwarp();
@@ -61,7 +56,7 @@ cudaError_t prepare_net_combine_kernels() {
 
 cudaError_t launch_ht_net_combine_relay(const HtCombineArgs& a, cudaStream_t stream) {
   // as many blocks as the home's receive waits for (one signal each)
-  ht_net_combine_relay<<<a.c.copy_blocks, kThreads, 0, stream>>>(a);
+  ht_net_combine_relay<<<a.c.copy_blocks, kHtThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 

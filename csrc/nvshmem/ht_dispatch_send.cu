@@ -13,31 +13,27 @@
 namespace jax_ep {
 namespace {
 
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
-
-__global__ void __launch_bounds__(kThreads) ht_net_dispatch_send(HtDispatchArgs a) {
-  if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
+__global__ void __launch_bounds__(kHtThreads) ht_net_dispatch_send(HtDispatchArgs a) {
+  RankCtx r;
+  NodeCtx nd;
+  if (!start_internode(a.c, kHtDispatchSeq, &r, &nd)) return;
   const CommContext& c = a.c;
   const BufferLayout& layout = c.layout;
-  const RankCtx r = rank_ctx(c, 0, kHtDispatchSeq);  // NVSHMEM: one rank per process
-  if (r.rank == c.fault_inject_rank) return;         // testing: a peer that never arrives
-  const NodeCtx nd = node_ctx(c, r);
   const int T = a.num_tokens, K = a.num_topk, H = a.hidden, E = a.num_experts, e_loc = E / c.num_ranks;
   const int esize = a.dtype == kF32 ? 4 : 2, lane = lane_id();
   const size_t raw_bytes = size_t(H) * esize, meta_bytes = layout.meta_bytes_per_token();
-  const size_t payload = a.fp8 ? size_t(H) + size_t(H / kFp8Group) * 4 : raw_bytes;
+  const size_t payload = wire_payload_bytes(H, esize, a.fp8);
   const uint8_t* x = static_cast<const uint8_t*>(a.x);
   int t_begin, t_end;
   block_tokens(T, c.send_blocks, blockIdx.x, &t_begin, &t_end);
 
-  for (int t = t_begin + warp_id(); t < t_end; t += kWarps) {
+  for (int t = t_begin + warp_id(); t < t_end; t += kHtWarps) {
     int e = lane < K ? a.topk_idx[size_t(t) * K + lane] : -1;
     if (lane < K && (e < -1 || e >= E)) record_error(c.err, kErrBadExpert, r.rank, t, lane, E, e, 0);
     const bool valid = lane < K && e >= 0 && e < E;
     if (!valid) e = -1;
     const float w = valid && a.topk_weights ? a.topk_weights[size_t(t) * K + lane] : 0.f;
-    uint8_t* meta = r.self + layout.net_stage_meta + size_t(t) * meta_bytes;
+    uint8_t* meta = net_stage_meta(layout, r.self, t);
     if (lane < K) {
       reinterpret_cast<int*>(meta)[lane] = e;
       reinterpret_cast<float*>(meta)[K + lane] = w;
@@ -45,7 +41,7 @@ __global__ void __launch_bounds__(kThreads) ht_net_dispatch_send(HtDispatchArgs 
     const uint64_t nodes = nodes_of(dest_mask(valid, valid ? e / e_loc : 0), nd.P);
     if (!nodes) continue;
     // staged once: our own node's relay (this rank) forwards it from here too
-    uint8_t* staged = r.self + layout.net_stage_data + size_t(t) * layout.row_bytes;
+    uint8_t* staged = net_stage_row(layout, r.self, t);
     uint8_t* my_dst = lane == 0 ? staged : nullptr;
     const uint8_t* x_row = x + size_t(t) * raw_bytes;
     if (a.fp8)
@@ -60,11 +56,10 @@ __global__ void __launch_bounds__(kThreads) ht_net_dispatch_send(HtDispatchArgs 
   }
   __syncthreads();  // the block's routing rows are staged
   if (t_end > t_begin) {
-    for (int m = warp_id(); m < nd.N; m += kWarps) {
+    for (int m = warp_id(); m < nd.N; m += kHtWarps) {
       if (m == nd.node) continue;
       net_put_warp(net_dispatch_meta(layout, r.self, r.parity, nd.node, t_begin),
-                   r.self + layout.net_stage_meta + size_t(t_begin) * meta_bytes, size_t(t_end - t_begin) * meta_bytes,
-                   m * nd.P + nd.local);
+                   net_stage_meta(layout, r.self, t_begin), size_t(t_end - t_begin) * meta_bytes, m * nd.P + nd.local);
     }
   }
   signal_other_nodes(r.self, layout.net_dispatch_signal, nd);
@@ -78,7 +73,7 @@ cudaError_t prepare_net_dispatch_kernels() {
 }
 
 cudaError_t launch_ht_net_dispatch_send(const HtDispatchArgs& a, cudaStream_t stream) {
-  ht_net_dispatch_send<<<a.c.send_blocks, kThreads, 0, stream>>>(a);
+  ht_net_dispatch_send<<<a.c.send_blocks, kHtThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 

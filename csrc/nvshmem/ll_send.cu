@@ -2,9 +2,9 @@
 // this node are still written through their NVLink mappings; ranks on other nodes get
 // puts from the staging regions, signals with NVSHMEM signal operations, and the
 // buffer-reuse check reads their receive records remotely.
-#include "nvshmem/kernels.h"
-#include "nvshmem/device.cuh"
 #include "low_latency/transport.cuh"
+#include "nvshmem/device.cuh"
+#include "nvshmem/kernels.h"
 
 namespace jax_ep {
 
