@@ -4,6 +4,7 @@
 // words and sequence number); the receive copies each received token's row to its
 // place in the handle's list (recv_src), with no routing pass (no bitmap, no scan):
 // two launches instead of five.
+#include "common/load_kernels.h"
 #include "common/rows.cuh"
 #include "high_throughput/common.cuh"
 
@@ -42,8 +43,7 @@ __global__ void __launch_bounds__(kHtThreads) ht_cached_copy(HtDispatchArgs a) {
 }  // namespace
 
 cudaError_t prepare_ht_cached_dispatch_kernels() {
-  cudaFuncAttributes attr;
-  return cudaFuncGetAttributes(&attr, ht_cached_copy);
+  return load_kernels(ht_cached_copy);
 }
 
 cudaError_t launch_ht_cached_dispatch(const HtDispatchArgs& a, cudaStream_t stream) {

@@ -11,6 +11,7 @@
 // home rank's local index on the writer's node instead, tagged with the op's sequence
 // number; the relay sums its node's partials and puts one row per node home
 // (ht_net_combine_relay), and the receive adds the nodes' rows in ascending order.
+#include "common/load_kernels.h"
 #include "common/rows.cuh"
 #include "high_throughput/internode.cuh"
 #include "nvshmem/launchers.h"
@@ -117,9 +118,7 @@ __global__ void __launch_bounds__(kHtThreads) ht_combine_recv(HtCombineArgs a) {
 }  // namespace
 
 cudaError_t prepare_ht_combine_kernels() {
-  cudaFuncAttributes attr;
-  cudaError_t err = cudaFuncGetAttributes(&attr, ht_combine_send);
-  return err != cudaSuccess ? err : cudaFuncGetAttributes(&attr, ht_combine_recv);
+  return load_kernels(ht_combine_send, ht_combine_recv);
 }
 
 cudaError_t launch_ht_combine(const HtCombineArgs& a, cudaStream_t stream) {

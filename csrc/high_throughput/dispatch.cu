@@ -18,6 +18,7 @@
 // the same slots and arrival words.
 // Slot of (token, expert) = number of earlier received tokens that chose the expert,
 // exactly the reference's order (jax_ep/reference.py).
+#include "common/load_kernels.h"
 #include "common/rows.cuh"
 #include "high_throughput/common.cuh"
 #include "nvshmem/launchers.h"
@@ -437,16 +438,7 @@ __global__ void __launch_bounds__(kHtThreads) ht_dispatch_pad(HtDispatchArgs a) 
 }  // namespace
 
 cudaError_t prepare_ht_dispatch_kernels() {
-  cudaFuncAttributes attr;
-  const void* kernels[] = {
-      reinterpret_cast<const void*>(ht_dispatch_send), reinterpret_cast<const void*>(ht_dispatch_bitmap),
-      reinterpret_cast<const void*>(ht_dispatch_scan), reinterpret_cast<const void*>(ht_dispatch_copy),
-      reinterpret_cast<const void*>(ht_dispatch_pad)};
-  for (const void* k : kernels) {
-    cudaError_t err = cudaFuncGetAttributes(&attr, k);
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+  return load_kernels(ht_dispatch_send, ht_dispatch_bitmap, ht_dispatch_scan, ht_dispatch_copy, ht_dispatch_pad);
 }
 
 cudaError_t launch_ht_dispatch_send(const HtDispatchArgs& a, cudaStream_t stream) {

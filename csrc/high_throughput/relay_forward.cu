@@ -4,6 +4,7 @@
 // NVLink into the [source][token] slots of its node's ranks that the intranode send
 // fills, then adds to their arrival words: from there on, the intranode receive kernels
 // (bitmap, scan, copy, pad) run unchanged.
+#include "common/load_kernels.h"
 #include "common/rows.cuh"
 #include "high_throughput/internode.cuh"
 
@@ -68,8 +69,7 @@ __global__ void __launch_bounds__(kHtThreads) ht_dispatch_forward(HtDispatchArgs
 }  // namespace
 
 cudaError_t prepare_ht_forward_kernels() {
-  cudaFuncAttributes attr;
-  return cudaFuncGetAttributes(&attr, ht_dispatch_forward);
+  return load_kernels(ht_dispatch_forward);
 }
 
 cudaError_t launch_ht_dispatch_forward(const HtDispatchArgs& a, cudaStream_t stream) {

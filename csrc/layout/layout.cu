@@ -3,6 +3,7 @@
 // independent of scheduling. A token counts once per rank and once per distinct
 // expert (jax_ep/reference.py, get_dispatch_layout).
 #include "common/device.cuh"
+#include "common/load_kernels.h"
 #include "common/rank.cuh"
 #include "layout/layout.h"
 
@@ -50,8 +51,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_layout_kernel(LayoutArgs a)
 }  // namespace
 
 cudaError_t prepare_layout_kernels() {
-  cudaFuncAttributes attr;
-  return cudaFuncGetAttributes(&attr, dispatch_layout_kernel);
+  return load_kernels(dispatch_layout_kernel);
 }
 
 cudaError_t launch_dispatch_layout(const LayoutArgs& a, cudaStream_t stream) {

@@ -5,6 +5,7 @@
 //   recv  home side: wait for every live rank's flag, then
 //         out[t] = Σ_k w[t,k] * row(t, first k of e_k) in float32, k ascending,
 //         skipping masked selections and failed ranks: the reference's order exactly.
+#include "common/load_kernels.h"
 #include "low_latency/combine_send.cuh"
 #include "nvshmem/launchers.h"
 
@@ -55,10 +56,8 @@ __global__ void __launch_bounds__(kLlRecvThreads) ll_combine_recv(LlCombineRecvA
 }  // namespace
 
 cudaError_t prepare_ll_kernels() {
-  cudaFuncAttributes attr;
   cudaError_t err = prepare_ll_dispatch_kernels();
-  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, ll_combine_send<PeerStores>);
-  return err != cudaSuccess ? err : cudaFuncGetAttributes(&attr, ll_combine_recv);
+  return err != cudaSuccess ? err : load_kernels(ll_combine_send<PeerStores>, ll_combine_recv);
 }
 
 cudaError_t launch_ll_combine_send(const LlCombineSendArgs& a, cudaStream_t stream) {

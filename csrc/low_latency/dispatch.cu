@@ -5,6 +5,7 @@
 //         NVSHMEM module builds it for groups spanning nodes);
 //   recv  wait for every live source's count of every local expert, then copy the
 //         messages out in (source rank, j) order: exactly the reference's row order.
+#include "common/load_kernels.h"
 #include "low_latency/dispatch_send.cuh"
 #include "nvshmem/launchers.h"
 
@@ -99,9 +100,7 @@ __global__ void __launch_bounds__(kLlRecvThreads) ll_dispatch_recv(LlDispatchRec
 }  // namespace
 
 cudaError_t prepare_ll_dispatch_kernels() {
-  cudaFuncAttributes attr;
-  cudaError_t err = cudaFuncGetAttributes(&attr, ll_dispatch_send<PeerStores>);
-  return err != cudaSuccess ? err : cudaFuncGetAttributes(&attr, ll_dispatch_recv);
+  return load_kernels(ll_dispatch_send<PeerStores>, ll_dispatch_recv);
 }
 
 cudaError_t launch_ll_dispatch_send(const LlDispatchSendArgs& a, cudaStream_t stream) {

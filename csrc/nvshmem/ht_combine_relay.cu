@@ -5,6 +5,7 @@
 // partials in ascending writer order in float32, rounds to the payload dtype, and puts
 // the row to the home rank (our own node's rows stay here); after its puts complete,
 // each block adds one to our node's signal word at every other node's home rank.
+#include "common/load_kernels.h"
 #include "common/rows.cuh"
 #include "high_throughput/internode.cuh"
 #include "nvshmem/device.cuh"
@@ -50,8 +51,7 @@ __global__ void __launch_bounds__(kHtThreads) ht_net_combine_relay(HtCombineArgs
 }  // namespace
 
 cudaError_t prepare_net_combine_kernels() {
-  cudaFuncAttributes attr;
-  return cudaFuncGetAttributes(&attr, ht_net_combine_relay);
+  return load_kernels(ht_net_combine_relay);
 }
 
 cudaError_t launch_ht_net_combine_relay(const HtCombineArgs& a, cudaStream_t stream) {

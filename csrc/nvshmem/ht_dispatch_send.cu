@@ -5,6 +5,7 @@
 // every other node that holds one of its experts, then the block's routing rows to
 // every other node (which tell the relay which tokens came). After its puts complete,
 // the block adds one to our node's signal word at each such relay.
+#include "common/load_kernels.h"
 #include "common/rows.cuh"
 #include "high_throughput/internode.cuh"
 #include "nvshmem/device.cuh"
@@ -68,8 +69,7 @@ __global__ void __launch_bounds__(kHtThreads) ht_net_dispatch_send(HtDispatchArg
 }  // namespace
 
 cudaError_t prepare_net_dispatch_kernels() {
-  cudaFuncAttributes attr;
-  return cudaFuncGetAttributes(&attr, ht_net_dispatch_send);
+  return load_kernels(ht_net_dispatch_send);
 }
 
 cudaError_t launch_ht_net_dispatch_send(const HtDispatchArgs& a, cudaStream_t stream) {

@@ -2,6 +2,7 @@
 // this node are still written through their NVLink mappings; ranks on other nodes get
 // puts from the staging regions, signals with NVSHMEM signal operations, and the
 // buffer-reuse check reads their receive records remotely.
+#include "common/load_kernels.h"
 #include "low_latency/transport.cuh"
 #include "nvshmem/device.cuh"
 #include "nvshmem/kernels.h"
@@ -26,9 +27,7 @@ struct NvshmemNet {
 namespace jax_ep {
 
 cudaError_t prepare_ll_net_kernels() {
-  cudaFuncAttributes attr;
-  cudaError_t err = cudaFuncGetAttributes(&attr, ll_dispatch_send<NvshmemNet>);
-  return err != cudaSuccess ? err : cudaFuncGetAttributes(&attr, ll_combine_send<NvshmemNet>);
+  return load_kernels(ll_dispatch_send<NvshmemNet>, ll_combine_send<NvshmemNet>);
 }
 
 cudaError_t launch_ll_net_dispatch_send(const LlDispatchSendArgs& a, cudaStream_t stream) {
