@@ -108,16 +108,19 @@ CommContext comm_of(const DeviceState* state) {
   return c;
 }
 
-int dtype_code(ffi::DataType type) {
+ffi::Error payload_dtype(ffi::DataType type, const char* name, int* dtype, const char* when) {
   switch (type) {
     case ffi::DataType::F32:
-      return kF32;
+      *dtype = kF32;
+      return ffi::Error::Success();
     case ffi::DataType::BF16:
-      return kBF16;
+      *dtype = kBF16;
+      return ffi::Error::Success();
     case ffi::DataType::F16:
-      return kF16;
+      *dtype = kF16;
+      return ffi::Error::Success();
     default:
-      return -1;
+      return invalid(std::string(name) + " must be float32, bfloat16 or float16" + when);
   }
 }
 
@@ -199,7 +202,7 @@ ffi::Error check_routing_shape(const DeviceState* state, int64_t T, int64_t K, b
 ffi::Error check_row(const DeviceState* state, int64_t H, int esize, bool fp8, bool dispatch) {
   if (H < 1) return invalid("hidden must be positive, got " + std::to_string(H));
   if (fp8 && H % kFp8Group) return invalid("fp8 needs hidden % 128 == 0, got hidden=" + std::to_string(H));
-  const size_t need = fp8 ? size_t(H) + size_t(H / kFp8Group) * 4 : size_t(H) * esize;
+  const size_t need = wire_payload_bytes(H, esize, fp8);
   const size_t have = dispatch ? state->layout.row_bytes : state->layout.combine_row_bytes;
   if (need > have)
     return invalid(std::string(dispatch ? "dispatch" : "combine") + " rows of hidden=" + std::to_string(H) +

@@ -74,8 +74,20 @@ ffi::Error finish(cudaStream_t stream, DeviceState* state, cudaError_t launch, b
 
 CommContext comm_of(const DeviceState* state);
 
-// Payload dtype code for kernels; -1 when unsupported.
-int dtype_code(ffi::DataType type);
+// The sizes and payload type of one call, which every launch-parameter struct
+// carries under these names (num_tokens, where the kernels read it, is set apart).
+template <typename Args>
+void set_sizes(Args& a, const DeviceState* state, int64_t H, int64_t K, int64_t num_experts, int dtype) {
+  a.c = comm_of(state);
+  a.hidden = int(H);
+  a.num_topk = int(K);
+  a.num_experts = int(num_experts);
+  a.dtype = dtype;
+}
+
+// The kernels' code (DType) of a payload of element type `type`, or the error
+// "<name> must be float32, bfloat16 or float16<when>".
+ffi::Error payload_dtype(ffi::DataType type, const char* name, int* dtype, const char* when = "");
 int element_bytes(ffi::DataType type);
 
 // Loopback convention: under jax.vmap (vmap_method="expand_dims") every operand

@@ -63,8 +63,8 @@ ffi::Error HtDispatch(cudaStream_t stream, int32_t device, ExecState* exec, HtDi
   JAX_EP_CHECK(per_rank_dims(x, "x", 2, num_local, &xd));
   JAX_EP_CHECK(per_rank_dims(topk_idx, "topk_idx", 2, num_local, &id));
   JAX_EP_CHECK(per_rank_dims(topk_weights, "topk_weights", 2, num_local, &wd));
-  const int dtype = dtype_code(x.element_type());
-  if (dtype < 0) return invalid("x must be float32, bfloat16 or float16");
+  int dtype;
+  JAX_EP_CHECK(payload_dtype(x.element_type(), "x", &dtype));
   if (topk_idx.element_type() != ffi::DataType::S32) return invalid("topk_idx must be int32");
   if (topk_weights.element_type() != ffi::DataType::F32) return invalid("topk_weights must be float32");
   const int64_t T = xd[0], H = xd[1], K = id[1];
@@ -89,14 +89,10 @@ ffi::Error HtDispatch(cudaStream_t stream, int32_t device, ExecState* exec, HtDi
     return invalid("recv_src must have num_ranks * num_tokens entries per rank");
 
   HtDispatchArgs a;
-  a.c = comm_of(state);
+  set_sizes(a, state, H, K, attrs.num_experts, dtype);
   a.num_tokens = int(T);
-  a.hidden = int(H);
-  a.num_topk = int(K);
-  a.num_experts = int(attrs.num_experts);
   a.layout_kind = layout_kind;
   a.capacity = int(capacity);
-  a.dtype = dtype;
   a.fp8 = int(attrs.fp8);
   a.round_scale = int(attrs.round_scale);
   a.x = x.untyped_data();
@@ -135,8 +131,8 @@ ffi::Error HtCombine(cudaStream_t stream, int32_t device, ExecState* exec, HtCom
   JAX_EP_CHECK(per_rank_dims(weights, "weights", 2, num_local, &wd));
   JAX_EP_CHECK(per_rank_dims(num_recv, "num_recv", 0, num_local, &num_recv_dims));
   JAX_EP_CHECK(per_rank_dims(topk_idx, "topk_idx", 2, num_local, &id));
-  const int dtype = dtype_code(y.element_type());
-  if (dtype < 0) return invalid("y must be float32, bfloat16 or float16");
+  int dtype;
+  JAX_EP_CHECK(payload_dtype(y.element_type(), "y", &dtype));
   if (weights.element_type() != ffi::DataType::F32) return invalid("weights must be float32");
   const int64_t T = id[0], K = id[1], H = yd[1], RT = sd[0];
   if (RT != int64_t(state->num_ranks) * T) return invalid("recv_src must have num_ranks * num_tokens entries");
@@ -153,12 +149,8 @@ ffi::Error HtCombine(cudaStream_t stream, int32_t device, ExecState* exec, HtCom
   if (X > 0 && state->layout.sizes.num_nodes > 1)
     return invalid("extra columns are not carried between nodes; combine them separately");
   HtCombineArgs a;
-  a.c = comm_of(state);
+  set_sizes(a, state, H, K, attrs.num_experts, dtype);
   a.num_tokens = int(T);
-  a.hidden = int(H);
-  a.num_topk = int(K);
-  a.num_experts = int(attrs.num_experts);
-  a.dtype = dtype;
   a.rows_per_token = int(rd[1]);
   a.num_y_rows = int(yd[0]);
   a.y = y.untyped_data();
@@ -188,21 +180,17 @@ ffi::Error HtCachedDispatch(cudaStream_t stream, int32_t device, ExecState* exec
   JAX_EP_CHECK(per_rank_dims(x, "x", 2, num_local, &xd));
   JAX_EP_CHECK(per_rank_dims(topk_idx, "topk_idx", 2, num_local, &id));
   const int64_t T = xd[0], H = xd[1], K = id[1], RT = int64_t(state->num_ranks) * T;
-  const int dtype = dtype_code(x.element_type());
-  if (dtype < 0) return invalid("x must be float32, bfloat16 or float16");
+  int dtype;
+  JAX_EP_CHECK(payload_dtype(x.element_type(), "x", &dtype));
   JAX_EP_CHECK(expect(topk_idx, "topk_idx", {T, K}, ffi::DataType::S32, num_local));
   JAX_EP_CHECK(expect(recv_src, "recv_src", {RT}, ffi::DataType::S32, num_local));
   JAX_EP_CHECK(expect(*rows, "rows", {RT, H}, x.element_type(), num_local));
   JAX_EP_CHECK(check_fits(state, T, K, H, element_bytes(x.element_type()), false, attrs.num_experts));
   HtDispatchArgs a;
-  a.c = comm_of(state);
+  set_sizes(a, state, H, K, attrs.num_experts, dtype);
   a.num_tokens = int(T);
-  a.hidden = int(H);
-  a.num_topk = int(K);
-  a.num_experts = int(attrs.num_experts);
   a.layout_kind = kPerRank;
   a.capacity = int(RT);
-  a.dtype = dtype;
   a.x = x.untyped_data();
   a.topk_idx = topk_idx.typed_data<int32_t>();
   a.recv_src = const_cast<int*>(recv_src.typed_data<int32_t>());  // read, not written

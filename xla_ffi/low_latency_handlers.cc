@@ -85,8 +85,8 @@ ffi::Error LlDispatchSend(cudaStream_t stream, int32_t device, ExecState* exec, 
   JAX_EP_CHECK(per_rank_dims(x, "x", 2, num_local, &xd));
   JAX_EP_CHECK(per_rank_dims(topk_idx, "topk_idx", 2, num_local, &id));
   const int64_t T = xd[0], H = xd[1], K = id[1];
-  const int dtype = dtype_code(x.element_type());
-  if (dtype < 0) return invalid("x must be float32, bfloat16 or float16");
+  int dtype;
+  JAX_EP_CHECK(payload_dtype(x.element_type(), "x", &dtype));
   JAX_EP_CHECK(expect(topk_idx, "topk_idx", {T, K}, kS32, num_local));
   JAX_EP_CHECK(expect(active_ranks, "active_ranks", {R}, kS32, num_local));
   JAX_EP_CHECK(expect(*num_dropped, "num_dropped", {}, kS32, num_local));
@@ -95,12 +95,8 @@ ffi::Error LlDispatchSend(cudaStream_t stream, int32_t device, ExecState* exec, 
   JAX_EP_CHECK(check_row(state, H, element_bytes(x.element_type()), attrs.fp8, true));
 
   LlDispatchSendArgs a;
-  a.c = comm_of(state);
+  set_sizes(a, state, H, K, attrs.num_experts, dtype);
   a.num_tokens = int(T);
-  a.hidden = int(H);
-  a.num_topk = int(K);
-  a.num_experts = int(attrs.num_experts);
-  a.dtype = dtype;
   a.fp8 = int(attrs.fp8);
   a.round_scale = int(attrs.round_scale);
   a.x = x.untyped_data();
@@ -135,8 +131,7 @@ ffi::Error LlDispatchRecv(cudaStream_t stream, int32_t device, ExecState* exec, 
     JAX_EP_CHECK(expect(*out_x, "x (fp8)", {e_loc, RT, H}, ffi::DataType::F8E4M3FN, num_local));
     JAX_EP_CHECK(expect(*out_scales, "scales", {e_loc, RT, H / kFp8Group}, ffi::DataType::F32, num_local));
   } else {
-    dtype = dtype_code(out_x->element_type());
-    if (dtype < 0) return invalid("x must be float32, bfloat16 or float16 without fp8");
+    JAX_EP_CHECK(payload_dtype(out_x->element_type(), "x", &dtype, " without fp8"));
     JAX_EP_CHECK(expect(*out_x, "x", {e_loc, RT, H}, out_x->element_type(), num_local));
   }
   JAX_EP_CHECK(check_row(state, H, element_bytes(out_x->element_type()), attrs.fp8, true));
@@ -146,11 +141,7 @@ ffi::Error LlDispatchRecv(cudaStream_t stream, int32_t device, ExecState* exec, 
   JAX_EP_CHECK(expect(*layout_range, "layout_range", {e_loc, R, 2}, kS32, num_local));
 
   LlDispatchRecvArgs a;
-  a.c = comm_of(state);
-  a.hidden = int(H);
-  a.num_topk = state->layout.sizes.num_topk;
-  a.num_experts = int(attrs.num_experts);
-  a.dtype = dtype;
+  set_sizes(a, state, H, state->layout.sizes.num_topk, attrs.num_experts, dtype);
   a.fp8 = int(attrs.fp8);
   a.ticket = ticket.typed_data<int32_t>();
   a.active_ranks = active_ranks.typed_data<int32_t>();
@@ -178,8 +169,8 @@ ffi::Error LlCombineSend(cudaStream_t stream, int32_t device, ExecState* exec, L
   ffi::Span<const int64_t> yd;
   JAX_EP_CHECK(per_rank_dims(y, "y", 3, num_local, &yd));
   const int64_t H = yd[2];
-  const int dtype = dtype_code(y.element_type());
-  if (dtype < 0) return invalid("y must be float32, bfloat16 or float16");
+  int dtype;
+  JAX_EP_CHECK(payload_dtype(y.element_type(), "y", &dtype));
   JAX_EP_CHECK(expect(y, "y", {e_loc, RT, H}, y.element_type(), num_local));
   JAX_EP_CHECK(check_row(state, H, element_bytes(y.element_type()), false, false));
   JAX_EP_CHECK(expect(src_info, "recv_src_info", {e_loc, RT}, kS32, num_local));
@@ -188,11 +179,7 @@ ffi::Error LlCombineSend(cudaStream_t stream, int32_t device, ExecState* exec, L
   JAX_EP_CHECK(expect(active_ranks, "active_ranks", {R}, kS32, num_local));
 
   LlCombineSendArgs a;
-  a.c = comm_of(state);
-  a.hidden = int(H);
-  a.num_topk = state->layout.sizes.num_topk;
-  a.num_experts = int(attrs.num_experts);
-  a.dtype = dtype;
+  set_sizes(a, state, H, state->layout.sizes.num_topk, attrs.num_experts, dtype);
   a.y = y.untyped_data();
   a.src_info = src_info.typed_data<int32_t>();
   a.topk_slot = topk_slot.typed_data<int32_t>();
@@ -222,18 +209,14 @@ ffi::Error LlCombineRecv(cudaStream_t stream, int32_t device, ExecState* exec, L
   JAX_EP_CHECK(expect(active_ranks, "active_ranks", {R}, kS32, num_local));
   JAX_EP_CHECK(per_rank_dims(*out, "out", 2, num_local, &od));
   const int64_t H = od[1];
-  const int dtype = dtype_code(out->element_type());
-  if (dtype < 0) return invalid("out must be float32, bfloat16 or float16");
+  int dtype;
+  JAX_EP_CHECK(payload_dtype(out->element_type(), "out", &dtype));
   JAX_EP_CHECK(check_routing_shape(state, T, K, true));
   JAX_EP_CHECK(check_row(state, H, element_bytes(out->element_type()), false, false));
 
   LlCombineRecvArgs a;
-  a.c = comm_of(state);
+  set_sizes(a, state, H, K, attrs.num_experts, dtype);
   a.num_tokens = int(T);
-  a.hidden = int(H);
-  a.num_topk = int(K);
-  a.num_experts = int(attrs.num_experts);
-  a.dtype = dtype;
   a.ticket = ticket.typed_data<int32_t>();
   a.topk_idx = topk_idx.typed_data<int32_t>();
   a.topk_weights = topk_weights.typed_data<float>();
