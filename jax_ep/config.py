@@ -6,22 +6,28 @@ import dataclasses
 
 from jax_ep import _env
 
-# H200/H100 NVLink 4: about 370 GB/s per direction with SM stores (DESIGN.md §7).
+# The two figures the default SM count is derived from. Both are inputs, not measured
+# by this package: the one-way NVLink 4 bandwidth of SM stores on an H100/H200
+# (about 370 GB/s per direction), and what one SM is taken to sustain in 16-byte
+# stores to a peer (50 GB/s).
 _NVLINK_GBPS = 370.0
-# What one SM sustains with 16-byte vector loads/stores over NVLink, measured by
-# DeepEP's per-SM model (50 GB/s of writes per SM, elastic.py): 8 SMs would do,
-# the rest hides latency of the count/flag round trips and HBM copy-out.
 _GBPS_PER_SM = 50.0
 
 
 def default_num_sms(num_ranks: int) -> int:
-    """SMs per rank for the high-throughput kernels.
+    """Thread blocks per rank of the high-throughput dispatch's send phase (``Config.num_sms = 0``).
 
-    Model: the send phase must push ``(R-1)/R`` of the token bytes over NVLink
-    at ``_NVLINK_GBPS``; each SM issues about ``_GBPS_PER_SM``. We take 2.5x the
-    SMs that this needs (the same copy kernels also do the receiver-side copy-out,
-    which is HBM-bound), rounded up to an even count, at least 8 and at most 24
-    (the budget DeepEP uses, so training kernels keep most SMs).
+    What it computes: ``_NVLINK_GBPS / _GBPS_PER_SM`` (7.4) SMs would keep one NVLink
+    direction busy with stores; the default takes 2.5 times that (a margin for the
+    latency of peer stores and of the routing rows every peer receives: a tuning
+    choice, not derived), rounded up to an even count and kept in ``[8, 24]`` (24 so
+    that the compute kernels keep most of the GPU). That is 20 for every group of two
+    or more ranks: the count does not depend on how many ranks there are, nor on the
+    token bytes. A group of one rank gets the cap, 24 (its send moves no rows; it only
+    checks the routing).
+
+    The count is the same for every rank of a group (the receive waits for
+    ``num_sms`` arrivals per peer), so it depends on nothing device-specific.
     """
     if num_ranks <= 1:
         return 24
@@ -37,8 +43,10 @@ TRANSPORTS = ("ipc", "nvshmem")
 class Config:
     """Per-group settings. Every field has a safe default.
 
-    num_sms: thread blocks per rank of the high-throughput kernels that write to
-      peers (the NVLink budget; 0 = :func:`default_num_sms`).
+    num_sms: thread blocks per rank of the high-throughput dispatch's send phase, the
+      kernel that pushes token rows to peers (and, across nodes, of its two hops);
+      0 = :func:`default_num_sms`. The combine's send reduces expert rows from local
+      memory and runs with ``num_copy_sms`` blocks.
     num_copy_sms: thread blocks per rank of the local copy-out/reduce kernels, which
       are HBM-bound and short, and of every low-latency kernel (a decode step has no
       compute to leave SMs to); 0 = every SM of the device. The low-latency kernels

@@ -27,7 +27,7 @@ __device__ inline bool returns_closed(const CommContext& c) {
   return __syncthreads_or(threadIdx.x == 0 && *reinterpret_cast<const volatile int*>(c.closed) != 0);
 }
 
-// Writes the op's sequence number (lo, hi) for local rank `r.local` into an [L, 2]
+// Writes the op's sequence number (lo, hi) for local rank `local` into an [L, 2]
 // int32 output: the ordering token of the op, and a low-latency send's ticket.
 __device__ inline void write_seq(int* out, int local, uint64_t seq) {
   out[2 * local] = int(uint32_t(seq));
@@ -93,9 +93,9 @@ __device__ inline bool wait_all_peers(const CommContext& c, const RankCtx& r, si
       [&](int peer) { return words + peer; }, [](int peer) { return peer; }, target, phase);
 }
 
-// Every block of a send kernel ends here: make its stores visible system-wide,
-// then add one to the arrival word of this rank in every peer's buffer of its node
-// (all peers when there is one node; other nodes hear through NVSHMEM signals).
+// Every block of a send kernel ends here: make its stores visible at the group's
+// scope (fence(sys_scope): system scope when a peer is another GPU), then add one to the arrival word of this rank in
+// every peer's buffer of its node (all peers when there is one node; other nodes hear through NVSHMEM signals).
 __device__ inline void publish_arrival(const CommContext& c, const RankCtx& r, size_t arrival_offset) {
   fence(c.sys_scope);
   __syncthreads();

@@ -11,8 +11,8 @@
 
 namespace jax_ep {
 
-// Send kernels: Config.num_sms blocks per rank; receive kernels: a block per SM
-// (Config.num_copy_sms). 512 threads: the row movers need ~128 registers per thread
+// Every low-latency kernel runs at most Config.num_copy_sms blocks per launch
+// (ll_block_limit), fewer when its rows need fewer. 512 threads: the row movers need ~128 registers per thread
 // without spills, so 1024-thread blocks (64 registers) would spill in the hot loops.
 constexpr int kLlSendThreads = 512;
 constexpr int kLlSendWarps = kLlSendThreads / 32;
@@ -216,7 +216,7 @@ __device__ __forceinline__ uint64_t received_record(uint64_t record, uint64_t se
 
 // Buffer reuse: op `seq` overwrites the half that op seq-2 used in every destination,
 // so each live rank (ourselves included: XLA orders our own receive only by data)
-// must have finished its receive of op seq-2. Threads p < R each check rank p (a
+// must have finished its receive of op seq-2. Thread i < R checks rank i (a
 // remote read for a rank on another node); returns this thread's verdict (combine
 // with __syncthreads_and, so the read overlaps the caller's own work).
 template <class Net>

@@ -259,9 +259,10 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_dispatch_send(LlDispatch
     publish_counts<Net>(c, r, peers, active, total, E, e_loc);
 }
 
-// Every SM, like the receive (a decode step has no compute to leave SMs to, and a
-// block's share of rows is moved with little memory parallelism per warp, so time
-// falls with blocks); blocks split the tokens: no more blocks than tokens.
+// As many blocks as the receive may use (ll_block_limit: Config.num_copy_sms, every SM
+// by default; a decode step has no compute to leave SMs to, and a block's share of
+// rows is moved with little memory parallelism per warp, so time falls with blocks);
+// blocks split the tokens: no more blocks than tokens.
 template <class Net>
 cudaError_t launch_ll_dispatch_send_with(const LlDispatchSendArgs& args, cudaStream_t stream) {
   LlDispatchSendArgs a = args;
