@@ -71,6 +71,16 @@ int64_t recv_rows(const DeviceState* state) {
   return int64_t(state->num_ranks) * state->layout.sizes.ll_max_tokens;
 }
 
+// The start of the handlers that take a dispatch's results (everything but the
+// dispatch send, which checks its routing first): the call is open, the group has
+// low-latency buffers for this expert count, and the ordering tokens have their shape.
+ffi::Error open_after_dispatch(GroupCall& call, ExecState* exec, int32_t device, cudaStream_t stream,
+                               int64_t num_experts, const ffi::AnyBuffer& order_in, const ffi::AnyBuffer& order_out) {
+  JAX_EP_CHECK(call.open(exec, device, stream));
+  JAX_EP_CHECK(check_group(call.state(), num_experts));
+  return check_order(order_in, order_out, call.state()->num_local_ranks);
+}
+
 template <bool kSync>
 ffi::Error LlDispatchSend(cudaStream_t stream, int32_t device, ExecState* exec, LlDispatchSendAttrs attrs,
                           ffi::AnyBuffer x, ffi::AnyBuffer topk_idx, ffi::AnyBuffer active_ranks,
@@ -115,12 +125,10 @@ ffi::Error LlDispatchRecv(cudaStream_t stream, int32_t device, ExecState* exec, 
                           ffi::Result<ffi::AnyBuffer> topk_slot, ffi::Result<ffi::AnyBuffer> layout_range,
                           ffi::Result<ffi::AnyBuffer> order_out) {
   GroupCall call;
-  JAX_EP_CHECK(call.open(exec, device, stream));
+  JAX_EP_CHECK(open_after_dispatch(call, exec, device, stream, attrs.num_experts, order_in, *order_out));
   DeviceState* state = call.state();
-  JAX_EP_CHECK(check_group(state, attrs.num_experts));
   const int num_local = state->num_local_ranks, R = state->num_ranks;
   const int64_t e_loc = attrs.num_experts / R, RT = recv_rows(state);
-  JAX_EP_CHECK(check_order(order_in, *order_out, num_local));
   JAX_EP_CHECK(expect(ticket, "ticket", {2}, kS32, num_local));
   JAX_EP_CHECK(expect(active_ranks, "active_ranks", {R}, kS32, num_local));
   ffi::Span<const int64_t> xd;
@@ -160,12 +168,10 @@ ffi::Error LlCombineSend(cudaStream_t stream, int32_t device, ExecState* exec, L
                          ffi::AnyBuffer src_info, ffi::AnyBuffer topk_slot, ffi::AnyBuffer recv_count,
                          ffi::AnyBuffer active_ranks, ffi::AnyBuffer order_in, ffi::Result<ffi::AnyBuffer> ticket) {
   GroupCall call;
-  JAX_EP_CHECK(call.open(exec, device, stream));
+  JAX_EP_CHECK(open_after_dispatch(call, exec, device, stream, attrs.num_experts, order_in, *ticket));
   DeviceState* state = call.state();
-  JAX_EP_CHECK(check_group(state, attrs.num_experts));
   const int num_local = state->num_local_ranks, R = state->num_ranks;
   const int64_t e_loc = attrs.num_experts / R, RT = recv_rows(state);
-  JAX_EP_CHECK(check_order(order_in, *ticket, num_local));
   ffi::Span<const int64_t> yd;
   JAX_EP_CHECK(per_rank_dims(y, "y", 3, num_local, &yd));
   const int64_t H = yd[2];
@@ -195,11 +201,9 @@ ffi::Error LlCombineRecv(cudaStream_t stream, int32_t device, ExecState* exec, L
                          ffi::AnyBuffer active_ranks, ffi::AnyBuffer order_in, ffi::Result<ffi::AnyBuffer> out,
                          ffi::Result<ffi::AnyBuffer> order_out) {
   GroupCall call;
-  JAX_EP_CHECK(call.open(exec, device, stream));
+  JAX_EP_CHECK(open_after_dispatch(call, exec, device, stream, attrs.num_experts, order_in, *order_out));
   DeviceState* state = call.state();
-  JAX_EP_CHECK(check_group(state, attrs.num_experts));
   const int num_local = state->num_local_ranks, R = state->num_ranks;
-  JAX_EP_CHECK(check_order(order_in, *order_out, num_local));
   JAX_EP_CHECK(expect(ticket, "ticket", {2}, kS32, num_local));
   ffi::Span<const int64_t> id, od;
   JAX_EP_CHECK(per_rank_dims(topk_idx, "topk_idx", 2, num_local, &id));
