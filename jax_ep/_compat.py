@@ -53,3 +53,10 @@ def result_like(x: jax.Array, shape: Sequence[int], dtype) -> jax.ShapeDtypeStru
 
 def axis_size(axis_name) -> int:
     return jax.lax.axis_size(axis_name)
+
+
+def min_dim(a, b):
+    """``min`` of two dimensions, either of which may be symbolic (``jax.export``)."""
+    from jax._src import core  # no public spelling of the symbolic min in jax 0.10/0.11
+
+    return core.min_dim(a, b)
