@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import HOPPER_SKIP_REASON
+from jax.sharding import PartitionSpec as P
 
 from jax_ep import experts
 from jax_ep.experts import matmul, tokamax_path
@@ -166,3 +167,27 @@ def test_mosaic_kernels_match_dense_on_hopper():
         return experts.swiglu(x, sizes, w0, w1, wo, path="mosaic")
 
     _check_path(ffn, "ragged", dtype=jnp.bfloat16, rtol=3e-2)
+
+
+@pytest.mark.parametrize("path", ["ragged_dot", "einsum"])
+def test_replicated_weights_inside_shard_map_get_the_summed_gradient(path):
+    # weights replicated over the EP axis, rows per rank: d(weights) sums every rank's part
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("ep",))
+    x, expert = _valid_rows()
+    w = _weights()
+    pack = _ragged if experts.LAYOUTS[path] == "ragged" else (lambda v: _expert_major(v, expert))
+    rows = jnp.stack([pack(x), pack(2 * x)])
+
+    def loss(w, rows):
+        def per_rank(rows, w):
+            y = experts.swiglu(rows[0], jnp.asarray(SIZES), *w, path=path)
+            return jax.lax.psum(jnp.sum(_unpack(y, expert)), "ep")
+
+        return jax.shard_map(per_rank, mesh=mesh, in_specs=(P("ep"), P()), out_specs=P())(rows, w)
+
+    got = jax.jit(jax.grad(loss))(w, rows)
+    want = jax.grad(lambda w: jnp.sum(_dense(x, expert, *w)) + jnp.sum(_dense(2 * x, expert, *w)))(
+        w
+    )
+    for g, ref, name in zip(got, want, ("wi_0", "wi_1", "wo"), strict=True):
+        _close(g, ref, 1e-5, f"grad {name}")

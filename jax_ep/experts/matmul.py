@@ -23,6 +23,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jax_ep import _compat
+
 Product = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 Backward = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
@@ -70,7 +72,8 @@ def masked_matmul(product: Product, backward: Backward, layout: str) -> Product:
         a0 = jnp.where(valid, a, jnp.zeros((), a.dtype))
         dy0 = jnp.where(valid, dy.astype(a.dtype), jnp.zeros((), a.dtype))
         da, dw = backward(a0, w, sizes, dy0)
-        return da.astype(a.dtype), dw.astype(w.dtype), None
+        da = _compat.cotangent_like(da.astype(a.dtype), a)
+        return da, _compat.cotangent_like(dw.astype(w.dtype), w), None
 
     matmul.defvjp(fwd, bwd)
     return matmul

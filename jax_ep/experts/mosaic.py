@@ -89,6 +89,8 @@ def _backward(a, w, sizes, dy):
     cfg = _config(dy.shape[1])
     cfg["block_m"] = _block(a.shape[1])
     dw = transposed_ragged_dot_mgpu.transposed_ragged_dot(a, dy, group_sizes=sizes, **cfg)
+    # Pallas outputs vary over no mesh axis: give them their inputs' (masked_matmul then
+    # matches the primals')
     return _compat.match_varying(da, dy, w)[0], _compat.match_varying(dw, a, dy)[0]
 
 
