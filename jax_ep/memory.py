@@ -165,8 +165,8 @@ class MemoryReport:
         if self.buffers["internode"]:
             lines.append(f"    internode staging: {self.buffers['internode'] / GIB:.2f} GiB")
         lines += [
-            f"  dispatch output ({d['layout']}, {d['rows']} rows, {s['dtype']}"
-            f"{', fp8' if s['fp8'] else ''}): {d['total'] / GIB:.2f} GiB",
+            f"  dispatch output ({d['layout']}, {d['rows']} rows of "
+            f"{'e4m3 + scales' if s['fp8'] else s['dtype']}): {d['total'] / GIB:.2f} GiB",
             f"  combine output: {self.combine / GIB:.3f} GiB",
         ]
         if self.low_latency_dispatch["total"]:

@@ -7,6 +7,8 @@ CUDA extension's own ``buffer_bytes`` wherever the extension is built (CI builds
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,3 +210,19 @@ def test_low_latency_ops_use_their_own_token_bound():
     idx9, _ = make_routing("random", 2, 9, K, E)
     with pytest.raises(ValueError, match="num_max_low_latency_tokens_per_rank=4"):
         runner.run(fn, make_tokens(2, 9, H), idx9)
+
+
+def test_readme_shows_the_report_of_its_example():
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    mesh = jax.make_mesh((8,), ("ep",))
+    group = jax_ep.Group(
+        mesh,
+        "ep",
+        num_experts=256,
+        num_topk=8,
+        hidden=7168,
+        num_max_tokens_per_rank=4096,
+        backend="reference",
+        low_latency=True,
+    )
+    assert f"```\n{group.memory_report()}\n```" in readme
