@@ -22,10 +22,8 @@ import numpy as np
 from jax_ep import memory, validation
 from jax_ep.backends import backend_for, default_backend
 from jax_ep.backends.spec import OpSpec
-from jax_ep.capacity import DEFAULT_CAPACITY_FACTOR
 from jax_ep.config import Config
 from jax_ep.ordering import OrderChain
-from jax_ep.memory import MemoryReport
 
 _lock = threading.Lock()
 _live: dict[str, weakref.ref] = {}  # key -> the live Group with that key, in this process
@@ -69,6 +67,8 @@ def live_group(key: str) -> Group:
 def order_chain(spec: OpSpec) -> OrderChain | None:
     """The ordering-token chain of the group an op runs on (None: no device state)."""
     return live_group(spec.group_key).order if spec.backend == "cuda" else None
+
+
 # Default low-latency token bound: decode batches are at most a few hundred tokens per rank.
 DEFAULT_LOW_LATENCY_TOKENS = 256
 
@@ -309,36 +309,8 @@ class Group:
             num_nodes=num_nodes,
         )
 
-    def memory_report(
-        self,
-        *,
-        num_tokens: int | None = None,
-        layout: str = "ragged",
-        capacity: int | None = None,
-        capacity_factor: float | None = DEFAULT_CAPACITY_FACTOR,
-        dtype: Any = None,
-        fp8: bool = False,
-        num_topk: int | None = None,
-    ) -> MemoryReport:
-        """Bytes per rank this group and one call of each op will use, before running anything.
-
-        The communication buffers (what the CUDA backend allocates for these sizes; the
-        reference backend allocates none, ``buffers_allocated`` says which), the outputs of one
-        :func:`jax_ep.dispatch` with these arguments (``num_tokens`` defaults to
-        ``num_max_tokens_per_rank``, ``dtype`` to the group's, ``capacity``/``capacity_factor``
-        as :func:`jax_ep.dispatch`), of its combine, and of one low-latency dispatch (FP8) when
-        the group has ``low_latency``. ``print(group.memory_report())`` gives a summary in GiB.
-        """
-        return memory.report(
-            self,
-            num_tokens=num_tokens,
-            layout=layout,
-            capacity=capacity,
-            capacity_factor=capacity_factor,
-            dtype=dtype,
-            fp8=fp8,
-            num_topk=num_topk,
-        )
+    # bytes per rank this group and one call of each op use (jax_ep.memory.report's docstring)
+    memory_report = memory.report
 
     def close(self) -> None:
         """Free the buffers (also done at interpreter exit).

@@ -189,7 +189,17 @@ def report(
     num_topk: int | None = None,
     low_latency_fp8: bool = True,
 ) -> MemoryReport:
-    """The :class:`MemoryReport` of ``group`` (arguments as :meth:`jax_ep.Group.memory_report`)."""
+    """Bytes per rank ``group`` and one call of each op will use, before running anything
+    (:meth:`jax_ep.Group.memory_report`).
+
+    The communication buffers (what the CUDA backend allocates for the group's sizes; the
+    reference backend allocates none, ``buffers_allocated`` says which), the outputs of one
+    :func:`jax_ep.dispatch` with these arguments (``num_tokens`` defaults to
+    ``num_max_tokens_per_rank``, ``num_topk`` and ``dtype`` to the group's,
+    ``layout``/``capacity``/``capacity_factor``/``fp8`` as :func:`jax_ep.dispatch`), of its
+    combine, and of one low-latency dispatch (FP8 unless ``low_latency_fp8=False``) when the
+    group has ``low_latency``. ``print(group.memory_report())`` gives a summary in GiB.
+    """
     R, H = group.num_ranks, group.hidden
     T = group.num_max_tokens_per_rank if num_tokens is None else int(num_tokens)
     K = group.num_topk if num_topk is None else int(num_topk)

@@ -78,9 +78,10 @@ def test_dispatch_default_capacity_and_the_never_drop_worst_case(layout):
     assert int(np.sum(w_dropped)) == 0
 
 
-def test_memory_report_of_the_readme_example():
+def _readme_group(**options) -> jax_ep.Group:
+    """The README's example group (EP=8, 4096 tokens/rank, top-8 of 256, hidden 7168)."""
     mesh = jax.make_mesh((8,), ("ep",))
-    group = jax_ep.Group(
+    return jax_ep.Group(
         mesh,
         "ep",
         num_experts=256,
@@ -89,7 +90,12 @@ def test_memory_report_of_the_readme_example():
         num_max_tokens_per_rank=4096,
         backend="reference",
         low_latency=True,
+        **options,
     )
+
+
+def test_memory_report_of_the_readme_example():
+    group = _readme_group()
     assert group.num_max_low_latency_tokens_per_rank == 256  # the decode default
     r = group.memory_report()
     assert not r.buffers_allocated  # the reference backend allocates none
@@ -109,17 +115,7 @@ def test_memory_report_of_the_readme_example():
     assert r.buffers["high_throughput"] >= 2 * 2 * 8 * 4096 * row
     ll_data = 2 * 32 * 8 * 256 * (16 + row) + 2 * 256 * 8 * row
     assert ll_data <= r.buffers["low_latency"] < ll_data + (1 << 20)
-    old = jax_ep.Group(
-        mesh,
-        "ep",
-        num_experts=256,
-        num_topk=8,
-        hidden=7168,
-        num_max_tokens_per_rank=4096,
-        backend="reference",
-        low_latency=True,
-        num_max_low_latency_tokens_per_rank=4096,
-    )
+    old = _readme_group(num_max_low_latency_tokens_per_rank=4096)
     assert old.memory_report().buffers["low_latency"] > 28 * GIB  # what one shared bound cost
     assert r.total < 80 * GIB / 10
     assert "GiB" in str(r)
@@ -214,15 +210,5 @@ def test_low_latency_ops_use_their_own_token_bound():
 
 def test_readme_shows_the_report_of_its_example():
     readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-    mesh = jax.make_mesh((8,), ("ep",))
-    group = jax_ep.Group(
-        mesh,
-        "ep",
-        num_experts=256,
-        num_topk=8,
-        hidden=7168,
-        num_max_tokens_per_rank=4096,
-        backend="reference",
-        low_latency=True,
-    )
+    group = _readme_group()
     assert f"```\n{group.memory_report()}\n```" in readme
