@@ -25,8 +25,8 @@ from jax_ep import _compat, validation
 from jax_ep import fp8 as _fp8
 from jax_ep.backends import backend_for, default_backend
 from jax_ep.backends.spec import OpSpec
-from jax_ep.group import order_chain
 from jax_ep.capacity import DEFAULT_CAPACITY_FACTOR, dispatch_capacity
+from jax_ep.group import order_chain
 from jax_ep.handles import DispatchLayout, DispatchOut, Handle
 from jax_ep.rows import pad_rows, take_rows
 

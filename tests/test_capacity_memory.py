@@ -121,16 +121,6 @@ def test_memory_report_of_the_readme_example():
     assert "GiB" in str(r)
 
 
-def _extension_bytes(ext, sizes: dict):
-    try:
-        return ext.buffer_bytes(**sizes)
-    except TypeError:  # an extension built before the low-latency bound had its own size
-        if sizes["ll_max_tokens"] != sizes["max_tokens"]:
-            pytest.skip("the built extension predates ll_max_tokens (rebuild it)")
-        old = {k: v for k, v in sizes.items() if k != "ll_max_tokens"}
-        return ext.buffer_bytes(**old)
-
-
 @pytest.mark.skipif(extension.extension() is None, reason=extension.missing_reason() or "built")
 @pytest.mark.parametrize(
     "sizes",
@@ -142,7 +132,7 @@ def _extension_bytes(ext, sizes: dict):
             elem_bytes=2,
             num_topk=8,
             num_local_experts=32,
-            low_latency=True,
+            low_latency=1,
             ll_max_tokens=256,
             num_nodes=1,
         ),
@@ -153,7 +143,7 @@ def _extension_bytes(ext, sizes: dict):
             elem_bytes=4,
             num_topk=6,
             num_local_experts=3,
-            low_latency=True,
+            low_latency=1,
             ll_max_tokens=100,
             num_nodes=2,
         ),
@@ -164,7 +154,7 @@ def _extension_bytes(ext, sizes: dict):
             elem_bytes=2,
             num_topk=1,
             num_local_experts=5,
-            low_latency=False,
+            low_latency=0,
             ll_max_tokens=37,
             num_nodes=1,
         ),
@@ -175,14 +165,17 @@ def _extension_bytes(ext, sizes: dict):
             elem_bytes=2,
             num_topk=8,
             num_local_experts=8,
-            low_latency=True,
+            low_latency=1,
             ll_max_tokens=16,
             num_nodes=2,
         ),
     ],
 )
 def test_buffer_formula_matches_the_cuda_extension(sizes):
-    assert buffer_regions(**sizes)["total"] == _extension_bytes(extension.extension(), sizes)
+    ext = extension.extension()
+    assert buffer_regions(**sizes)["total"] == ext.buffer_bytes(sizes)
+    # what a group hands the extension has exactly the extension's fields
+    assert sorted(_readme_group().buffer_sizes()) == sorted(ext.size_fields())
 
 
 def test_low_latency_ops_use_their_own_token_bound():
