@@ -61,6 +61,18 @@ def _hopper_skip_reason() -> str:
 
 HOPPER_SKIP_REASON = _hopper_skip_reason()
 
+
+def _tokamax_skip_reason() -> str:
+    """Why the optional tokamax expert path cannot be tested here ('' when it can)."""
+    from jax_ep.experts import tokamax_path
+
+    if not HAS_GPU:
+        return "no GPU: tokamax's kernels are Pallas Mosaic-GPU/Triton kernels"
+    return tokamax_path.unsupported()
+
+
+TOKAMAX_SKIP_REASON = _tokamax_skip_reason()
+
 requires_kernels = pytest.mark.skipif(
     not HAS_KERNELS, reason=KERNEL_SKIP_REASON or "kernels present"
 )

@@ -86,7 +86,8 @@ def _pipelines(num_ranks, emulate=True):
     )
 
     def jax_ep_path(x, idx, w):
-        out = jax_ep.dispatch(x, idx, w, group=group, layout="ragged")
+        # never drop, like the baselines' default buffers (skewed routing overflows 2x)
+        out = jax_ep.dispatch(x, idx, w, group=group, layout="ragged", capacity_factor=None)
         y = jax_ep.combine(_expert_fn(out.x, out.counts), out.handle, group=group)
         return out.x, out.counts, y
 
@@ -139,8 +140,7 @@ def test_baselines_match_jax_ep(num_ranks, kind):
     for name in ("ragged_all_to_all", "all_to_all"):
         b_rows, b_sizes, b_y, b_dx, b_dw = got[name]
         np.testing.assert_array_equal(b_sizes, sizes, err_msg=f"{name} group sizes")
-        # same valid rows in the same order; the baselines zero the rest (jax_ep's rows past
-        # the valid ones are unspecified)
+        # same valid rows in the same order (rows past the valid ones are unspecified)
         per_rank = rows.reshape(num_ranks, -1, H)
         b_per_rank = b_rows.reshape(num_ranks, -1, H)
         for r in range(num_ranks):
@@ -148,7 +148,6 @@ def test_baselines_match_jax_ep(num_ranks, kind):
             np.testing.assert_array_equal(
                 b_per_rank[r, :n], per_rank[r, :n], err_msg=f"{name} rows of rank {r}"
             )
-            assert not np.any(b_per_rank[r, n:]), f"{name}: rows past the valid ones"
         scale = np.max(np.abs(y))
         np.testing.assert_allclose(b_y, y, rtol=0, atol=1e-6 * scale, err_msg=f"{name} combine")
         np.testing.assert_allclose(

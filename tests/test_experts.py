@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import HOPPER_SKIP_REASON
+from conftest import HOPPER_SKIP_REASON, TOKAMAX_SKIP_REASON
 from jax.sharding import PartitionSpec as P
 
 from jax_ep import experts
@@ -191,3 +191,11 @@ def test_replicated_weights_inside_shard_map_get_the_summed_gradient(path):
     )
     for g, ref, name in zip(got, want, ("wi_0", "wi_1", "wo"), strict=True):
         _close(g, ref, 1e-5, f"grad {name}")
+
+
+@pytest.mark.skipif(bool(TOKAMAX_SKIP_REASON), reason=TOKAMAX_SKIP_REASON or "tokamax present")
+def test_tokamax_kernels_match_dense_on_gpu():
+    def ffn(x, sizes, w0, w1, wo):
+        return experts.swiglu(x, sizes, w0, w1, wo, path="tokamax")
+
+    _check_path(ffn, "ragged", dtype=jnp.bfloat16, rtol=3e-2)

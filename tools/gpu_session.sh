@@ -63,7 +63,9 @@ for stage in "$@"; do
       } 2>&1 | tee "$OUT/internode.log" | grep -v "^ *$" ;;
     layer)  # one MoE layer at DeepSeek-V3 sizes, every expert path, vs the local MaxText-style path
       # (JSON rewritten after every token count: a run cut by the timeout keeps what it measured)
-      { timeout 300 python3 -m jax_ep.bench --mode layer --out $OUT/json --compile-workers 8
+      # (256 experts forward+backward: 22.5 GB of weights and as much of gradients, twice in flight)
+      { XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 timeout 300 python3 -m jax_ep.bench --mode layer \
+          --out $OUT/json --compile-workers 8
       } 2>&1 | tee "$OUT/layer.log" | grep -v "^ *$" ;;
     llprof)  # where the low-latency time goes: kernel breakdown from the profiler
       B="python3 -m jax_ep.bench --mode low-latency --graphs on --profile --calls 10 --repeats 10 --out $OUT"
