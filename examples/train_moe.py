@@ -68,6 +68,7 @@ class ModelConfig:
     aux_loss_coef: float = 0.01
     fp8: bool = False
     tied_head: bool = True
+    expert_path: str = "auto"  # jax_ep.experts: "auto" picks the platform's measured best
 
 
 class KVCache(nnx.Variable):
@@ -103,6 +104,7 @@ class Block(nnx.Module):
             fp8=cfg.fp8,
             shared_intermediate=cfg.shared_hidden,
             low_latency_group=low_latency_group,
+            expert_path=cfg.expert_path,
         )
 
     def __call__(self, x, cache=None, pos=None, low_latency=False):
@@ -207,9 +209,10 @@ class Grammar:
 class LocalCopyExchange(Exchange):
     """Dispatch/combine replaced by local copies of the same shapes (timing only: wrong math).
 
-    The experts get the buffer shape of the jax_ep ragged dispatch (``R*T*min(K, E_loc)`` rows)
-    with ``T*K`` valid rows (the average a rank receives), so routing and expert FLOPs match
-    the real step; combine is a weighted sum over the first ``T*K`` rows.
+    The experts get the buffer shape of the jax_ep ragged dispatch at the default capacity
+    (:func:`jax_ep.capacity.dispatch_capacity`) with ``T*K`` valid rows (the average a rank
+    receives), so routing and expert FLOPs match the real step; combine is a weighted sum over
+    the first ``T*K`` rows.
     """
 
     axis_name: Any
@@ -220,10 +223,17 @@ class LocalCopyExchange(Exchange):
         num_ranks = jax.lax.axis_size(self.axis_name)
         e_loc = self.num_experts // num_ranks
         num_tokens, k = topk_idx.shape
-        rows = num_ranks * num_tokens * min(k, e_loc)
-        valid = num_tokens * k
+        rows = jax_ep.capacity.dispatch_capacity(
+            "ragged",
+            num_ranks=num_ranks,
+            num_tokens=num_tokens,
+            num_topk=k,
+            num_experts=self.num_experts,
+        )
+        valid = min(num_tokens * k, rows)
         sizes = jnp.full((e_loc,), valid // e_loc, jnp.int32).at[-1].add(valid % e_loc)
-        return ExpertRows(jnp.tile(x, (rows // num_tokens, 1)), sizes, jnp.int32(0), None)
+        x_rows = jnp.tile(x, (-(-rows // num_tokens), 1))[:rows]
+        return ExpertRows(x_rows, sizes, jnp.int32(0), None)
 
     def combine(self, y, topk_weights, rows):
         num_tokens, k = topk_weights.shape
@@ -313,6 +323,12 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--topk", type=int, default=2)
     ap.add_argument("--expert-hidden", type=int, default=128)
     ap.add_argument("--devices", type=int, default=None, help="EP ranks (default: all)")
+    ap.add_argument(
+        "--expert-path",
+        default="auto",
+        choices=["auto", *jax_ep.experts.PATHS],
+        help="expert FFN implementation (jax_ep.experts; auto: the platform's best)",
+    )
 
 
 def model_config(args: argparse.Namespace, **fields) -> ModelConfig:
@@ -325,6 +341,7 @@ def model_config(args: argparse.Namespace, **fields) -> ModelConfig:
         topk=args.topk,
         expert_hidden=args.expert_hidden,
         fp8=args.fp8,
+        expert_path=args.expert_path,
         **fields,
     )
 
@@ -364,7 +381,8 @@ def main(argv=None) -> dict:
     jax.set_mesh(mesh)  # explicit-sharding context for the model's own ops
     print(
         f"devices: {num_ranks} x {jax.devices()[0].platform} | backend {args.backend} "
-        f"(exchange {model.blocks[0].moe.exchange.name}) | fp8 {args.fp8}"
+        f"(exchange {model.blocks[0].moe.exchange.name}) | experts "
+        f"{model.blocks[0].moe.expert_path} | fp8 {args.fp8}"
     )
     print(
         f"model: vocab {cfg.vocab}, hidden {cfg.hidden}, layers {cfg.layers}, experts "

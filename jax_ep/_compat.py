@@ -46,6 +46,17 @@ def match_varying(*arrays: jax.Array | None) -> list[jax.Array | None]:
     return out
 
 
+def cotangent_like(ct: jax.Array, primal: jax.Array) -> jax.Array:
+    """``ct`` with the varying mesh axes of ``primal`` (a ``custom_vjp`` backward must return
+    them): summed over axes only ``ct`` varies over (the gradient of a value replicated over
+    an axis collects every rank's part), widened to axes only ``primal`` varies over."""
+    extra = tuple(sorted(varying_axes(ct) - varying_axes(primal), key=str))
+    if extra:
+        ct = jax.lax.psum(ct, extra)
+    missing = tuple(sorted(varying_axes(primal) - varying_axes(ct), key=str))
+    return _pvary(ct, missing) if missing else ct
+
+
 def result_like(x: jax.Array, shape: Sequence[int], dtype) -> jax.ShapeDtypeStruct:
     """An FFI result type with ``x``'s sharding/varying-axes metadata."""
     return jax.typeof(x).update(shape=tuple(shape), dtype=dtype)
@@ -53,3 +64,10 @@ def result_like(x: jax.Array, shape: Sequence[int], dtype) -> jax.ShapeDtypeStru
 
 def axis_size(axis_name) -> int:
     return jax.lax.axis_size(axis_name)
+
+
+def min_dim(a, b):
+    """``min`` of two dimensions, either of which may be symbolic (``jax.export``)."""
+    from jax._src import core  # no public spelling of the symbolic min in jax 0.10/0.11
+
+    return core.min_dim(a, b)

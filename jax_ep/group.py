@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ep import validation
+from jax_ep import memory, validation
 from jax_ep.backends import backend_for, default_backend
 from jax_ep.backends.spec import OpSpec
 from jax_ep.config import Config
@@ -69,6 +69,10 @@ def order_chain(spec: OpSpec) -> OrderChain | None:
     return live_group(spec.group_key).order if spec.backend == "cuda" else None
 
 
+# Default low-latency token bound: decode batches are at most a few hundred tokens per rank.
+DEFAULT_LOW_LATENCY_TOKENS = 256
+
+
 class Group:
     """Expert-parallel group over one mesh axis.
 
@@ -78,14 +82,19 @@ class Group:
       num_experts: total experts ``E`` (divisible by the EP size).
       num_topk: top-k ``K`` the ops will be called with (at most).
       hidden: hidden size ``H`` (at most).
-      num_max_tokens_per_rank: tokens per rank per call (at most); for the low-latency
-        ops it is ``T_max`` of the ``[E_loc, R*T_max, H]`` receive layout.
+      num_max_tokens_per_rank: tokens per rank per high-throughput call (at most): sizes the
+        dispatch/combine buffers.
       dtype: widest payload dtype the buffers must hold (bf16 by default).
       backend: ``"auto"``, ``"cuda"`` or ``"reference"``.
       loopback: run ``loopback`` virtual EP ranks on one device: call the ops under
         ``jax.vmap(..., axis_name=axis_name)`` over a leading rank axis. For testing the
         whole protocol on one GPU (and for the reference backend on one CPU device).
       low_latency: also allocate the low-latency buffers.
+      num_max_low_latency_tokens_per_rank: tokens per rank per low-latency call (at most;
+        DeepEP's ``num_max_dispatch_tokens_per_rank``): ``T_max`` of the ``[E_loc, R*T_max, H]``
+        receive layout, and what sizes the low-latency buffers (they grow with
+        ``E_loc * R * T_max * H``). Default: ``num_max_tokens_per_rank``, at most
+        :data:`DEFAULT_LOW_LATENCY_TOKENS` (decode batches are small).
       config: :class:`Config`.
       name: what compiled programs know the group by. Its :attr:`key` (the name, the
         mesh axis and the sizes) is written into every program that uses the group, and
@@ -107,6 +116,7 @@ class Group:
         backend: str = "auto",
         loopback: int | None = None,
         low_latency: bool = False,
+        num_max_low_latency_tokens_per_rank: int | None = None,
         config: Config | None = None,
         name: str | None = None,
     ):
@@ -131,10 +141,15 @@ class Group:
             devices = list(mesh.devices.flat)
             num_ranks = mesh.shape[axis_name]
         validation.check_num_experts(num_experts, num_ranks)
+        if num_max_low_latency_tokens_per_rank is None:
+            num_max_low_latency_tokens_per_rank = min(
+                num_max_tokens_per_rank, DEFAULT_LOW_LATENCY_TOKENS
+            )
         for arg, value in (
             ("num_topk", num_topk),
             ("hidden", hidden),
             ("num_max_tokens_per_rank", num_max_tokens_per_rank),
+            ("num_max_low_latency_tokens_per_rank", num_max_low_latency_tokens_per_rank),
         ):
             if not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ValueError(f"{arg} must be a positive int, got {value!r}")
@@ -145,6 +160,7 @@ class Group:
         self.num_topk = int(num_topk)
         self.hidden = int(hidden)
         self.num_max_tokens_per_rank = int(num_max_tokens_per_rank)
+        self.num_max_low_latency_tokens_per_rank = int(num_max_low_latency_tokens_per_rank)
         self.dtype = np.dtype(dtype)
         self.loopback = loopback
         self.low_latency = low_latency
@@ -170,6 +186,7 @@ class Group:
                 f"hidden={self.hidden}x{self.dtype.name}",
                 f"tokens={self.num_max_tokens_per_rank}",
                 f"low_latency={int(bool(low_latency))}",
+                f"low_latency_tokens={self.num_max_low_latency_tokens_per_rank}",
             ]
         )
         self.key = _claim_key(base, name is not None, self)
@@ -220,11 +237,14 @@ class Group:
         if self.backend != "cuda":
             return
         problems = []
+        bound, bound_name = (
+            (self.num_max_low_latency_tokens_per_rank, "num_max_low_latency_tokens_per_rank")
+            if low_latency
+            else (self.num_max_tokens_per_rank, "num_max_tokens_per_rank")
+        )
         # a symbolic token count (jax.export) is checked by the handler at run time
-        if not jax.export.is_symbolic_dim(num_tokens) and num_tokens > self.num_max_tokens_per_rank:
-            problems.append(
-                f"{num_tokens} tokens > num_max_tokens_per_rank={self.num_max_tokens_per_rank}"
-            )
+        if not jax.export.is_symbolic_dim(num_tokens) and num_tokens > bound:
+            problems.append(f"{num_tokens} tokens > {bound_name}={bound}")
         if num_topk > self.num_topk:
             problems.append(f"top-k {num_topk} > num_topk={self.num_topk}")
         if hidden * np.dtype(dtype).itemsize > self.hidden * self.dtype.itemsize:
@@ -266,6 +286,31 @@ class Group:
     def buffer_bytes(self) -> int:
         """Bytes of communication buffer per rank (0 on the reference backend)."""
         return 0 if self._runtime is None else self._runtime.bytes_per_rank
+
+    def buffer_sizes(self, num_nodes: int | None = None) -> dict[str, Any]:
+        """The sizes the communication buffers are laid out for (the CUDA extension's
+        ``buffer_bytes``/``register_state`` arguments; :func:`jax_ep.memory.buffer_regions`).
+
+        ``num_nodes``: nodes the ranks span (internode); default: the runtime's, else
+        ``Config.node_size``'s split, else 1.
+        """
+        if num_nodes is None:
+            node_size = getattr(self._runtime, "node_size", None) or self.config.node_size
+            num_nodes = self.num_ranks // node_size if node_size else 1
+        return dict(
+            num_ranks=self.num_ranks,
+            max_tokens=self.num_max_tokens_per_rank,
+            hidden=self.hidden,
+            elem_bytes=self.dtype.itemsize,
+            num_topk=self.num_topk,
+            num_local_experts=self.num_local_experts,
+            low_latency=int(self.low_latency),
+            ll_max_tokens=self.num_max_low_latency_tokens_per_rank,
+            num_nodes=num_nodes,
+        )
+
+    # bytes per rank this group and one call of each op use (jax_ep.memory.report's docstring)
+    memory_report = memory.report
 
     def close(self) -> None:
         """Free the buffers (also done at interpreter exit).

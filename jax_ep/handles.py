@@ -82,10 +82,17 @@ class DispatchOut(NamedTuple):
 
     x: per_rank ``[capacity, H]``; expert_major ``[E_loc, capacity, H]``;
       ragged ``[capacity, H]`` (rows grouped by local expert). Dtype of the input,
-      or float8_e4m3fn with ``fp8=True``. Rows past the valid ones are zero.
-    scales: ``x.shape[:-1] + (H // 128,)`` float32 with ``fp8=True``, else None.
+      or float8_e4m3fn with ``fp8=True``. Only the valid rows are defined: per_rank the first
+      ``counts``, expert_major the first ``counts[e]`` of expert ``e``, ragged the first
+      ``sum(counts)``. Rows past them are unspecified (no backend pays to zero capacity
+      nobody reads; the CUDA kernels leave them as they were): a consumer whose arithmetic
+      touches them, e.g. a dense ``einsum`` over expert_major whose backward would turn
+      ``garbage * 0`` into NaN, must select them away itself (:mod:`jax_ep.experts` does).
+    scales: ``x.shape[:-1] + (H // 128,)`` float32 with ``fp8=True``, else None (valid rows
+      as ``x``).
     topk_idx / topk_weights: per_rank only, ``[capacity, K]``: the received token's
-      routing with expert ids made local (``-1`` and weight 0 for other ranks' experts).
+      routing with expert ids made local (``-1`` and weight 0 for other ranks' experts, and
+      on every row past ``counts``).
     counts: per_rank ``[]`` rows kept; expert layouts ``[E_loc]`` rows kept per
       expert (group sizes for ``jax.lax.ragged_dot`` with the ragged layout).
     num_dropped: ``[]`` int32 rows that did not fit in ``capacity``.

@@ -25,6 +25,7 @@ from jax_ep import _compat, validation
 from jax_ep import fp8 as _fp8
 from jax_ep.backends import backend_for, default_backend
 from jax_ep.backends.spec import OpSpec
+from jax_ep.capacity import DEFAULT_CAPACITY_FACTOR, dispatch_capacity
 from jax_ep.group import order_chain
 from jax_ep.handles import DispatchLayout, DispatchOut, Handle
 from jax_ep.rows import pad_rows, take_rows
@@ -66,15 +67,6 @@ def get_dispatch_layout(
 # ----------------------------------------------------------------------------
 
 
-def _default_capacity(
-    layout: str, num_ranks: int, num_tokens: int, num_topk: int, e_loc: int
-) -> int:
-    """The worst case: nothing is ever dropped (one row per distinct token/expert pair)."""
-    if layout == "ragged":
-        return num_ranks * num_tokens * min(num_topk, e_loc)
-    return num_ranks * num_tokens
-
-
 def check_group_axis(group, op: str) -> int:
     """The EP axis size here, checked against the group's."""
     num_ranks = validation.axis_size_or_raise(group.axis_name, op)
@@ -94,6 +86,7 @@ def dispatch(
     group,
     layout: str = "expert_major",
     capacity: int | None = None,
+    capacity_factor: float | None = DEFAULT_CAPACITY_FACTOR,
     fp8: bool = False,
     round_scale: bool = False,
     dequantize: bool = False,
@@ -110,7 +103,11 @@ def dispatch(
       layout: ``"expert_major"`` (``[E_loc, capacity, H]``), ``"ragged"`` (``[capacity, H]``
         grouped by expert: feed ``x`` and ``counts`` to ``jax.lax.ragged_dot``) or
         ``"per_rank"`` (DeepEP normal mode: one row per received token).
-      capacity: static rows (per expert for expert_major). Default: the worst case, never drops.
+      capacity: static rows (per expert for expert_major); overrides ``capacity_factor``.
+      capacity_factor: rows as a multiple of the balanced load (``T*K`` per rank for ragged,
+        ``R*T*K/E`` per expert for expert_major), at most the worst case; ``None`` = the worst
+        case, which never drops. per_rank always gets the worst case, ``R*T`` rows
+        (:mod:`jax_ep.capacity`). Memory: :meth:`jax_ep.Group.memory_report`.
       fp8: quantise to float8_e4m3fn with one float32 scale per 128 channels before sending.
       round_scale: power-of-two scales (UE8M0-compatible).
       dequantize: with ``fp8``, return ``x`` dequantised to the input dtype (FP8 on the wire
@@ -129,9 +126,15 @@ def dispatch(
         raise ValueError("dequantize=True only makes sense with fp8=True")
     num_ranks = check_group_axis(group, "dispatch")
     num_tokens, num_topk = topk_idx.shape
-    e_loc = group.num_experts // num_ranks
     if capacity is None:
-        capacity = _default_capacity(layout, num_ranks, num_tokens, num_topk, e_loc)
+        capacity = dispatch_capacity(
+            layout,
+            num_ranks=num_ranks,
+            num_tokens=num_tokens,
+            num_topk=num_topk,
+            num_experts=group.num_experts,
+            capacity_factor=capacity_factor,
+        )
     capacity = validation.check_capacity(capacity)
     group.check_fits(x.shape[1], x.dtype, num_tokens, num_topk, "dispatch")
     spec = group.spec(
@@ -153,7 +156,8 @@ def _raise_if_dropped(num_dropped, what):
     if n > 0:
         raise ValueError(
             f"jax_ep.{what}: {n} rows did not fit and were dropped "
-            f"(on_overflow='error'); raise capacity or use the default worst case"
+            f"(on_overflow='error'); raise capacity/capacity_factor, or pass "
+            f"capacity_factor=None for the worst case (never drops)"
         )
     return np.int32(0)
 

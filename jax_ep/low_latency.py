@@ -87,10 +87,11 @@ def _received(ticket: LowLatencyTicket, token) -> None:
 
 def _check_ll(x, topk_idx, group, op):
     num_ranks = check_group_axis(group, op)
-    t_max = group.num_max_tokens_per_rank
+    t_max = group.num_max_low_latency_tokens_per_rank
     if not jax.export.is_symbolic_dim(x.shape[0]) and x.shape[0] > t_max:
         raise ValueError(
-            f"jax_ep.{op}: {x.shape[0]} tokens exceed the group's num_max_tokens_per_rank={t_max}"
+            f"jax_ep.{op}: {x.shape[0]} tokens exceed the group's "
+            f"num_max_low_latency_tokens_per_rank={t_max}"
         )
     return num_ranks
 
@@ -123,12 +124,13 @@ def low_latency_dispatch_send(
     group.check_fits(
         x.shape[1], x.dtype, x.shape[0], topk_idx.shape[1], "low_latency_dispatch", low_latency=True
     )
+    t_max = group.num_max_low_latency_tokens_per_rank
     spec = group.spec(
         layout="expert_major",
-        capacity=num_ranks * group.num_max_tokens_per_rank,
+        capacity=num_ranks * t_max,
         fp8=fp8,
         round_scale=round_scale,
-        max_tokens_per_rank=group.num_max_tokens_per_rank,
+        max_tokens_per_rank=t_max,
     )
     active = _active(active_ranks, num_ranks)
     x, topk_idx, active = _compat.match_varying(x, topk_idx, active)
@@ -158,13 +160,15 @@ def low_latency_dispatch(
     """Decode-time dispatch into fixed per-expert buffers (DeepEP low-latency semantics).
 
     Args:
-      x: ``[num_tokens, hidden]`` with ``num_tokens <= group.num_max_tokens_per_rank``.
+      x: ``[num_tokens, hidden]`` with
+        ``num_tokens <= group.num_max_low_latency_tokens_per_rank``.
       topk_idx: ``[num_tokens, num_topk]`` expert ids, -1 = masked.
       fp8: FP8 payload with per-128-channel float32 scales (quantised in the send).
       active_ranks: ``[R]`` (1 = alive, 0 = failed), the same on every rank: selections
         of failed ranks are dropped and counted, failed sources are not waited for.
     Returns:
-      :class:`LowLatencyOut` with ``x`` of shape ``[E_loc, R * num_max_tokens_per_rank, H]``.
+      :class:`LowLatencyOut` with ``x`` of shape
+      ``[E_loc, R * num_max_low_latency_tokens_per_rank, H]``.
     """
     return low_latency_dispatch_recv(
         low_latency_dispatch_send(

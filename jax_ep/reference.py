@@ -25,6 +25,13 @@ Contract, written as plain-JAX pseudo-code for one rank ``me`` of ``R``:
   on the home side ``out[t] = Σ_{ranks d ascending, t sent to d} p_d(t)`` in float32,
   cast to ``y``'s dtype. per_rank uses ``w = 1`` and one row per token.
 * FP8: tokens are quantised once at the source (:mod:`jax_ep.fp8`).
+* Rows of the dispatch payload (``x``, ``scales``) past the valid ones (per_rank: row
+  ``>= counts``; expert_major: slot ``>= counts[e]``; ragged: row ``>= sum(counts)``) are
+  *unspecified*: this reference happens to write zeros, the CUDA kernels leave whatever the
+  buffer held. Consumers must not read them (``combine`` never does). The handle's padding
+  entries (``recv_src``, ``recv_rows``, ``recv_topk_idx`` = -1, ``recv_weights`` = 0 past
+  ``num_recv``) and per_rank's ``topk_idx``/``topk_weights`` past ``counts`` (-1 / 0) are
+  specified.
 """
 
 from __future__ import annotations

@@ -46,6 +46,33 @@ elif extension.extension() is None:
 else:
     KERNEL_SKIP_REASON = ""
 
+
+def _hopper_skip_reason() -> str:
+    """Why the Hopper-only (sm_90 wgmma) kernels cannot run here ('' when they can)."""
+    if not HAS_GPU:
+        return "no GPU: the Mosaic GPU kernels need an sm_90 GPU"
+    capability = str(getattr(jax.devices("gpu")[0], "compute_capability", ""))
+    return (
+        ""
+        if capability.startswith("9")
+        else f"the Mosaic GPU kernels need sm_90, not sm_{capability}"
+    )
+
+
+HOPPER_SKIP_REASON = _hopper_skip_reason()
+
+
+def _tokamax_skip_reason() -> str:
+    """Why the optional tokamax expert path cannot be tested here ('' when it can)."""
+    from jax_ep.experts import tokamax_path
+
+    if not HAS_GPU:
+        return "no GPU: tokamax's kernels are Pallas Mosaic-GPU/Triton kernels"
+    return tokamax_path.unsupported()
+
+
+TOKAMAX_SKIP_REASON = _tokamax_skip_reason()
+
 requires_kernels = pytest.mark.skipif(
     not HAS_KERNELS, reason=KERNEL_SKIP_REASON or "kernels present"
 )

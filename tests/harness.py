@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_ep
+from jax_ep.capacity import dispatch_capacity
 
 ROUTINGS = ("random", "skewed", "one_expert", "duplicates", "masked", "empty_rank", "all_masked")
 
@@ -132,6 +133,34 @@ class Runner:
 
 def _to(dtype, a):
     return np.asarray(a, np.float32).astype(np.dtype(dtype))
+
+
+def default_capacity(layout: str, num_ranks: int, num_tokens: int, num_topk: int, num_experts: int):
+    """The rows :func:`jax_ep.dispatch` picks when given no capacity (the default factor)."""
+    return dispatch_capacity(
+        layout,
+        num_ranks=num_ranks,
+        num_tokens=num_tokens,
+        num_topk=num_topk,
+        num_experts=num_experts,
+    )
+
+
+def valid_rows(x, counts, layout: str) -> list:
+    """The defined rows of a dispatch payload (the rest are unspecified): one array per
+    expert for expert_major (its first ``counts[e]`` rows), else the first rows in one array."""
+    x, counts = np.asarray(x), np.asarray(counts)
+    if layout == "expert_major":
+        return [x[e, : int(n)] for e, n in enumerate(counts)]
+    return [x[: int(np.sum(counts))]]
+
+
+def assert_valid_rows_equal(got, want, counts, layout: str, what: str = "x"):
+    """Dispatch payloads agree on their defined rows (rows past them are unspecified)."""
+    for i, (g, w) in enumerate(
+        zip(valid_rows(got, counts, layout), valid_rows(want, counts, layout), strict=True)
+    ):
+        assert_equal(g, w, f"{what} (expert {i})" if layout == "expert_major" else what)
 
 
 def oracle_dispatch(x, idx, w, num_experts: int, layout: str, capacity: int):

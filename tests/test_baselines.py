@@ -86,7 +86,8 @@ def _pipelines(num_ranks, emulate=True):
     )
 
     def jax_ep_path(x, idx, w):
-        out = jax_ep.dispatch(x, idx, w, group=group, layout="ragged")
+        # never drop, like the baselines' default buffers (skewed routing overflows 2x)
+        out = jax_ep.dispatch(x, idx, w, group=group, layout="ragged", capacity_factor=None)
         y = jax_ep.combine(_expert_fn(out.x, out.counts), out.handle, group=group)
         return out.x, out.counts, y
 
@@ -139,12 +140,14 @@ def test_baselines_match_jax_ep(num_ranks, kind):
     for name in ("ragged_all_to_all", "all_to_all"):
         b_rows, b_sizes, b_y, b_dx, b_dw = got[name]
         np.testing.assert_array_equal(b_sizes, sizes, err_msg=f"{name} group sizes")
-        # same rows in the same order, up to each layout's buffer length (rest are zero)
+        # same valid rows in the same order (rows past the valid ones are unspecified)
         per_rank = rows.reshape(num_ranks, -1, H)
         b_per_rank = b_rows.reshape(num_ranks, -1, H)
-        n = min(per_rank.shape[1], b_per_rank.shape[1])
-        np.testing.assert_array_equal(b_per_rank[:, :n], per_rank[:, :n], err_msg=f"{name} rows")
-        assert not np.any(per_rank[:, n:]) and not np.any(b_per_rank[:, n:])
+        for r in range(num_ranks):
+            n = int(np.sum(sizes[r]))
+            np.testing.assert_array_equal(
+                b_per_rank[r, :n], per_rank[r, :n], err_msg=f"{name} rows of rank {r}"
+            )
         scale = np.max(np.abs(y))
         np.testing.assert_allclose(b_y, y, rtol=0, atol=1e-6 * scale, err_msg=f"{name} combine")
         np.testing.assert_allclose(

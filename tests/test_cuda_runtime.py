@@ -14,7 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import requires_kernels
-from harness import Runner, assert_equal, make_routing, make_tokens, oracle_combine, oracle_dispatch
+from harness import (
+    Runner,
+    assert_equal,
+    default_capacity,
+    make_routing,
+    make_tokens,
+    oracle_combine,
+    oracle_dispatch,
+)
 
 import jax_ep
 
@@ -51,7 +59,7 @@ def test_repeated_calls_in_one_jit_and_across_jits():
         for (idx, w), layout, g in zip(
             inputs, ("ragged", "per_rank", "expert_major"), got, strict=True
         ):
-            cap = 4 * T * min(K, E // 4) if layout == "ragged" else 4 * T
+            cap = default_capacity(layout, 4, T, K, E)
             want = oracle_dispatch(h, idx, w, E, layout, cap)
             h = oracle_combine([o["x"] for o in want], want, idx, E, layout, jnp.bfloat16)
             assert_equal(g, h, f"{layout} layer")

@@ -196,7 +196,7 @@ def test_low_latency_ops_are_forward_only(runner, group):
 
 
 def test_low_latency_too_many_tokens(runner, group):
-    with pytest.raises(ValueError, match="exceed the group's num_max_tokens_per_rank=4"):
+    with pytest.raises(ValueError, match="num_max_low_latency_tokens_per_rank=4"):
         trace(
             runner,
             lambda x, i, w: (

@@ -8,6 +8,7 @@
 #   tools/gpu_session.sh tests bench      # and the default benchmarks
 #   tools/gpu_session.sh llprof           # low-latency kernel breakdown (profiler)
 #   tools/gpu_session.sh internode        # NVSHMEM path: 2 processes on GPU 0 as 2 virtual nodes
+#   tools/gpu_session.sh layer            # MoE layer benchmark (expert paths, exchange share)
 # Benchmark JSON goes to $OUT/json, packed into $OUT/json.tgz at the end (few files come back).
 #   PYTEST_K="low_latency and cuda" tools/gpu_session.sh tests
 set -u
@@ -60,6 +61,12 @@ for stage in "$@"; do
       { XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 timeout 300 $B --tokens 4096 --layouts ragged
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 timeout 300 $B --mode low-latency --graphs on --tokens 128 --experts 288
       } 2>&1 | tee "$OUT/internode.log" | grep -v "^ *$" ;;
+    layer)  # one MoE layer at DeepSeek-V3 sizes, every expert path, vs the local MaxText-style path
+      # (JSON rewritten after every token count: a run cut by the timeout keeps what it measured)
+      # (256 experts forward+backward: 22.5 GB of weights and as much of gradients, twice in flight)
+      { XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 timeout 300 python3 -m jax_ep.bench --mode layer \
+          --out $OUT/json --compile-workers 8
+      } 2>&1 | tee "$OUT/layer.log" | grep -v "^ *$" ;;
     llprof)  # where the low-latency time goes: kernel breakdown from the profiler
       B="python3 -m jax_ep.bench --mode low-latency --graphs on --profile --calls 10 --repeats 10 --out $OUT"
       { timeout 150 $B --ranks 1 --tokens 1 --hidden 128 --experts 8 --topk 1 --chain 32 \

@@ -1,4 +1,4 @@
-"""CLI: ``python -m jax_ep.bench [--mode ht|low-latency] ...`` (``--help`` lists the options).
+"""CLI: ``python -m jax_ep.bench [--mode ht|low-latency|layer] ...`` (``--help`` lists the options).
 
 Examples::
 
@@ -27,7 +27,12 @@ def _parse(argv=None):
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--mode", choices=["ht", "low-latency"], default="ht")
+    p.add_argument(
+        "--mode",
+        choices=["ht", "low-latency", "layer"],
+        default="ht",
+        help="layer: one MoE layer (--mode layer --help lists its options)",
+    )
     p.add_argument("--tokens", type=int, default=None, help="tokens per rank (ht 4096, ll 128)")
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--topk", type=int, default=8)
@@ -83,6 +88,13 @@ def _no_graph_flags() -> str:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    mode = argparse.ArgumentParser(add_help=False)
+    mode.add_argument("--mode")
+    if mode.parse_known_args(argv)[0].mode == "layer":  # its own options: jax_ep/bench/layer.py
+        from jax_ep.bench import layer
+
+        return layer.main(argv)
     args = _parse(argv)
     if args.mode == "low-latency" and args.graphs == "both":
         # command buffers are an XLA flag fixed at start-up: run each setting in its own process

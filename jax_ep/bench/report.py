@@ -30,6 +30,10 @@ def _fmt_row(r: dict) -> str:
 
 
 def table(record: dict, source: str) -> str:
+    if record["mode"] == "layer":
+        from jax_ep.bench import layer_report
+
+        return layer_report.table(record, source)
     c = record["config"]
     head = (
         f"**{record['device']}**, {record['date'][:10]}, {c['ranks']} rank(s) "

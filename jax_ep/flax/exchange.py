@@ -3,9 +3,10 @@ transports (jax_ep, and the plain-JAX baselines of :mod:`jax_ep.baselines`).
 
 An *exchange* runs per EP rank inside ``shard_map``. ``dispatch`` returns the tokens in the
 ragged layout (rows grouped by local expert plus ``[E_loc]`` group sizes, the input of
-``jax.lax.ragged_dot``); ``combine`` takes the expert outputs in that same layout and returns
-``Σ_k w[t, k] * y[row(t, k)]`` per home token. Exchanges are frozen dataclasses: they are static
-configuration of the module (hashable, part of the jit cache key).
+``jax.lax.ragged_dot``), or in another layout of ``layouts`` when asked
+(``layout="expert_major"``: ``[E_loc, C, H]``); ``combine`` takes the expert outputs in that
+same layout and returns ``Σ_k w[t, k] * y[row(t, k)]`` per home token. Exchanges are frozen
+dataclasses: they are static configuration of the module (hashable, part of the jit cache key).
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ import jax
 
 import jax_ep
 from jax_ep import baselines
+from jax_ep.capacity import DEFAULT_CAPACITY_FACTOR
 
 
 class ExpertRows(NamedTuple):
     """Tokens at the experts, ragged layout.
 
-    x: ``[rows, H]`` grouped by local expert (rows past ``sum(group_sizes)`` are ignored).
-    group_sizes: ``[E_loc]`` int32.
+    x: ``[rows, H]`` grouped by local expert (ragged), or ``[E_loc, C, H]`` (expert_major);
+      rows past the valid ones are unspecified.
+    group_sizes: ``[E_loc]`` int32 valid rows per local expert.
     num_dropped: ``[]`` int32 selections this rank could not take (capacity).
     state: what ``combine`` needs (a pytree).
     """
@@ -38,10 +41,12 @@ class ExpertRows(NamedTuple):
 class Exchange:
     """Interface of a token exchange (subclass it for another transport).
 
-    ``name`` labels it in reports.
+    ``name`` labels it in reports; ``layouts`` are the layouts ``dispatch`` can produce
+    (``"ragged"`` always; others are requested with ``dispatch(..., layout=...)``).
     """
 
     name: ClassVar[str] = "exchange"
+    layouts: ClassVar[tuple[str, ...]] = ("ragged",)
 
     def dispatch(self, x: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array) -> ExpertRows:
         """``x`` ``[T, H]``, ``topk_idx``/``topk_weights`` ``[T, K]`` → :class:`ExpertRows`."""
@@ -61,29 +66,30 @@ def _rows_for(capacity_factor: float | None, num_tokens: int, num_topk: int) -> 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class JaxEpExchange(Exchange):
-    """:func:`jax_ep.dispatch` (``layout="ragged"``) and :func:`jax_ep.combine` on ``group``.
+    """:func:`jax_ep.dispatch` (``layout="ragged"`` or ``"expert_major"``, ``capacity_factor``
+    as :func:`jax_ep.dispatch`) and :func:`jax_ep.combine` on ``group``.
 
     ``fp8=True`` sends FP8 (e4m3 + per-128-channel scales) and returns rows dequantised to the
     input dtype, with a straight-through gradient (``dequantize=True``).
     """
 
     group: jax_ep.Group
-    capacity_factor: float | None = None
+    capacity_factor: float | None = DEFAULT_CAPACITY_FACTOR
     fp8: bool = False
+    layouts: ClassVar[tuple[str, ...]] = ("ragged", "expert_major")
 
     @property
     def name(self) -> str:  # type: ignore[override]
         return f"jax_ep[{self.group.backend}]"
 
-    def dispatch(self, x, topk_idx, topk_weights):
-        capacity = _rows_for(self.capacity_factor, *topk_idx.shape)
+    def dispatch(self, x, topk_idx, topk_weights, layout: str = "ragged"):
         out = jax_ep.dispatch(
             x,
             topk_idx,
             topk_weights,
             group=self.group,
-            layout="ragged",
-            capacity=capacity,
+            layout=layout,
+            capacity_factor=self.capacity_factor,
             fp8=self.fp8,
             dequantize=self.fp8,
         )

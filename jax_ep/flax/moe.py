@@ -4,8 +4,8 @@ Per EP rank the layer does::
 
     logits  = x @ gate.kernel                          # [T, E] float32
     routing = route(logits, ...)                        # top-k ids and weights (routing.py)
-    rows    = dispatch(x, topk_idx, topk_weights)       # ragged: [rows, D] + group sizes [E_loc]
-    h       = SwiGLU_e(rows) via jax.lax.ragged_dot     # each row through its local expert
+    rows    = dispatch(x, topk_idx, topk_weights)       # the expert path's layout + sizes [E_loc]
+    h       = SwiGLU_e(rows) (jax_ep.experts)           # each row through its local expert
     y       = combine(h) (+ shared expert(x))           # [T, D]
 
 Parameters follow MaxText's ``RoutedMoE`` (names and shapes): ``gate.kernel`` ``[D, E]``,
@@ -41,6 +41,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_ep
+from jax_ep import experts as _experts
+from jax_ep.capacity import DEFAULT_CAPACITY_FACTOR, dispatch_capacity
 from jax_ep.flax import routing as _routing
 from jax_ep.flax.exchange import (
     AllToAllExchange,
@@ -204,17 +206,6 @@ def _dense(a, w):
     return jnp.dot(a, w, preferred_element_type=jnp.float32)
 
 
-def _ragged(group_sizes):
-    def matmul(a, w):
-        return jax.lax.ragged_dot(a, w, group_sizes, preferred_element_type=jnp.float32)
-
-    return matmul
-
-
-def _batched(a, w):
-    return jnp.einsum("end,edf->enf", a, w, preferred_element_type=jnp.float32)
-
-
 def _axis_bound(axis_name) -> bool:
     try:
         jax.lax.axis_size(axis_name)
@@ -270,12 +261,18 @@ class MoE(nnx.Module):
       shared_intermediate: FFN dim of a shared expert (0 = none).
       fp8: FP8 dispatch (e4m3 on the wire, dequantised at the expert, straight-through
         gradient); needs ``D % 128 == 0``. jax_ep impls only.
-      capacity_factor: receive buffer = factor × the balanced load (``T*K`` rows per rank);
-        None = the worst case (never drops). Overflow is counted in ``MoEAux.num_dropped``.
+      capacity_factor: expert rows = factor × the balanced load (``T*K`` rows per rank, or
+        ``R*T*K/E`` per expert for expert_major; :mod:`jax_ep.capacity`); None = the worst case
+        (never drops). Overflow is counted in ``MoEAux.num_dropped``.
+      expert_path: how the routed experts compute (:mod:`jax_ep.experts`): ``"auto"`` (the
+        platform's measured best: batched einsum on expert_major rows on GPUs,
+        ``jax.lax.ragged_dot`` elsewhere), ``"ragged_dot"``, ``"einsum"``, ``"mosaic"`` (jax's
+        Hopper grouped-GEMM kernels, bf16) or ``"tokamax"`` (if installed). jax_ep impls
+        dispatch straight into the path's layout; the baselines' ragged rows are regrouped.
       low_latency: default path for calls: :func:`jax_ep.low_latency_dispatch`/``_combine``
         (decoding). jax_ep impls only. Overridable per call.
-      low_latency_group: group for the low-latency path (created with ``low_latency=True`` and
-        ``num_max_tokens_per_rank`` = decode tokens per rank); default ``group``.
+      low_latency_group: group for the low-latency path (created with ``low_latency=True``;
+        ``num_max_low_latency_tokens_per_rank`` = decode tokens per rank); default ``group``.
       token_axes: per-rank calls only: mesh axes the tokens are split over, for the global
         balancing statistics (default: the EP axis). Global calls use every mesh axis.
       ragged_all_to_all_emulation: for ``impl="ragged_all_to_all"``: replace
@@ -305,7 +302,8 @@ class MoE(nnx.Module):
         routing_bias: bool = False,
         shared_intermediate: int = 0,
         fp8: bool = False,
-        capacity_factor: float | None = None,
+        capacity_factor: float | None = DEFAULT_CAPACITY_FACTOR,
+        expert_path: str = "auto",
         low_latency: bool = False,
         low_latency_group: jax_ep.Group | None = None,
         token_axes: Sequence[str] | None = None,
@@ -359,6 +357,13 @@ class MoE(nnx.Module):
         router = _Router(
             num_topk, score_func, n_group, topk_group, norm_topk_prob, float(routed_scaling_factor)
         )
+        self.expert_path = _experts.resolve(
+            expert_path,
+            dtype=dtype,
+            hidden=hidden,
+            intermediate=intermediate,
+            platform=group.devices[0].platform,
+        )
         self.plan = _Plan(
             hidden,
             num_experts,
@@ -371,6 +376,8 @@ class MoE(nnx.Module):
             jnp.dtype(dtype),
             exchange,
             ll_group,
+            self.expert_path,
+            capacity_factor,
         )
 
         # creation may run without a mesh context: place annotated params on the group's mesh
@@ -506,6 +513,8 @@ class _Plan:
     dtype: Any
     exchange: Exchange
     low_latency_group: jax_ep.Group
+    expert_path: str = "ragged_dot"
+    capacity_factor: float | None = DEFAULT_CAPACITY_FACTOR
 
     def per_rank(self, w: _Weights, x: jax.Array, use_ll: bool, token_axes: tuple):
         """One rank's layer; ``x`` ``[..., D]`` is this rank's token block. Returns (y, aux)."""
@@ -518,7 +527,7 @@ class _Plan:
         if use_ll:
             y, dropped = self.experts_low_latency(w, x, route)
         else:
-            y, dropped = self.experts_ragged(w, x, route)
+            y, dropped = self.experts_high_throughput(w, x, route)
         if w.shared is not None:
             shared = _swiglu(x, *w.shared, self.dtype, _dense)
             y = (y.astype(jnp.float32) + shared.astype(jnp.float32)).astype(self.dtype)
@@ -549,12 +558,32 @@ class _Plan:
 
         return w._replace(wi_0=take(w.wi_0), wi_1=take(w.wi_1), wo=take(w.wo))
 
-    def experts_ragged(self, w: _Weights, x: jax.Array, route: _routing.Routing):
-        rows = self.exchange.dispatch(x, route.topk_idx, route.topk_weights)
-        y = _swiglu(
-            rows.x.astype(self.dtype), w.wi_0, w.wi_1, w.wo, self.dtype, _ragged(rows.group_sizes)
+    def experts_high_throughput(self, w: _Weights, x: jax.Array, route: _routing.Routing):
+        layout = _experts.LAYOUTS[self.expert_path]
+        if layout in self.exchange.layouts and layout != "ragged":
+            rows = self.exchange.dispatch(x, route.topk_idx, route.topk_weights, layout=layout)
+        else:
+            rows = self.exchange.dispatch(x, route.topk_idx, route.topk_weights)
+        capacity = dispatch_capacity(
+            "expert_major",
+            num_ranks=self.num_ranks,
+            num_tokens=x.shape[0],
+            num_topk=self.num_topk,
+            num_experts=self.num_experts,
+            capacity_factor=self.capacity_factor,
         )
-        return self.exchange.combine(y, route.topk_weights, rows), rows.num_dropped
+        y, regroup_dropped = _experts.expert_ffn(
+            rows.x,
+            rows.group_sizes,
+            w.wi_0,
+            w.wi_1,
+            w.wo,
+            path=self.expert_path,
+            dtype=self.dtype,
+            capacity=capacity,
+        )
+        y = self.exchange.combine(y, route.topk_weights, rows)
+        return y, rows.num_dropped + regroup_dropped
 
     def experts_low_latency(self, w: _Weights, x: jax.Array, route: _routing.Routing):
         group = self.low_latency_group
@@ -562,11 +591,11 @@ class _Plan:
         rows = out.x
         if out.scales is not None:
             rows = jax_ep.dequantize_fp8(rows, out.scales, self.dtype)
-        # only the first counts[e] rows of expert e are defined; the rest may hold anything
-        # (NaN included), so select rather than multiply
-        valid = jnp.arange(rows.shape[1])[None, :] < out.counts[:, None]
-        rows = jnp.where(valid[..., None], rows.astype(self.dtype), jnp.zeros((), self.dtype))
-        y = _swiglu(rows, w.wi_0, w.wi_1, w.wo, self.dtype, _batched)
+        # the receive layout is expert_major; rows past counts[e] may hold anything (NaN
+        # included): jax_ep.experts never lets them reach a valid row or a gradient
+        y, _ = _experts.expert_ffn(
+            rows, out.counts, w.wi_0, w.wi_1, w.wo, path=self.expert_path, dtype=self.dtype
+        )
         y = jax_ep.low_latency_combine(
             y, route.topk_idx, route.topk_weights, out.handle, group=group
         )
@@ -654,5 +683,6 @@ def _reference_twin(group: jax_ep.Group) -> jax_ep.Group:
         backend="reference",
         loopback=group.loopback,
         low_latency=group.low_latency,
+        num_max_low_latency_tokens_per_rank=group.num_max_low_latency_tokens_per_rank,
         config=group.config,
     )

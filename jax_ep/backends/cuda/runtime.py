@@ -46,17 +46,7 @@ class GroupRuntime:
         # ranks per node and nodes: the two-level (internode) kernels run when > 1 node
         self.node_size = self._node_size(group) if self._nvshmem else group.num_ranks
         # the group's sizes, by the names the extension's BufferSizes uses (size_fields())
-        self._sizes = dict(
-            num_ranks=group.num_ranks,
-            max_tokens=group.num_max_tokens_per_rank,
-            ll_max_tokens=group.num_max_tokens_per_rank,
-            hidden=group.hidden,
-            elem_bytes=group.dtype.itemsize,
-            num_topk=group.num_topk,
-            num_local_experts=group.num_local_experts,
-            low_latency=int(group.low_latency),
-            num_nodes=group.num_ranks // self.node_size,
-        )
+        self._sizes = group.buffer_sizes(num_nodes=group.num_ranks // self.node_size)
         self.bytes_per_rank = ext.buffer_bytes(self._sizes)
         self._owned: list[tuple[int, int]] = []  # (device, ptr) we allocated
         self._opened: list[tuple[int, int]] = []  # (device, ptr) opened from IPC handles

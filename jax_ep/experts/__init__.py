@@ -1,0 +1,170 @@
+"""The expert FFN of an MoE layer (SwiGLU) over grouped matmuls, with one path per platform.
+
+Paths (:data:`PATHS`), each a grouped matmul with a backward that never reads padding rows
+(:mod:`jax_ep.experts.matmul`):
+
+=============  ============  ===================================================================
+path           layout        what runs
+=============  ============  ===================================================================
+``ragged_dot``  ragged        ``jax.lax.ragged_dot``. Native on TPU and fine on CPU; XLA:GPU
+                              (jax 0.10/0.11) expands it into a dense masked product per
+                              expert: 117 ms for 512 tokens at 256 experts, out of memory
+                              (112 GiB asked) at 4096 (DESIGN.md §7).
+``einsum``      expert_major  one batched ``einsum`` over ``[E_loc, capacity, D]`` (cuBLAS on
+                              GPU). Every slot is computed, so its cost follows the capacity
+                              (``capacity_factor`` × the balanced load): 5.4 ms at 512 tokens,
+                              8.0 ms at 4096, 256 experts, 2× capacity (DESIGN.md §7).
+``mosaic``      ragged        jax's own Pallas Mosaic-GPU grouped GEMM kernels (Hopper, bf16/f16;
+                              :mod:`jax_ep.experts.mosaic`); cost follows the buffer rows.
+``tokamax``     ragged        ``tokamax.ragged_dot`` when tokamax is installed (optional;
+                              :mod:`jax_ep.experts.tokamax_path`).
+=============  ============  ===================================================================
+
+``path="auto"`` picks :data:`DEFAULT_PATHS` for the platform (the first one that can run the
+dtype and sizes): on GPUs the batched einsum, the only path measured to scale so far (the other
+candidates are measured by ``python -m jax_ep.bench --mode layer``; see docs/experts.md for the
+numbers and why), elsewhere ``ragged_dot``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jax_ep.experts import matmul as _matmul
+from jax_ep.experts import mosaic as _mosaic
+from jax_ep.experts import tokamax_path as _tokamax
+from jax_ep.experts.layouts import expert_major_to_ragged, ragged_to_expert_major
+
+PATHS = ("ragged_dot", "einsum", "mosaic", "tokamax")
+LAYOUTS = {
+    "ragged_dot": "ragged",
+    "einsum": "expert_major",
+    "mosaic": "ragged",
+    "tokamax": "ragged",
+}
+# Per platform, in order of preference; "auto" takes the first path that can run.
+DEFAULT_PATHS = {
+    "gpu": ("einsum",),
+    "cpu": ("ragged_dot",),
+    "tpu": ("ragged_dot",),
+}
+
+__all__ = [
+    "DEFAULT_PATHS",
+    "LAYOUTS",
+    "PATHS",
+    "expert_ffn",
+    "expert_major_to_ragged",
+    "ragged_to_expert_major",
+    "resolve",
+    "swiglu",
+    "unsupported",
+]
+
+
+def unsupported(path: str, *, dtype, hidden: int, intermediate: int) -> str:
+    """Why ``path`` cannot run the expert FFN on this process's devices ('' when it can)."""
+    if path not in PATHS:
+        raise ValueError(f"expert path must be 'auto' or one of {PATHS}, got {path!r}")
+    if path == "mosaic":
+        return _mosaic.unsupported(dtype, hidden, intermediate)
+    if path == "tokamax":
+        return _tokamax.unsupported()
+    return ""
+
+
+def resolve(
+    path: str = "auto", *, dtype, hidden: int, intermediate: int, platform: str | None = None
+) -> str:
+    """The path to run: ``path`` itself (checked), or for ``"auto"`` the platform's default."""
+    if path != "auto":
+        why = unsupported(path, dtype=dtype, hidden=hidden, intermediate=intermediate)
+        if why:
+            raise ValueError(f"jax_ep expert path {path!r} cannot run here: {why}")
+        return path
+    platform = platform or jax.devices()[0].platform
+    for candidate in DEFAULT_PATHS.get(platform, ("ragged_dot",)):
+        if not unsupported(candidate, dtype=dtype, hidden=hidden, intermediate=intermediate):
+            return candidate
+    return "ragged_dot"
+
+
+def _matmul_for(path: str):
+    return {
+        "ragged_dot": _matmul.ragged_dot,
+        "einsum": _matmul.einsum,
+        "mosaic": _mosaic.ragged_matmul,
+        "tokamax": _tokamax.ragged_matmul,
+    }[path]
+
+
+def swiglu(
+    x: jax.Array,
+    group_sizes: jax.Array,
+    wi_0: jax.Array,
+    wi_1: jax.Array,
+    wo: jax.Array,
+    *,
+    path: str,
+    dtype=None,
+) -> jax.Array:
+    """``(silu(x @ wi_0[e]) * (x @ wi_1[e])) @ wo[e]`` for the rows of each local expert ``e``.
+
+    Args:
+      x: rows in the layout of ``path`` (:data:`LAYOUTS`): ragged ``[rows, D]`` grouped by
+        expert, or expert_major ``[E_loc, C, D]``. Padding rows may hold anything.
+      group_sizes: ``[E_loc]`` int32 valid rows per expert.
+      wi_0, wi_1: ``[E_loc, D, F]``; wo: ``[E_loc, F, D]`` (any float dtype: cast to ``dtype``).
+      path: one of :data:`PATHS` (resolve ``"auto"`` with :func:`resolve` first).
+      dtype: compute dtype (default ``x``'s): matmul inputs and outputs, with float32
+        accumulation; the gate ``silu(h0) * h1`` is computed in float32.
+    Returns:
+      ``x``'s layout with ``D`` columns, ``dtype``; padding rows are unspecified.
+    """
+    layout = "expert_major" if x.ndim == 3 else "ragged"
+    if LAYOUTS[path] != layout:
+        raise ValueError(f"expert path {path!r} computes on {LAYOUTS[path]} rows, got {layout}")
+    dtype = dtype or x.dtype
+    mm = _matmul_for(path)
+    x = x.astype(dtype)
+    h0 = mm(x, wi_0.astype(dtype), group_sizes)
+    h1 = mm(x, wi_1.astype(dtype), group_sizes)
+    h = (jax.nn.silu(h0.astype(jnp.float32)) * h1.astype(jnp.float32)).astype(dtype)
+    return mm(h, wo.astype(dtype), group_sizes)
+
+
+def expert_ffn(
+    x: jax.Array,
+    group_sizes: jax.Array,
+    wi_0: jax.Array,
+    wi_1: jax.Array,
+    wo: jax.Array,
+    *,
+    path: str,
+    dtype=None,
+    capacity: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`swiglu` on rows in either layout, converting to the path's layout and back.
+
+    ``capacity``: rows per expert when ragged rows must become expert_major (``einsum``);
+    rows that do not fit are dropped (zero output) and counted. Returns ``(y in x's layout,
+    dropped [] int32)``.
+    """
+    layout = "expert_major" if x.ndim == 3 else "ragged"
+    want = LAYOUTS[path]
+    no_drops = jnp.int32(0)
+    if want == layout:
+        return swiglu(x, group_sizes, wi_0, wi_1, wo, path=path, dtype=dtype), no_drops
+    if want == "expert_major":
+        if capacity is None:
+            raise ValueError("ragged rows for an expert_major path need a capacity (rows/expert)")
+        em, kept, dropped = ragged_to_expert_major(x, group_sizes, capacity)
+        y = swiglu(em, kept, wi_0, wi_1, wo, path=path, dtype=dtype)
+        return expert_major_to_ragged(y, group_sizes, x.shape[0]), dropped
+    # expert_major rows for a ragged path: pack the valid rows of every expert
+    num_groups, slots, hidden = x.shape
+    rows = expert_major_to_ragged(x, group_sizes, num_groups * slots)
+    y = swiglu(rows, group_sizes, wi_0, wi_1, wo, path=path, dtype=dtype)
+    back, _, _ = ragged_to_expert_major(y, group_sizes, slots)
+    return back, no_drops
