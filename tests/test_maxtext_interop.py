@@ -22,12 +22,15 @@ import jax.numpy as jnp
 import maxtext_reference as mt
 import numpy as np
 import pytest
+from conftest import requires_8_devices
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_ep
 from jax_ep.flax import MoE, load_maxtext_weights, route
+
+pytestmark = requires_8_devices
 
 D, F, N = 64, 32, 64
 TOL = 1e-5

@@ -42,7 +42,7 @@ class Case:
     def mesh(self) -> Mesh:
         names = tuple(n for n, _ in self.shape)
         sizes = tuple(s for _, s in self.shape)
-        return jax.make_mesh(sizes, names, devices=jax.devices()[: int(np.prod(sizes))])
+        return jax.make_mesh(sizes, names, devices=jax.devices("cpu")[: int(np.prod(sizes))])
 
     def __str__(self):
         mesh = "x".join(f"{n}{s}" for n, s in self.shape)
@@ -302,7 +302,7 @@ def test_data_axis_by_loopback_ep_cuda_kernel(layout):
 
 
 def test_tuple_axis_sets_the_nvshmem_node_size():
-    mesh = jax.make_mesh((2, 4), ("node", "gpu"))
+    mesh = jax.make_mesh((2, 4), ("node", "gpu"), devices=jax.devices("cpu")[:8])
     kw = dict(num_experts=E, num_topk=K, hidden=H, num_max_tokens_per_rank=8, backend="reference")
     nvshmem = jax_ep.Config(transport="nvshmem")
     assert jax_ep.Group(mesh, ("node", "gpu"), config=nvshmem, **kw).config.node_size == 4
@@ -315,7 +315,7 @@ def test_tuple_axis_sets_the_nvshmem_node_size():
 
 
 def test_mesh_and_axis_errors_name_the_axis_and_the_mesh():
-    mesh = jax.make_mesh((2, 4), ("pod", "ep"))
+    mesh = jax.make_mesh((2, 4), ("pod", "ep"), devices=jax.devices("cpu")[:8])
     kw = dict(num_experts=E, num_topk=K, hidden=H, num_max_tokens_per_rank=8)
     with pytest.raises(ValueError, match=r"'gpu' is not an axis of the mesh Mesh\('pod': 2"):
         jax_ep.Group(mesh, ("pod", "gpu"), **kw)
@@ -332,13 +332,13 @@ def test_mesh_and_axis_errors_name_the_axis_and_the_mesh():
     def only_ep(x, idx):  # shard_map over "ep" alone leaves "pod" unbound
         return jax_ep.dispatch(x[0], idx[0], idx[0] * 1.0, group=group).x[None]
 
-    small = jax.make_mesh((4,), ("ep",), devices=jax.devices()[:4])
+    small = jax.make_mesh((4,), ("ep",), devices=jax.devices("cpu")[:4])
     with pytest.raises(ValueError, match=r"\('pod', 'ep'\); 'pod' is not bound here"):
         jax.shard_map(only_ep, mesh=small, in_specs=P("ep"), out_specs=P("ep"))(
             *_place(small, P("ep"), x[:4], idx[:4])
         )
     # bound, but over a mesh where the tuple has another size
-    other = jax.make_mesh((2, 2), ("pod", "ep"), devices=jax.devices()[:4])
+    other = jax.make_mesh((2, 2), ("pod", "ep"), devices=jax.devices("cpu")[:4])
     spec = P(("pod", "ep"))
     with pytest.raises(ValueError, match=r"axis \('pod', 'ep'\) has size 4 here but the group"):
         jax.shard_map(only_ep, mesh=other, in_specs=spec, out_specs=spec)(
