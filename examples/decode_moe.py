@@ -71,15 +71,12 @@ def main(argv=None) -> dict:
 
 
 def run(args: argparse.Namespace, layout: Layout) -> dict:
-    mesh, shards = layout.mesh, layout.batch_shards
-    if args.batch % shards:
-        raise SystemExit(f"--batch {args.batch} must be divisible by the {shards} batch shards")
+    mesh, per_rank = layout.mesh, layout.per_shard(args.batch)
     use_ll = args.backend in LOW_LATENCY_BACKENDS
     if args.fp8 and not use_ll:
         raise SystemExit("--fp8 needs a jax_ep backend (the baselines have no FP8 wire)")
     max_len = args.prompt + args.new_tokens
     cfg = model_config(args, max_len=max_len)
-    per_rank = args.batch // shards
     group = make_group(layout, cfg, per_rank * max_len, args.backend)
     # the decode group's receive buffers hold [E_loc, R * per_rank, H]: one token per sequence
     ll_group = make_group(layout, cfg, per_rank, args.backend, low_latency=True) if use_ll else None
@@ -92,7 +89,7 @@ def run(args: argparse.Namespace, layout: Layout) -> dict:
         f"devices: {mesh.size} x {jax.devices()[0].platform} | {layout.describe()} | "
         f"backend {args.backend} | "
         f"decode path: {'low-latency' if use_ll else 'high-throughput baseline'}"
-        f"{' (fp8)' if args.fp8 else ''} | {args.batch} sequences, {per_rank} per device"
+        f"{' (fp8)' if args.fp8 else ''} | {args.batch} sequences, {per_rank} per batch shard"
     )
 
     if args.train_steps:

@@ -261,6 +261,12 @@ class Layout:
         names = (self.ep,) if isinstance(self.ep, str) else self.ep
         return math.prod(self.mesh.shape[a] for a in names)
 
+    def per_shard(self, batch: int) -> int:
+        """Sequences per batch shard (``batch`` must split evenly)."""
+        if batch % self.batch_shards:
+            raise SystemExit(f"--batch {batch} must be divisible by the {self.batch_shards} shards")
+        return batch // self.batch_shards
+
     def batch_sharding(self) -> NamedSharding:
         return NamedSharding(self.mesh, P(self.batch_axes))
 
@@ -418,11 +424,9 @@ def main(argv=None) -> dict:
 
 
 def run(args: argparse.Namespace, layout: Layout) -> dict:
-    mesh, shards = layout.mesh, layout.batch_shards
-    if args.batch % shards:
-        raise SystemExit(f"--batch {args.batch} must be divisible by the {shards} batch shards")
+    mesh, per_shard = layout.mesh, layout.per_shard(args.batch)
     cfg = model_config(args, shared_hidden=args.shared_hidden, max_len=args.seq)
-    group = make_group(layout, cfg, args.batch // shards * args.seq, args.backend)
+    group = make_group(layout, cfg, per_shard * args.seq, args.backend)
     model = MoELM(cfg, group, impl=impl_for(args.backend), rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adam(args.lr), wrt=nnx.Param)
     grammar = Grammar(cfg.vocab)
