@@ -1,7 +1,8 @@
 """Greedy decoding with a KV cache, the MoE layers on jax_ep's low-latency dispatch/combine.
 
 The model is the one of ``train_moe.py`` (attention + MoE blocks, experts sharded over the
-"ep" mesh axis, the batch of sequences over the same devices). The prompt is prefilled with the
+"ep" mesh axis, the batch of sequences over the same devices; ``--mesh data=2,ep=4`` and
+``--ep-axes`` lay them out as there). The prompt is prefilled with the
 high-throughput ops; every decode step then sends one token per sequence through
 ``jax_ep.low_latency_dispatch``/``low_latency_combine`` (expert-major fixed buffers, one jitted
 step). ``--backend ragged_all_to_all`` / ``all_to_all`` decode with those baselines instead.
@@ -9,6 +10,7 @@ step). ``--backend ragged_all_to_all`` / ``all_to_all`` decode with those baseli
     python examples/decode_moe.py                    # trains briefly, then decodes
     python examples/decode_moe.py --train-steps 0    # random weights: latency only
     python examples/decode_moe.py --fp8
+    python examples/decode_moe.py --mesh data=2,ep=4
 
 Reports the per-step latency (p50/p90 after the compiling step), how far the low-latency
 step's logits are from the high-throughput path's on the same cache, and the share of
@@ -34,16 +36,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 from train_moe import (  # noqa: E402  (the script's own folder is on sys.path)
-    AXIS,
     Grammar,
+    Layout,
     MoELM,
     add_model_args,
     impl_for,
     make_group,
-    make_mesh,
+    make_layout,
     make_train_step,
     model_config,
 )
@@ -65,30 +65,31 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--fp8", action="store_true", help="FP8 low-latency dispatch")
     args = ap.parse_args(argv)
+    layout = make_layout(args)
+    with jax.set_mesh(layout.mesh):  # explicit-sharding context for the model's own ops
+        return run(args, layout)
 
-    mesh = make_mesh(args.devices)
-    jax.set_mesh(mesh)
-    num_ranks = mesh.shape[AXIS]
-    if args.batch % num_ranks:
-        raise SystemExit(f"--batch {args.batch} must be divisible by the {num_ranks} devices")
+
+def run(args: argparse.Namespace, layout: Layout) -> dict:
+    mesh, per_rank = layout.mesh, layout.per_shard(args.batch)
     use_ll = args.backend in LOW_LATENCY_BACKENDS
     if args.fp8 and not use_ll:
         raise SystemExit("--fp8 needs a jax_ep backend (the baselines have no FP8 wire)")
     max_len = args.prompt + args.new_tokens
     cfg = model_config(args, max_len=max_len)
-    per_rank = args.batch // num_ranks
-    group = make_group(mesh, cfg, per_rank * max_len, args.backend)
+    group = make_group(layout, cfg, per_rank * max_len, args.backend)
     # the decode group's receive buffers hold [E_loc, R * per_rank, H]: one token per sequence
-    ll_group = make_group(mesh, cfg, per_rank, args.backend, low_latency=True) if use_ll else None
+    ll_group = make_group(layout, cfg, per_rank, args.backend, low_latency=True) if use_ll else None
     model = MoELM(
         cfg, group, impl=impl_for(args.backend), rngs=nnx.Rngs(0), low_latency_group=ll_group
     )
     grammar = Grammar(cfg.vocab)
-    sharding = NamedSharding(mesh, P(AXIS))
+    sharding = layout.batch_sharding()
     print(
-        f"devices: {num_ranks} x {jax.devices()[0].platform} | backend {args.backend} | "
+        f"devices: {mesh.size} x {jax.devices()[0].platform} | {layout.describe()} | "
+        f"backend {args.backend} | "
         f"decode path: {'low-latency' if use_ll else 'high-throughput baseline'}"
-        f"{' (fp8)' if args.fp8 else ''} | {args.batch} sequences, {per_rank} per device"
+        f"{' (fp8)' if args.fp8 else ''} | {args.batch} sequences, {per_rank} per batch shard"
     )
 
     if args.train_steps:

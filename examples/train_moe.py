@@ -4,11 +4,19 @@ The data is a synthetic grammar: a random Markov chain over ``--vocab`` tokens i
 token has exactly two equally likely successors. A model that learns it reaches the entropy
 floor ln 2 = 0.693 nats/token; a model that knows nothing stays at ln(vocab).
 
-Every device holds 1/R of the experts (the EP mesh axis "ep" spans all devices) and 1/R of the
-batch. Runs on CPU with 8 virtual devices when there is no accelerator, on the local GPUs when
-there are (then jax_ep's CUDA backend is used where it is built).
+By default every device holds 1/R of the experts (the EP mesh axis "ep" spans all devices)
+and 1/R of the batch. ``--mesh data=2,ep=4`` lays the devices out on several axes: the experts
+are split over ``--ep-axes`` (default ``ep``; ``--ep-axes pod,ep`` spans two axes) and
+replicated over the others, the batch is split over every axis but ``tensor`` (the model has no
+tensor-parallel layers: a ``tensor`` axis holds replicas, as the activations entering a MoE
+layer are under tensor parallelism). Runs on CPU with 8 virtual devices when there is no
+accelerator, on the local GPUs when there are (then jax_ep's CUDA backend is used where it is
+built).
 
     python examples/train_moe.py                          # jax_ep (reference backend on CPU)
+    python examples/train_moe.py --mesh data=2,ep=4       # data parallel x expert parallel
+    python examples/train_moe.py --mesh fsdp=2,ep=2,tensor=2
+    python examples/train_moe.py --mesh pod=2,ep=4 --ep-axes pod,ep
     python examples/train_moe.py --backend ragged_all_to_all --steps 200
     python examples/train_moe.py --fp8                    # FP8 dispatch
 
@@ -46,7 +54,7 @@ import jax_ep  # noqa: E402
 from jax_ep.flax import MoE  # noqa: E402
 from jax_ep.flax.exchange import Exchange, ExpertRows  # noqa: E402
 
-AXIS = "ep"
+REPLICA_AXES = ("tensor",)  # mesh axes the batch is not split over (no tensor-parallel layers)
 
 
 # ----------------------------------------------------------------------------
@@ -246,18 +254,73 @@ class LocalCopyExchange(Exchange):
 # ----------------------------------------------------------------------------
 
 
-def make_mesh(num_devices: int | None):
-    devices = jax.devices()[: num_devices or len(jax.devices())]
-    return jax.make_mesh((len(devices),), (AXIS,), devices=devices)
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The device mesh, the EP axis (one name or a tuple) and the axes the batch is split over."""
+
+    mesh: jax.sharding.Mesh
+    ep: str | tuple[str, ...]
+    batch_axes: tuple[str, ...]
+
+    @property
+    def batch_shards(self) -> int:
+        return math.prod(self.mesh.shape[a] for a in self.batch_axes)
+
+    @property
+    def ep_size(self) -> int:
+        names = (self.ep,) if isinstance(self.ep, str) else self.ep
+        return math.prod(self.mesh.shape[a] for a in names)
+
+    def per_shard(self, batch: int) -> int:
+        """Sequences per batch shard (``batch`` must split evenly)."""
+        if batch % self.batch_shards:
+            raise SystemExit(f"--batch {batch} must be divisible by the {self.batch_shards} shards")
+        return batch // self.batch_shards
+
+    def batch_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P(self.batch_axes))
+
+    def describe(self) -> str:
+        axes = " x ".join(f"{n}={s}" for n, s in self.mesh.shape.items())
+        return f"mesh {axes} | experts over {self.ep} | batch over {'x'.join(self.batch_axes)}"
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """``"data=2,ep=4"`` → ``{"data": 2, "ep": 4}`` (mesh axes in order)."""
+    axes = {}
+    for part in spec.split(","):
+        name, eq, size = part.partition("=")
+        if not eq or not name.strip() or not size.strip().isdigit() or int(size) < 1:
+            raise SystemExit(f"--mesh takes name=size pairs like data=2,ep=4; got {spec!r}")
+        if name.strip() in axes:
+            raise SystemExit(f"--mesh names the axis {name.strip()!r} twice: {spec!r}")
+        axes[name.strip()] = int(size)
+    return axes
+
+
+def make_layout(args: argparse.Namespace) -> Layout:
+    """The :class:`Layout` of ``--mesh``/``--ep-axes`` (or ``--devices`` on one ``ep`` axis)."""
+    if args.mesh:
+        axes = parse_mesh(args.mesh)
+    else:
+        axes = {"ep": args.devices or len(jax.devices())}
+    need = math.prod(axes.values())
+    if need > len(jax.devices()):
+        raise SystemExit(f"the mesh {axes} needs {need} devices, there are {len(jax.devices())}")
+    mesh = jax.make_mesh(tuple(axes.values()), tuple(axes), devices=jax.devices()[:need])
+    ep = tuple(a.strip() for a in args.ep_axes.split(","))
+    ep = ep[0] if len(ep) == 1 else ep
+    batch = tuple(a for a in axes if a not in REPLICA_AXES)
+    return Layout(mesh, ep, batch)
 
 
 def make_group(
-    mesh, cfg: ModelConfig, tokens_per_rank: int, backend: str, low_latency: bool = False
+    layout: Layout, cfg: ModelConfig, tokens_per_rank: int, backend: str, low_latency: bool = False
 ) -> jax_ep.Group:
     jax_ep_backend = "reference" if backend == "reference" else "auto"
     return jax_ep.Group(
-        mesh,
-        AXIS,
+        layout.mesh,
+        layout.ep,
         num_experts=cfg.experts,
         num_topk=cfg.topk,
         hidden=cfg.hidden,
@@ -329,6 +392,15 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
         choices=["auto", *jax_ep.experts.PATHS],
         help="expert FFN implementation (jax_ep.experts; auto: the platform's best)",
     )
+    ap.add_argument(
+        "--mesh",
+        default=None,
+        help="device mesh as name=size pairs, e.g. data=2,ep=4 or fsdp=2,ep=2,tensor=2 "
+        "(default: one 'ep' axis over --devices)",
+    )
+    ap.add_argument(
+        "--ep-axes", default="ep", help="mesh axis (or comma-separated axes) of expert parallelism"
+    )
 
 
 def model_config(args: argparse.Namespace, **fields) -> ModelConfig:
@@ -363,30 +435,31 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--log-every", type=int, default=25)
     args = ap.parse_args(argv)
+    layout = make_layout(args)
+    with jax.set_mesh(layout.mesh):  # explicit-sharding context for the model's own ops
+        return run(args, layout)
 
-    mesh = make_mesh(args.devices)
-    num_ranks = mesh.shape[AXIS]
-    if args.batch % num_ranks:
-        raise SystemExit(f"--batch {args.batch} must be divisible by the {num_ranks} devices")
+
+def run(args: argparse.Namespace, layout: Layout) -> dict:
+    mesh, per_shard = layout.mesh, layout.per_shard(args.batch)
     cfg = model_config(args, shared_hidden=args.shared_hidden, max_len=args.seq)
-    group = make_group(mesh, cfg, args.batch // num_ranks * args.seq, args.backend)
+    group = make_group(layout, cfg, per_shard * args.seq, args.backend)
     model = MoELM(cfg, group, impl=impl_for(args.backend), rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adam(args.lr), wrt=nnx.Param)
     grammar = Grammar(cfg.vocab)
-    data_sharding = NamedSharding(mesh, P(AXIS))
+    data_sharding = layout.batch_sharding()
 
     def batch():
         return jax.device_put(grammar.sample(args.batch, args.seq + 1), data_sharding)
 
-    jax.set_mesh(mesh)  # explicit-sharding context for the model's own ops
     print(
-        f"devices: {num_ranks} x {jax.devices()[0].platform} | backend {args.backend} "
-        f"(exchange {model.blocks[0].moe.exchange.name}) | experts "
+        f"devices: {mesh.size} x {jax.devices()[0].platform} | {layout.describe()} | "
+        f"backend {args.backend} (exchange {model.blocks[0].moe.exchange.name}) | experts "
         f"{model.blocks[0].moe.expert_path} | fp8 {args.fp8}"
     )
     print(
         f"model: vocab {cfg.vocab}, hidden {cfg.hidden}, layers {cfg.layers}, experts "
-        f"{cfg.experts} (top-{cfg.topk}, {cfg.experts // num_ranks} per device), batch "
+        f"{cfg.experts} (top-{cfg.topk}, {cfg.experts // layout.ep_size} per device), batch "
         f"{args.batch} x {args.seq} tokens"
     )
     print(
@@ -416,7 +489,7 @@ def main(argv=None) -> dict:
         tokens = args.batch * args.seq
         batches = [batch() for _ in range(4)]
         # the same model and step with a no-communication exchange in every MoE layer
-        local = MoELM(cfg, group, impl=LocalCopyExchange(AXIS, cfg.experts), rngs=nnx.Rngs(0))
+        local = MoELM(cfg, group, impl=LocalCopyExchange(layout.ep, cfg.experts), rngs=nnx.Rngs(0))
         local_opt = nnx.Optimizer(local, optax.adam(args.lr), wrt=nnx.Param)
         t_real, t_local = time_steps(
             [

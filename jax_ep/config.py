@@ -69,7 +69,10 @@ class Config:
     node_size: ranks per node of the two-level internode path (``transport="nvshmem"``):
       ranks ``[n * node_size, (n + 1) * node_size)`` form node ``n``; tokens cross
       between nodes once per node through NVSHMEM and are forwarded inside a node over
-      NVLink. 0 = the ranks of each host (found from the processes' host names). A
+      NVLink. 0 = with a tuple EP axis (``Group(mesh, ("node", "gpu"))``), the size of its
+      innermost axis: ranks that share the outer indices form a node, so a ``(node, gpu)``
+      mesh needs no arithmetic (checked against the hosts: a node must not span two); with
+      one EP axis, the ranks of each host (found from the processes' host names). A
       smaller value splits one host into virtual nodes, so the internode path runs (and
       is tested) on one machine, even on one GPU.
     ib_service_level: InfiniBand service level of the NVSHMEM traffic

@@ -11,6 +11,7 @@ needs no buffers and accepts the same arguments.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import weakref
 from typing import Any
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ep import memory, validation
+from jax_ep import memory, mesh_axes, validation
 from jax_ep.backends import backend_for, default_backend
 from jax_ep.backends.spec import OpSpec
 from jax_ep.config import Config
@@ -78,7 +79,9 @@ class Group:
 
     Args:
       mesh: the device mesh (``None`` with ``loopback``: the first device).
-      axis_name: the EP mesh axis; other mesh axes form independent EP groups.
+      axis_name: the EP mesh axis, or a tuple of mesh axes (``("node", "gpu")``) whose
+        ranks are linearised in ``jax.lax.axis_index`` order (the first axis outermost);
+        the other mesh axes form independent EP groups.
       num_experts: total experts ``E`` (divisible by the EP size).
       num_topk: top-k ``K`` the ops will be called with (at most).
       hidden: hidden size ``H`` (at most).
@@ -122,7 +125,13 @@ class Group:
     ):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        axis_name = mesh_axes.normalize(axis_name, "Group axis_name")
         if loopback is not None:
+            if not isinstance(axis_name, str):
+                raise ValueError(
+                    f"loopback runs its virtual ranks under one jax.vmap axis: give one axis "
+                    f"name, got {axis_name!r}"
+                )
             if not isinstance(loopback, int) or loopback < 1:
                 raise ValueError(
                     f"loopback must be a positive int (virtual ranks), got {loopback!r}"
@@ -134,13 +143,18 @@ class Group:
                 raise ValueError(
                     "Group needs a mesh (or loopback=N for virtual ranks on one device)"
                 )
-            if axis_name not in mesh.axis_names:
-                raise ValueError(
-                    f"axis_name {axis_name!r} is not an axis of the mesh {mesh.axis_names}"
-                )
+            mesh_axes.check_in_mesh(mesh, axis_name, "Group axis_name")
             devices = list(mesh.devices.flat)
-            num_ranks = mesh.shape[axis_name]
-        validation.check_num_experts(num_experts, num_ranks)
+            num_ranks = mesh_axes.size(mesh, axis_name)
+        try:
+            validation.check_num_experts(num_experts, num_ranks)
+        except ValueError as e:
+            where = (
+                f"loopback={loopback}"
+                if loopback is not None
+                else f"axis {axis_name!r} of the mesh {mesh_axes.describe(mesh)}"
+            )
+            raise ValueError(f"{e}: the EP ranks of {where}") from None
         if num_max_low_latency_tokens_per_rank is None:
             num_max_low_latency_tokens_per_rank = min(
                 num_max_tokens_per_rank, DEFAULT_LOW_LATENCY_TOKENS
@@ -164,7 +178,7 @@ class Group:
         self.dtype = np.dtype(dtype)
         self.loopback = loopback
         self.low_latency = low_latency
-        self.config = config or Config()
+        self.config = _with_node_size(config or Config(), mesh, axis_name)
         if self.config.transport == "nvshmem" and loopback:
             raise ValueError(
                 "jax_ep: loopback runs every rank in one process, while the NVSHMEM transport "
@@ -337,3 +351,13 @@ class Group:
             f"Group({mode}, ranks={self.num_ranks}, experts={self.num_experts}, "
             f"backend={self.backend!r})"
         )
+
+
+def _with_node_size(config: Config, mesh, axis_name) -> Config:
+    """``config`` with the NVSHMEM node size a tuple EP axis implies: with ``(..., node, gpu)``
+    the innermost axis spans a node (ranks of one node share the outer indices), so
+    ``Config.node_size=0`` means the size of that axis. One axis keeps 0 (the ranks of each
+    host, found at wiring time)."""
+    if config.transport != "nvshmem" or config.node_size or isinstance(axis_name, str):
+        return config
+    return dataclasses.replace(config, node_size=mesh.shape[axis_name[-1]])

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_ep import mesh_axes
 from jax_ep.handles import LAYOUTS
 
 PAYLOAD_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -92,11 +93,13 @@ def check_on_overflow(on_overflow: str) -> None:
 
 
 def axis_size_or_raise(axis_name, op: str) -> int:
-    """The EP axis size, or a clear error when the op runs outside ``shard_map``/``vmap``."""
-    try:
-        return jax.lax.axis_size(axis_name)
-    except NameError as e:
+    """The EP axis size (the product over a tuple of axes), or a clear error when the op runs
+    outside a ``shard_map``/``vmap`` that binds every axis of it."""
+    unbound = [n for n in mesh_axes.names(axis_name) if n not in mesh_axes.bound(n)]
+    if unbound:
+        which = repr(unbound[0]) if len(unbound) == 1 else repr(tuple(unbound))
         raise ValueError(
             f"jax_ep.{op} must run per rank inside jax.shard_map (or jax.vmap) that binds the EP "
-            f"axis {axis_name!r}; no such axis is bound here"
-        ) from e
+            f"axis {axis_name!r}; {which} is not bound here"
+        )
+    return jax.lax.axis_size(axis_name)

@@ -77,6 +77,10 @@ requires_kernels = pytest.mark.skipif(
     not HAS_KERNELS, reason=KERNEL_SKIP_REASON or "kernels present"
 )
 requires_gpus = pytest.mark.skipif(gpu_count() < 2, reason="needs at least 2 GPUs")
+# multi-axis meshes of the default backend (on CPU: the 8 virtual devices above)
+requires_8_devices = pytest.mark.skipif(
+    len(jax.devices()) < 8, reason="needs 8 devices of the default backend for its meshes"
+)
 
 
 def cpu_devices():

@@ -284,6 +284,49 @@ def dense_moe(x, idx, w, expert_scale):
     return jnp.sum(s, axis=-1)[..., None] * x
 
 
+def toy_expert(v):
+    """The toy experts' shared map: expert ``e`` sends a row ``v`` to ``s_e * (v * v + v)``."""
+    return v * v + v
+
+
+def toy_scales(num_experts: int):
+    """``[E]`` per-expert scales ``s_e`` of the toy experts."""
+    return (jnp.arange(num_experts, dtype=jnp.float32) + 1.0) / num_experts
+
+
+def toy_moe_layer(x, idx, w, group, layout, fp8=False):
+    """Per-rank toy MoE through jax_ep (dispatch, toy experts, combine); returns ``[T, H]``.
+
+    Runs inside whatever binds ``group.axis_name`` (one axis or a tuple of mesh axes).
+    """
+    num_experts = group.num_experts
+    e_loc = num_experts // group.num_ranks
+    hidden = x.shape[-1]
+    me = jax.lax.axis_index(group.axis_name)
+    s = toy_scales(num_experts)
+    out = jax_ep.dispatch(x, idx, w, group=group, layout=layout, fp8=fp8, dequantize=fp8)
+    rows = out.x.reshape(-1, hidden)
+    gx = rows if fp8 else toy_expert(rows)
+    if layout == "per_rank":
+        # DeepEP normal mode: the expert side weights and sums its local experts itself
+        local_s = jnp.where(out.topk_idx >= 0, s[me * e_loc + jnp.maximum(out.topk_idx, 0)], 0.0)
+        y = jnp.sum(local_s * out.topk_weights, axis=1)[:, None] * gx
+        return jax_ep.combine(y, out.handle, group=group)
+    if layout == "expert_major":
+        e = jnp.arange(rows.shape[0]) // out.x.shape[1]
+    else:
+        e = jnp.searchsorted(jnp.cumsum(out.counts), jnp.arange(rows.shape[0]), side="right")
+    y = (s[jnp.minimum(me * e_loc + e, num_experts - 1)][:, None] * gx).reshape(out.x.shape)
+    return jax_ep.combine(y, out.handle, group=group)
+
+
+def toy_dense_moe(x, idx, w, num_experts: int, fp8=False):
+    """What :func:`toy_moe_layer` computes, per token, without communication."""
+    valid = idx >= 0
+    coef = jnp.sum(jnp.where(valid, toy_scales(num_experts)[jnp.maximum(idx, 0)] * w, 0.0), axis=-1)
+    return coef[..., None] * (x if fp8 else toy_expert(x))
+
+
 def assert_equal(got, want, what=""):
     got, want = np.asarray(got), np.asarray(want)
     assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"

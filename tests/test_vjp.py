@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import HAS_KERNELS
-from harness import Runner, make_routing, make_tokens
+from harness import Runner, make_routing, make_tokens, toy_dense_moe, toy_moe_layer
 
 import jax_ep
 
@@ -25,42 +25,6 @@ RUNNERS = [
 ]
 if HAS_KERNELS:
     RUNNERS += [Runner("cuda", 2, "loopback", "gpu"), Runner("cuda", 1, "shard_map", "gpu")]
-
-
-def g(v):
-    return v * v + v
-
-
-def scales():
-    return (jnp.arange(E, dtype=jnp.float32) + 1.0) / E
-
-
-def moe_layer(x, idx, w, group, layout, fp8):
-    """Per-rank MoE layer through jax_ep; returns ``[T, H]``."""
-    R = group.num_ranks
-    e_loc = E // R
-    me = jax.lax.axis_index("ep")
-    s = scales()
-    out = jax_ep.dispatch(x, idx, w, group=group, layout=layout, fp8=fp8, dequantize=fp8)
-    rows = out.x.reshape(-1, H)
-    gx = rows if fp8 else g(rows)
-    if layout == "per_rank":
-        # DeepEP normal mode: the expert side weights and sums its local experts itself
-        local_s = jnp.where(out.topk_idx >= 0, s[me * e_loc + jnp.maximum(out.topk_idx, 0)], 0.0)
-        y = jnp.sum(local_s * out.topk_weights, axis=1)[:, None] * gx
-        return jax_ep.combine(y, out.handle, group=group)
-    if layout == "expert_major":
-        e = jnp.arange(rows.shape[0]) // out.x.shape[1]
-    else:
-        e = jnp.searchsorted(jnp.cumsum(out.counts), jnp.arange(rows.shape[0]), side="right")
-    y = (s[jnp.minimum(me * e_loc + e, E - 1)][:, None] * gx).reshape(out.x.shape)
-    return jax_ep.combine(y, out.handle, group=group)
-
-
-def dense(x, idx, w, fp8):
-    valid = idx >= 0
-    coef = jnp.sum(jnp.where(valid, scales()[jnp.maximum(idx, 0)] * w, 0.0), axis=-1)
-    return coef[..., None] * (x if fp8 else g(x))
 
 
 @pytest.mark.parametrize("runner", RUNNERS, ids=[str(r) for r in RUNNERS])
@@ -77,12 +41,14 @@ def test_gradients_match_dense(runner, layout):
 
     def fn(x, idx, w, cot):
         def loss(x, w):
-            return jnp.sum(moe_layer(x, idx, w, group, layout, False) * cot)
+            return jnp.sum(toy_moe_layer(x, idx, w, group, layout, False) * cot)
 
         return jax.grad(loss, argnums=(0, 1))(x, w)
 
     gx, gw = runner.run(fn, x, idx, w, cot)
-    want_gx, want_gw = jax.grad(lambda x, w: jnp.sum(dense(x, idx, w, False) * cot), (0, 1))(x, w)
+    want_gx, want_gw = jax.grad(
+        lambda x, w: jnp.sum(toy_dense_moe(x, idx, w, E, False) * cot), (0, 1)
+    )(x, w)
     np.testing.assert_allclose(gx, want_gx, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gw, want_gw, rtol=1e-5, atol=1e-5)
 
@@ -98,19 +64,19 @@ def test_fp8_dequantize_is_straight_through(runner):
 
     def fn(x, idx, w, cot):
         def loss(x, w):
-            y = moe_layer(x, idx, w, group, "expert_major", True).astype(jnp.float32)
+            y = toy_moe_layer(x, idx, w, group, "expert_major", True).astype(jnp.float32)
             return jnp.sum(y * cot), y
 
         return jax.grad(loss, argnums=(0, 1), has_aux=True)(x, w)
 
     (gx, gw), y = runner.run(fn, x, idx, w, cot)
     xf = x.astype(np.float32)
-    want = np.asarray(dense(xf, idx, w, True))
+    want = np.asarray(toy_dense_moe(xf, idx, w, E, True))
     # e4m3 keeps 3 mantissa bits (rel. error <= 2^-4) plus bf16 rounding of partials
     np.testing.assert_allclose(y, want, rtol=0.08, atol=0.08 * np.abs(want).max())
-    want_gx = np.asarray(jax.grad(lambda x: jnp.sum(dense(x, idx, w, True) * cot))(xf))
+    want_gx = np.asarray(jax.grad(lambda x: jnp.sum(toy_dense_moe(x, idx, w, E, True) * cot))(xf))
     np.testing.assert_allclose(gx.astype(np.float32), want_gx, rtol=2e-2, atol=2e-2)
-    want_gw = np.asarray(jax.grad(lambda w: jnp.sum(dense(xf, idx, w, True) * cot))(w))
+    want_gw = np.asarray(jax.grad(lambda w: jnp.sum(toy_dense_moe(xf, idx, w, E, True) * cot))(w))
     np.testing.assert_allclose(gw, want_gw, rtol=0.1, atol=0.1 * np.abs(want_gw).max())
 
 
@@ -156,7 +122,7 @@ def test_two_exchanges_forward_and_two_backward(layout, monkeypatch):
     x = make_tokens(4, T, H, jnp.float32)
 
     def loss(x, w, idx):
-        return jnp.sum(moe_layer(x, idx, w, group, layout, False))
+        return jnp.sum(toy_moe_layer(x, idx, w, group, layout, False))
 
     args = [jnp.asarray(a) for a in (x, w, idx)]
     runner.run(lambda x, w, idx: loss(x, w, idx)[None], *args)

@@ -1,4 +1,4 @@
-"""The expert FFN of an MoE layer (SwiGLU) over grouped matmuls, with one path per platform.
+"""The expert FFN of an MoE layer (a gated FFN, SwiGLU by default) over grouped matmuls, with one path per platform.
 
 Paths (:data:`PATHS`), each a grouped matmul with a backward that never reads padding rows
 (:mod:`jax_ep.experts.matmul`):
@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_ep.experts import matmul as _matmul
+from jax_ep.experts.activation import ACTIVATIONS, Activation
 from jax_ep.experts import mosaic as _mosaic
 from jax_ep.experts import tokamax_path as _tokamax
 from jax_ep.experts.layouts import expert_major_to_ragged, ragged_to_expert_major
@@ -51,7 +52,9 @@ DEFAULT_PATHS = {
 }
 
 __all__ = [
+    "ACTIVATIONS",
     "DEFAULT_PATHS",
+    "Activation",
     "LAYOUTS",
     "PATHS",
     "expert_ffn",
@@ -99,6 +102,21 @@ def _matmul_for(path: str):
     }[path]
 
 
+def _row_bias(b: jax.Array, sizes: jax.Array, x: jax.Array) -> jax.Array:
+    """Per-expert bias ``[G, N]`` → per row of ``x``'s layout, float32, zero on padding rows.
+
+    Selected (not multiplied) to zero, so the bias's gradient never sums a padding row's
+    cotangent (which may be NaN: :mod:`jax_ep.experts.matmul`).
+    """
+    b = b.astype(jnp.float32)
+    if x.ndim == 3:  # expert_major [G, C, D]
+        return jnp.where(_matmul.expert_major_row_mask(x, sizes), b[:, None, :], 0.0)
+    ends = jnp.cumsum(sizes)
+    row = jnp.arange(x.shape[0], dtype=jnp.int32)
+    group = jnp.minimum(jnp.searchsorted(ends, row, side="right"), sizes.shape[0] - 1)
+    return jnp.where(_matmul.ragged_row_mask(x, sizes), b[group], 0.0)
+
+
 def swiglu(
     x: jax.Array,
     group_sizes: jax.Array,
@@ -108,8 +126,11 @@ def swiglu(
     *,
     path: str,
     dtype=None,
+    activation: Activation = Activation(),
+    bias: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
-    """``(silu(x @ wi_0[e]) * (x @ wi_1[e])) @ wo[e]`` for the rows of each local expert ``e``.
+    """``act(x @ wi_0[e] + b0[e], x @ wi_1[e] + b1[e]) @ wo[e] + bo[e]`` for the rows of each
+    local expert ``e`` (SwiGLU, ``silu(h0) * h1``, by default).
 
     Args:
       x: rows in the layout of ``path`` (:data:`LAYOUTS`): ragged ``[rows, D]`` grouped by
@@ -118,7 +139,10 @@ def swiglu(
       wi_0, wi_1: ``[E_loc, D, F]``; wo: ``[E_loc, F, D]`` (any float dtype: cast to ``dtype``).
       path: one of :data:`PATHS` (resolve ``"auto"`` with :func:`resolve` first).
       dtype: compute dtype (default ``x``'s): matmul inputs and outputs, with float32
-        accumulation; the gate ``silu(h0) * h1`` is computed in float32.
+        accumulation; the activation and the biases are applied in float32.
+      activation: the gated activation (:class:`Activation`: SwiGLU, GeGLU, GPT-OSS's, clipping).
+      bias: None or per-expert biases ``(b0 [E_loc, F], b1 [E_loc, F], bo [E_loc, D])``
+        (MaxText's ``wi_0_bias``/``wi_1_bias``/``wo_bias``).
     Returns:
       ``x``'s layout with ``D`` columns, ``dtype``; padding rows are unspecified.
     """
@@ -128,10 +152,16 @@ def swiglu(
     dtype = dtype or x.dtype
     mm = _matmul_for(path)
     x = x.astype(dtype)
-    h0 = mm(x, wi_0.astype(dtype), group_sizes)
-    h1 = mm(x, wi_1.astype(dtype), group_sizes)
-    h = (jax.nn.silu(h0.astype(jnp.float32)) * h1.astype(jnp.float32)).astype(dtype)
-    return mm(h, wo.astype(dtype), group_sizes)
+    h0 = mm(x, wi_0.astype(dtype), group_sizes).astype(jnp.float32)
+    h1 = mm(x, wi_1.astype(dtype), group_sizes).astype(jnp.float32)
+    if bias is not None:
+        h0 = h0 + _row_bias(bias[0], group_sizes, x)
+        h1 = h1 + _row_bias(bias[1], group_sizes, x)
+    h = activation(h0, h1).astype(dtype)
+    out = mm(h, wo.astype(dtype), group_sizes)
+    if bias is None:
+        return out
+    return (out.astype(jnp.float32) + _row_bias(bias[2], group_sizes, x)).astype(dtype)
 
 
 def expert_ffn(
@@ -144,27 +174,31 @@ def expert_ffn(
     path: str,
     dtype=None,
     capacity: int | None = None,
+    activation: Activation = Activation(),
+    bias: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """:func:`swiglu` on rows in either layout, converting to the path's layout and back.
+    """:func:`swiglu` (same ``activation``/``bias``) on rows in either layout, converting to
+    the path's layout and back.
 
     ``capacity``: rows per expert when ragged rows must become expert_major (``einsum``);
     rows that do not fit are dropped (zero output) and counted. Returns ``(y in x's layout,
     dropped [] int32)``.
     """
+    ffn = dict(activation=activation, bias=bias)
     layout = "expert_major" if x.ndim == 3 else "ragged"
     want = LAYOUTS[path]
     no_drops = jnp.int32(0)
     if want == layout:
-        return swiglu(x, group_sizes, wi_0, wi_1, wo, path=path, dtype=dtype), no_drops
+        return swiglu(x, group_sizes, wi_0, wi_1, wo, path=path, dtype=dtype, **ffn), no_drops
     if want == "expert_major":
         if capacity is None:
             raise ValueError("ragged rows for an expert_major path need a capacity (rows/expert)")
         em, kept, dropped = ragged_to_expert_major(x, group_sizes, capacity)
-        y = swiglu(em, kept, wi_0, wi_1, wo, path=path, dtype=dtype)
+        y = swiglu(em, kept, wi_0, wi_1, wo, path=path, dtype=dtype, **ffn)
         return expert_major_to_ragged(y, group_sizes, x.shape[0]), dropped
     # expert_major rows for a ragged path: pack the valid rows of every expert
     num_groups, slots, hidden = x.shape
     rows = expert_major_to_ragged(x, group_sizes, num_groups * slots)
-    y = swiglu(rows, group_sizes, wi_0, wi_1, wo, path=path, dtype=dtype)
+    y = swiglu(rows, group_sizes, wi_0, wi_1, wo, path=path, dtype=dtype, **ffn)
     back, _, _ = ragged_to_expert_major(y, group_sizes, slots)
     return back, no_drops

@@ -7,7 +7,9 @@ from jax_ep.flax.exchange import (
     JaxEpExchange,
     RaggedAllToAllExchange,
 )
+from jax_ep.flax.maxtext import load_maxtext_weights
 from jax_ep.flax.moe import (
+    ACTIVATIONS,
     IMPLS,
     ExpertLoad,
     GateLogit,
@@ -25,6 +27,7 @@ from jax_ep.flax.routing import (
 )
 
 __all__ = [
+    "ACTIVATIONS",
     "IMPLS",
     "AllToAllExchange",
     "Exchange",
@@ -40,6 +43,7 @@ __all__ = [
     "SharedExpert",
     "balance_loss",
     "balance_statistics",
+    "load_maxtext_weights",
     "route",
     "routing_bias_update",
 ]

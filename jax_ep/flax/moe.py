@@ -9,17 +9,24 @@ Per EP rank the layer does::
     y       = combine(h) (+ shared expert(x))           # [T, D]
 
 Parameters follow MaxText's ``RoutedMoE`` (names and shapes): ``gate.kernel`` ``[D, E]``,
-``wi_0``/``wi_1`` ``[E, D, F]``, ``wo`` ``[E, F, D]``, with the expert dimension annotated
-(``nnx.with_partitioning``) on the group's EP mesh axis; the gate and the shared expert are
+``wi_0``/``wi_1`` ``[E, D, F]``, ``wo`` ``[E, F, D]`` and, with ``mlp_bias=True`` (GPT-OSS),
+``wi_0_bias``/``wi_1_bias`` ``[E, F]`` and ``wo_bias`` ``[E, D]``, with the expert dimension
+annotated on the group's EP mesh axis (or tuple of axes) and placed there at creation,
+whatever Flax's ``flax_always_shard_variable`` says; the gate and the shared expert are
 replicated. With ``routing_bias=True`` the DeepSeek-V3 balancing bias is ``gate.bias`` ``[E]``,
 a :class:`RoutingBias` variable (not an ``nnx.Param``: optimisers that update ``nnx.Param``
-leave it alone), moved by :meth:`MoE.update_routing_bias`.
+leave it alone), moved by :meth:`MoE.update_routing_bias`; with ``gate_bias=True`` (GPT-OSS)
+``gate.bias`` is instead a trained ``nnx.Param`` added to the logits.
+:func:`jax_ep.flax.load_maxtext_weights` copies a MaxText checkpoint's arrays in by name.
 
 Calling conventions (the same module works in both):
 
-* global: ``moe(x)`` with ``x`` ``[..., D]`` sharded on its leading dimension over the mesh
-  (every mesh axis by default). The layer wraps itself in ``jax.shard_map`` over the group's
-  mesh; each rank sees its token block and its ``E_loc`` experts.
+* global: ``moe(x)`` with ``x`` ``[..., D]`` sharded on its leading dimension over the
+  *token axes*: ``token_axes`` if given; else, for ``x`` typed with an Explicit mesh sharding,
+  the axes its leading dimension is split over plus any EP axis missing from them; else every
+  mesh axis. The layer wraps itself in ``jax.shard_map`` over the group's mesh (tokens
+  replicated over the other axes, e.g. a tensor axis); each rank sees its token block and its
+  ``E_loc`` experts, and the output comes back with ``x``'s sharding.
 * per rank: inside a ``shard_map``/``vmap`` that binds the EP axis, ``x`` is the rank's block
   and the expert weights are either this rank's ``[E_loc, ...]`` slices (the usual case when
   the module's state came in through ``shard_map`` with its partition specs) or all ``[E, ...]``
@@ -43,6 +50,8 @@ from jax.sharding import PartitionSpec as P
 import jax_ep
 from jax_ep import experts as _experts
 from jax_ep.capacity import DEFAULT_CAPACITY_FACTOR, dispatch_capacity
+from jax_ep.experts import ACTIVATIONS, Activation
+from jax_ep import mesh_axes
 from jax_ep.flax import routing as _routing
 from jax_ep.flax.exchange import (
     AllToAllExchange,
@@ -107,13 +116,16 @@ def _param(
     value = init(key, tuple(shape), dtype)
     if mesh is None:  # loopback group: nothing to place on, keep the annotation
         return nnx.Param(value, out_sharding=sharding, eager_sharding=False)
-    return nnx.Param(value, out_sharding=sharding, mesh=mesh)
+    # eager_sharding explicit: placed on the mesh even where flax_always_shard_variable is off
+    # (MaxText turns it off), so param[...].sharding is the mesh sharding users copy into
+    return nnx.Param(value, out_sharding=sharding, mesh=mesh, eager_sharding=True)
 
 
 class GateLogit(nnx.Module):
     """Router projection ``[D] → [E]`` computed in float32 (MaxText ``GateLogit`` names).
 
-    kernel: ``[D, E]`` Param. bias: ``[E]`` :class:`RoutingBias` or None.
+    kernel: ``[D, E]`` Param. bias: ``[E]`` :class:`RoutingBias` (``routing_bias``, selection
+    only), a Param added to the logits (``logit_bias``, GPT-OSS), or None.
     """
 
     def __init__(
@@ -126,19 +138,44 @@ class GateLogit(nnx.Module):
         kernel_init: Initializer,
         mesh,
         rngs: nnx.Rngs,
+        logit_bias: bool = False,
     ):
+        if routing_bias and logit_bias:
+            raise ValueError(
+                "routing_bias (DeepSeek: selection only) and gate_bias (GPT-OSS: a trained "
+                "logit bias) are two meanings of gate.bias: choose one"
+            )
         self.kernel = _param(
             kernel_init, rngs.params(), (hidden, num_experts), param_dtype, (None, None), mesh
         )
-        self.bias = RoutingBias(jnp.zeros((num_experts,), jnp.float32)) if routing_bias else None
+        if logit_bias:
+            self.bias = _param(_zeros, None, (num_experts,), param_dtype, (None,), mesh)
+        elif routing_bias:
+            self.bias = RoutingBias(jnp.zeros((num_experts,), jnp.float32))
+        else:
+            self.bias = None
+
+    @property
+    def logit_bias(self) -> bool:
+        """Whether ``bias`` is added to the logits (GPT-OSS) rather than steering selection."""
+        return isinstance(self.bias, nnx.Param)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """``[..., D]`` → ``[..., E]`` float32 logits."""
-        return jnp.dot(x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
+        """``[..., D]`` → ``[..., E]`` float32 logits (with the logit bias, if any)."""
+        logits = jnp.dot(x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
+        if self.logit_bias:
+            logits = logits + self.bias[...].astype(jnp.float32)
+        return logits
+
+
+def _zeros(key, shape, dtype):
+    del key
+    return jnp.zeros(shape, dtype)
 
 
 class SharedExpert(nnx.Module):
-    """A plain SwiGLU FFN on every token: ``wi_0``/``wi_1`` ``[D, F]``, ``wo`` ``[F, D]``."""
+    """A gated FFN on every token (the layer's activation, no clipping, as MaxText's
+    ``MlpBlock``): ``wi_0``/``wi_1`` ``[D, F]``, ``wo`` ``[F, D]``."""
 
     def __init__(
         self,
@@ -165,11 +202,13 @@ class _Weights(NamedTuple):
     """The arrays one MoE call reads (a pytree to pass through ``shard_map``)."""
 
     gate: jax.Array
-    bias: jax.Array | None
+    bias: jax.Array | None  # selection-only (DeepSeek)
     wi_0: jax.Array
     wi_1: jax.Array
     wo: jax.Array
     shared: tuple[jax.Array, jax.Array, jax.Array] | None
+    logit_bias: jax.Array | None = None  # added to the logits (GPT-OSS)
+    expert_bias: tuple[jax.Array, jax.Array, jax.Array] | None = None  # wi_0/wi_1/wo biases
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,8 +219,9 @@ class _Router:
     topk_group: int
     norm_topk_prob: bool
     routed_scaling_factor: float
+    group_score: str = "top2_sum"
 
-    def __call__(self, logits, bias):
+    def __call__(self, logits, bias, logit_bias=None):
         return _routing.route(
             logits,
             num_topk=self.num_topk,
@@ -191,27 +231,32 @@ class _Router:
             norm_topk_prob=self.norm_topk_prob,
             routed_scaling_factor=self.routed_scaling_factor,
             bias=bias,
+            group_score=self.group_score,
+            logit_bias=logit_bias,
         )
 
 
-def _swiglu(x, wi_0, wi_1, wo, dtype, matmul):
-    """SwiGLU with float32 accumulation; ``matmul(a, w)`` is a dense or ragged product."""
-    h0 = matmul(x, wi_0.astype(dtype))
-    h1 = matmul(x, wi_1.astype(dtype))
-    h = (jax.nn.silu(h0) * h1).astype(dtype)
-    return matmul(h, wo.astype(dtype)).astype(dtype)
+def _dense_ffn(x, wi_0, wi_1, wo, dtype, act: Activation):
+    """The shared expert: ``act(x @ wi_0, x @ wi_1) @ wo`` on every token, float32
+    accumulation (the routed experts run through :mod:`jax_ep.experts`)."""
 
+    def dense(a, w):
+        return jnp.dot(a, w.astype(dtype), preferred_element_type=jnp.float32)
 
-def _dense(a, w):
-    return jnp.dot(a, w, preferred_element_type=jnp.float32)
+    h = act(dense(x, wi_0), dense(x, wi_1)).astype(dtype)
+    return dense(h, wo).astype(dtype)
 
 
 def _axis_bound(axis_name) -> bool:
-    try:
-        jax.lax.axis_size(axis_name)
-    except NameError:
-        return False
-    return True
+    """All of the EP axis is bound here (a per-rank call), or none of it (a global call)."""
+    bound = mesh_axes.bound(axis_name)
+    if bound and len(bound) != len(mesh_axes.names(axis_name)):
+        missing = tuple(n for n in mesh_axes.names(axis_name) if n not in bound)
+        raise ValueError(
+            f"MoE: the EP axis {axis_name!r} is only partly bound here ({missing} is not): call "
+            "the layer inside a shard_map/vmap that binds all of it, or outside any"
+        )
+    return bool(bound)
 
 
 def _same_spec(a: P, b: P) -> bool:
@@ -225,14 +270,75 @@ def _same_spec(a: P, b: P) -> bool:
 
 
 def _place(a: jax.Array, mesh: jax.sharding.Mesh, spec: P) -> jax.Array:
-    """Reshard ``a`` to ``spec`` on an Explicit mesh (shard_map refuses a mismatch there);
-    Auto meshes let shard_map place inputs itself."""
+    """``a`` laid out as ``spec`` on ``mesh`` for the layer's ``shard_map``.
+
+    On an Explicit mesh ``a`` is moved there unless its type already says so (shard_map
+    refuses a mismatch); Auto meshes let shard_map place inputs itself. ``jax.device_put``
+    rather than ``jax.reshard``: eagerly (also under an eager ``jax.grad``) it also copies an
+    array that sits on other devices (a weight put on one device, say) onto the mesh; under
+    ``jit`` it reshards.
+    """
     if not mesh.are_all_axes_explicit:
-        return a
+        if not isinstance(a, jax.core.Tracer) and a.sharding.device_set == set(mesh.devices.flat):
+            return a
+        return jax.device_put(a, NamedSharding(mesh, spec))
     have = getattr(jax.typeof(a), "sharding", None)
     if have is not None and getattr(have, "mesh", None) == mesh and _same_spec(have.spec, spec):
         return a
-    return jax.reshard(a, NamedSharding(mesh, spec))
+    return jax.device_put(a, NamedSharding(mesh, spec))
+
+
+def _explicit_spec(a: jax.Array, mesh: jax.sharding.Mesh) -> P | None:
+    """The PartitionSpec ``a`` is typed with on an Explicit ``mesh`` (None when its type says
+    nothing: Auto axes, no mesh); a different mesh is an error naming both."""
+    have = getattr(jax.typeof(a), "sharding", None)
+    have_mesh = getattr(have, "mesh", None)
+    if have_mesh is None or have_mesh.empty or not have_mesh.explicit_axes:
+        return None
+    if have_mesh.shape_tuple != mesh.abstract_mesh.shape_tuple:
+        raise ValueError(
+            f"MoE: x is sharded on the mesh {mesh_axes.describe(have_mesh)} but the layer's "
+            f"group lives on {mesh_axes.describe(mesh)}"
+        )
+    return have.spec
+
+
+def _check_context_mesh(mesh: jax.sharding.Mesh) -> None:
+    """A mesh context (``jax.set_mesh``) must be the group's mesh (or absent)."""
+    ctx = jax.sharding.get_abstract_mesh()
+    if not ctx.empty and ctx.shape_tuple != mesh.abstract_mesh.shape_tuple:
+        raise ValueError(
+            f"MoE: the mesh context (jax.set_mesh) is {mesh_axes.describe(ctx)} but the "
+            f"layer's group lives on {mesh_axes.describe(mesh)}: call the layer under the "
+            "group's mesh (or none)"
+        )
+
+
+def _global_token_axes(x: jax.Array, mesh, ep_axis, token_axes) -> tuple[str, ...]:
+    """The mesh axes a global call splits ``x``'s leading dimension over (checked)."""
+    ep = mesh_axes.names(ep_axis)
+    if token_axes is None:
+        spec = _explicit_spec(x, mesh)
+        if spec is None:
+            token_axes = tuple(mesh.axis_names)
+        else:
+            have = mesh_axes.names(spec[0]) if len(spec) and spec[0] is not None else ()
+            token_axes = have + tuple(a for a in ep if a not in have)
+    mesh_axes.check_in_mesh(mesh, token_axes, "MoE token_axes")
+    missing = tuple(a for a in ep if a not in token_axes)
+    if missing:
+        raise ValueError(
+            f"MoE token_axes {token_axes!r} leave out the EP axis {missing!r} of the mesh "
+            f"{mesh_axes.describe(mesh)}: each EP rank dispatches its own tokens, so the tokens "
+            "must be split over every EP axis"
+        )
+    shards = mesh_axes.size(mesh, token_axes)
+    if not jax.export.is_symbolic_dim(x.shape[0]) and x.shape[0] % shards:
+        raise ValueError(
+            f"MoE: x's leading dimension {x.shape[0]} does not split over the token axes "
+            f"{token_axes!r} ({shards} shards of the mesh {mesh_axes.describe(mesh)})"
+        )
+    return token_axes
 
 
 class MoE(nnx.Module):
@@ -243,14 +349,18 @@ class MoE(nnx.Module):
       intermediate: expert FFN dim ``F``.
       num_experts: ``E`` (the group's).
       num_topk: ``K`` (at most the group's ``num_topk``).
-      group: the EP group: its mesh, EP axis (``"ep"`` by default) and backend. Create it
-        outside ``jit`` with ``num_max_tokens_per_rank`` >= tokens per rank per call.
+      group: the EP group: its mesh, EP axis (``"ep"`` by default, or a tuple of mesh axes)
+        and backend. Create it outside ``jit`` with ``num_max_tokens_per_rank`` >= tokens per
+        rank per call.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
       impl: ``"jax_ep"`` (the group's backend), ``"reference"`` (jax_ep's pure-JAX backend on
         the same mesh), ``"ragged_all_to_all"`` (MaxText's path, :mod:`jax_ep.baselines`),
         ``"all_to_all"`` (padded all_to_all baseline), or an :class:`Exchange` instance.
-      score_func: ``"softmax"`` or ``"sigmoid"``.
-      n_group, topk_group: DeepSeek-V3 group-limited routing (1, 1 = off).
+      score_func: ``"softmax"``, ``"sigmoid"`` or ``"sqrtsoftplus"`` (DeepSeek-V4).
+      n_group, topk_group: DeepSeek group-limited routing (1, 1 = off).
+      group_score: how group-limited routing scores a group: ``"top2_sum"`` (the sum of its
+        two best biased scores: DeepSeek-V3's reference and MaxText) or ``"max"`` (its best
+        score: DeepSeek-V2).
       norm_topk_prob: renormalise the top-k weights to sum to 1.
       routed_scaling_factor: multiplies the routed experts' weights.
       aux_loss_coef: coefficient of the balancing loss (:func:`routing.balance_loss`). The
@@ -258,6 +368,15 @@ class MoE(nnx.Module):
         runs under ``nnx.capture(..., nnx.Intermediate)``, sown as ``"aux_loss"``.
       routing_bias: keep a DeepSeek-V3 selection bias ``gate.bias`` and count the load in
         ``expert_load`` (an :class:`ExpertLoad` variable) for :meth:`update_routing_bias`.
+      gate_bias: a trained router bias ``gate.bias`` (an ``nnx.Param``) added to the logits
+        (GPT-OSS); excludes ``routing_bias``.
+      mlp_bias: expert biases ``wi_0_bias``/``wi_1_bias`` ``[E, F]`` and ``wo_bias`` ``[E, D]``
+        added after each expert matmul (GPT-OSS).
+      activation: the expert FFN's gated activation: ``"silu"`` (SwiGLU), ``"gelu"``
+        (GeGLU) or ``"gpt_oss"`` (``h0 * sigmoid(activation_alpha * h0) * (h1 + 1)``).
+      activation_limit: clip the FFN's pre-activations first (``h0 <= limit``,
+        ``|h1| <= limit``; GPT-OSS 7.0, DeepSeek-V4 10.0); None = no clipping.
+      activation_alpha: the sigmoid's slope of ``activation="gpt_oss"``.
       shared_intermediate: FFN dim of a shared expert (0 = none).
       fp8: FP8 dispatch (e4m3 on the wire, dequantised at the expert, straight-through
         gradient); needs ``D % 128 == 0``. jax_ep impls only.
@@ -273,8 +392,10 @@ class MoE(nnx.Module):
         (decoding). jax_ep impls only. Overridable per call.
       low_latency_group: group for the low-latency path (created with ``low_latency=True``;
         ``num_max_low_latency_tokens_per_rank`` = decode tokens per rank); default ``group``.
-      token_axes: per-rank calls only: mesh axes the tokens are split over, for the global
-        balancing statistics (default: the EP axis). Global calls use every mesh axis.
+      token_axes: mesh axes the tokens are split over. Global calls: the axes ``x``'s leading
+        dimension is split over (it must include every EP axis; default: ``x``'s own split
+        on an Explicit mesh, plus the EP axes, else every mesh axis). Per-rank calls: the axes
+        the global balancing statistics sum over (default: the EP axes).
       ragged_all_to_all_emulation: for ``impl="ragged_all_to_all"``: replace
         ``jax.lax.ragged_all_to_all`` by a dense emulation. None = only where every device is
         a CPU (XLA:CPU lacks the op, jax-ml/jax#34755), with a warning.
@@ -300,6 +421,12 @@ class MoE(nnx.Module):
         routed_scaling_factor: float = 1.0,
         aux_loss_coef: float = 0.0,
         routing_bias: bool = False,
+        group_score: str = "top2_sum",
+        gate_bias: bool = False,
+        mlp_bias: bool = False,
+        activation: str = "silu",
+        activation_limit: float | None = None,
+        activation_alpha: float = 1.702,
         shared_intermediate: int = 0,
         fp8: bool = False,
         capacity_factor: float | None = DEFAULT_CAPACITY_FACTOR,
@@ -326,6 +453,16 @@ class MoE(nnx.Module):
             raise ValueError(
                 f"score_func must be one of {_routing.SCORE_FUNCS}, got {score_func!r}"
             )
+        if group_score not in _routing.GROUP_SCORES:
+            raise ValueError(
+                f"group_score must be one of {_routing.GROUP_SCORES}, got {group_score!r}"
+            )
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if activation == "gpt_oss" and shared_intermediate > 0:
+            raise ValueError(
+                "activation='gpt_oss' has no shared-expert form (GPT-OSS has no shared expert)"
+            )
         self.hidden = hidden
         self.intermediate = intermediate
         self.num_experts = num_experts
@@ -335,7 +472,11 @@ class MoE(nnx.Module):
         self.aux_loss_coef = float(aux_loss_coef)
         self.fp8 = fp8
         self.low_latency = low_latency
-        self.token_axes = tuple(token_axes) if token_axes is not None else None
+        self.token_axes = (
+            mesh_axes.names(mesh_axes.normalize(token_axes, "MoE token_axes"))
+            if token_axes is not None
+            else None
+        )
         self.dtype = dtype
         for g in (group, low_latency_group):
             too_narrow = g is not None and g.dtype.itemsize < jnp.dtype(dtype).itemsize
@@ -355,7 +496,13 @@ class MoE(nnx.Module):
         if low_latency and not isinstance(exchange, JaxEpExchange):
             raise ValueError("low_latency=True needs impl='jax_ep' or 'reference'")
         router = _Router(
-            num_topk, score_func, n_group, topk_group, norm_topk_prob, float(routed_scaling_factor)
+            num_topk,
+            score_func,
+            n_group,
+            topk_group,
+            norm_topk_prob,
+            float(routed_scaling_factor),
+            group_score,
         )
         self.expert_path = _experts.resolve(
             expert_path,
@@ -378,6 +525,7 @@ class MoE(nnx.Module):
             ll_group,
             self.expert_path,
             capacity_factor,
+            Activation(activation, activation_limit, float(activation_alpha)),
         )
 
         # creation may run without a mesh context: place annotated params on the group's mesh
@@ -392,6 +540,7 @@ class MoE(nnx.Module):
             kernel_init=init,
             mesh=mesh,
             rngs=rngs,
+            logit_bias=gate_bias,
         )
         self.wi_0 = _param(
             init, rngs.params(), (num_experts, hidden, intermediate), param_dtype, expert_axes, mesh
@@ -402,6 +551,17 @@ class MoE(nnx.Module):
         self.wo = _param(
             init, rngs.params(), (num_experts, intermediate, hidden), param_dtype, expert_axes, mesh
         )
+        if mlp_bias:  # MaxText: ("exp", "activation_mlp") / ("exp", "activation_embed")
+            bias_axes = (self.axis_name, None)
+            self.wi_0_bias = _param(
+                _zeros, None, (num_experts, intermediate), param_dtype, bias_axes, mesh
+            )
+            self.wi_1_bias = _param(
+                _zeros, None, (num_experts, intermediate), param_dtype, bias_axes, mesh
+            )
+            self.wo_bias = _param(_zeros, None, (num_experts, hidden), param_dtype, bias_axes, mesh)
+        else:
+            self.wi_0_bias = self.wi_1_bias = self.wo_bias = None
         self.shared_experts = (
             SharedExpert(
                 hidden,
@@ -428,9 +588,23 @@ class MoE(nnx.Module):
         if self.shared_experts is not None:
             s = self.shared_experts
             shared = (s.wi_0[...], s.wi_1[...], s.wo[...])
-        bias = None if self.gate.bias is None else self.gate.bias[...]
+        bias = logit_bias = expert_bias = None
+        if self.gate.bias is not None:
+            if self.gate.logit_bias:
+                logit_bias = self.gate.bias[...]
+            else:
+                bias = self.gate.bias[...]
+        if self.wi_0_bias is not None:
+            expert_bias = (self.wi_0_bias[...], self.wi_1_bias[...], self.wo_bias[...])
         return _Weights(
-            self.gate.kernel[...], bias, self.wi_0[...], self.wi_1[...], self.wo[...], shared
+            self.gate.kernel[...],
+            bias,
+            self.wi_0[...],
+            self.wi_1[...],
+            self.wo[...],
+            shared,
+            logit_bias,
+            expert_bias,
         )
 
     def __call__(
@@ -443,9 +617,10 @@ class MoE(nnx.Module):
         """Apply the layer.
 
         Args:
-          x: ``[..., D]`` tokens: the global batch (sharded over the mesh on its leading dim;
-            other placements are resharded first) or, inside ``shard_map``/``vmap`` over the
-            EP axis, this rank's block.
+          x: ``[..., D]`` tokens: the global batch (split over the token axes on its leading
+            dim, see the class docstring; other placements are resharded first, and the output
+            gets ``x``'s placement back) or, inside ``shard_map``/``vmap`` over the EP axis,
+            this rank's block.
           low_latency: use the low-latency ops (decoding); default: the module's setting.
           return_aux: also return :class:`MoEAux`.
         Returns:
@@ -458,7 +633,8 @@ class MoE(nnx.Module):
             raise ValueError(f"low_latency needs impl='jax_ep' or 'reference', not {self.impl!r}")
         w = self._weights()
         if _axis_bound(self.axis_name):
-            y, aux = self.plan.per_rank(w, x, use_ll, self.token_axes or (self.axis_name,))
+            token_axes = self.token_axes or mesh_axes.names(self.axis_name)
+            y, aux = self.plan.per_rank(w, x, use_ll, token_axes)
         else:
             y, aux = self._global(w, x, use_ll)
         if self.expert_load is not None:
@@ -487,12 +663,22 @@ class MoE(nnx.Module):
                 "a loopback group has no mesh: call the MoE per rank inside "
                 f"jax.vmap(..., axis_name={self.axis_name!r})"
             )
+        _check_context_mesh(mesh)
+        token_axes = _global_token_axes(x, mesh, self.axis_name, self.token_axes)
         fn, x_spec, w_specs = _global_call(
-            self.plan, mesh, use_ll, x.ndim, w.bias is not None, w.shared is not None
+            self.plan,
+            mesh,
+            use_ll,
+            x.ndim,
+            token_axes,
+            tuple(a is not None for a in (w.bias, w.shared, w.logit_bias, w.expert_bias)),
         )
-        x = _place(x, mesh, x_spec)
+        home = _explicit_spec(x, mesh) if mesh.are_all_axes_explicit else None
         w = jax.tree.map(lambda a, spec: _place(a, mesh, spec), w, w_specs)
-        return fn(w, x)
+        y, aux = fn(w, _place(x, mesh, x_spec))
+        if home is not None and not _same_spec(home, x_spec):  # back to x's own placement
+            y = jax.device_put(y, NamedSharding(mesh, home))
+        return y, aux
 
 
 @dataclasses.dataclass(frozen=True)
@@ -515,6 +701,7 @@ class _Plan:
     low_latency_group: jax_ep.Group
     expert_path: str = "ragged_dot"
     capacity_factor: float | None = DEFAULT_CAPACITY_FACTOR
+    activation: Activation = Activation()
 
     def per_rank(self, w: _Weights, x: jax.Array, use_ll: bool, token_axes: tuple):
         """One rank's layer; ``x`` ``[..., D]`` is this rank's token block. Returns (y, aux)."""
@@ -523,13 +710,13 @@ class _Plan:
         w = self.local_experts(w)
         # the router runs in float32 whatever the compute dtype (top-k is sensitive to rounding)
         logits = jnp.dot(x.astype(jnp.float32), w.gate.astype(jnp.float32))
-        route = self.router(logits, w.bias)
+        route = self.router(logits, w.bias, w.logit_bias)
         if use_ll:
             y, dropped = self.experts_low_latency(w, x, route)
         else:
             y, dropped = self.experts_high_throughput(w, x, route)
         if w.shared is not None:
-            shared = _swiglu(x, *w.shared, self.dtype, _dense)
+            shared = _dense_ffn(x, *w.shared, self.dtype, self.activation.unclipped())
             y = (y.astype(jnp.float32) + shared.astype(jnp.float32)).astype(self.dtype)
         tokens_per_expert, score_sum = _routing.balance_statistics(route, self.num_experts)
         stats = (tokens_per_expert, score_sum, jnp.float32(x.shape[0]), dropped)
@@ -556,7 +743,10 @@ class _Plan:
         def take(a):
             return jax.lax.dynamic_slice_in_dim(a, start, e_loc, axis=0)
 
-        return w._replace(wi_0=take(w.wi_0), wi_1=take(w.wi_1), wo=take(w.wo))
+        expert_bias = None if w.expert_bias is None else tuple(map(take, w.expert_bias))
+        return w._replace(
+            wi_0=take(w.wi_0), wi_1=take(w.wi_1), wo=take(w.wo), expert_bias=expert_bias
+        )
 
     def experts_high_throughput(self, w: _Weights, x: jax.Array, route: _routing.Routing):
         layout = _experts.LAYOUTS[self.expert_path]
@@ -581,6 +771,8 @@ class _Plan:
             path=self.expert_path,
             dtype=self.dtype,
             capacity=capacity,
+            activation=self.activation,
+            bias=w.expert_bias,
         )
         y = self.exchange.combine(y, route.topk_weights, rows)
         return y, rows.num_dropped + regroup_dropped
@@ -594,7 +786,15 @@ class _Plan:
         # the receive layout is expert_major; rows past counts[e] may hold anything (NaN
         # included): jax_ep.experts never lets them reach a valid row or a gradient
         y, _ = _experts.expert_ffn(
-            rows, out.counts, w.wi_0, w.wi_1, w.wo, path=self.expert_path, dtype=self.dtype
+            rows,
+            out.counts,
+            w.wi_0,
+            w.wi_1,
+            w.wo,
+            path=self.expert_path,
+            dtype=self.dtype,
+            activation=self.activation,
+            bias=w.expert_bias,
         )
         y = jax_ep.low_latency_combine(
             y, route.topk_idx, route.topk_weights, out.handle, group=group
@@ -608,15 +808,18 @@ def _global_call(
     mesh: jax.sharding.Mesh,
     use_ll: bool,
     x_ndim: int,
-    has_bias: bool,
-    has_shared: bool,
+    token_axes: tuple[str, ...],
+    present: tuple[bool, bool, bool, bool],
 ):
     """The jitted ``shard_map`` of :meth:`_Plan.per_rank` over ``mesh`` and its specs.
 
-    Jitted (and cached) so an eager ``moe(x)`` runs one compiled program instead of dispatching
-    hundreds of small ops per rank; under an outer ``jit`` it simply inlines.
+    ``x`` is split over ``token_axes`` (replicated over the other mesh axes), the experts over
+    the EP axis; ``present`` says which optional weights exist (selection bias, shared expert,
+    logit bias, expert biases). Jitted (and cached) so an eager ``moe(x)`` runs one compiled
+    program instead of dispatching hundreds of small ops per rank; under an outer ``jit`` it
+    simply inlines.
     """
-    token_axes = tuple(mesh.axis_names)
+    has_bias, has_shared, has_logit_bias, has_expert_bias = present
     x_spec = P(token_axes, *([None] * (x_ndim - 1)))
     expert = P(plan.axis_name, None, None)
     w_specs = _Weights(
@@ -626,6 +829,8 @@ def _global_call(
         expert,
         expert,
         (P(), P(), P()) if has_shared else None,
+        P() if has_logit_bias else None,
+        (P(plan.axis_name, None),) * 3 if has_expert_bias else None,
     )
 
     def body(w, x):

@@ -21,16 +21,23 @@ import weakref
 import jax
 import numpy as np
 
+from jax_ep import mesh_axes
 from jax_ep.backends.cuda import extension
 from jax_ep.backends.cuda.ffi import register_targets
 from jax_ep.transports import cuda_ipc, kv_store, nvshmem_bootstrap
 
 
 def ep_groups(mesh: jax.sharding.Mesh, axis_name) -> list[list[jax.Device]]:
-    """Devices of each EP group (fixed coordinates on the other mesh axes), in rank order."""
-    axis = mesh.axis_names.index(axis_name)
-    devs = np.moveaxis(mesh.devices, axis, -1)
-    return [list(row) for row in devs.reshape(-1, devs.shape[-1])]
+    """Devices of each EP group (fixed coordinates on the other mesh axes), in rank order.
+
+    ``axis_name`` is one mesh axis or a tuple of them; a tuple's rank is its linearised index
+    in ``jax.lax.axis_index`` order (the first axis outermost), so the EP axes move to the
+    end in the tuple's order and flatten row-major.
+    """
+    names = mesh_axes.names(axis_name)
+    axes = [mesh.axis_names.index(n) for n in names]
+    devs = np.moveaxis(mesh.devices, axes, list(range(-len(names), 0)))
+    return [list(row) for row in devs.reshape(-1, mesh_axes.size(mesh, axis_name))]
 
 
 class GroupRuntime:
