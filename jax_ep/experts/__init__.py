@@ -1,4 +1,5 @@
-"""The expert FFN of an MoE layer (a gated FFN, SwiGLU by default) over grouped matmuls, with one path per platform.
+"""The expert FFN of an MoE layer (a gated FFN, SwiGLU by default) over grouped matmuls, with
+one path per platform.
 
 Paths (:data:`PATHS`), each a grouped matmul with a backward that never reads padding rows
 (:mod:`jax_ep.experts.matmul`):
@@ -32,11 +33,12 @@ import jax
 import jax.numpy as jnp
 
 from jax_ep.experts import matmul as _matmul
-from jax_ep.experts.activation import ACTIVATIONS, Activation
 from jax_ep.experts import mosaic as _mosaic
 from jax_ep.experts import tokamax_path as _tokamax
+from jax_ep.experts.activation import ACTIVATIONS, Activation
 from jax_ep.experts.layouts import expert_major_to_ragged, ragged_to_expert_major
 
+SWIGLU = Activation()
 PATHS = ("ragged_dot", "einsum", "mosaic", "tokamax")
 LAYOUTS = {
     "ragged_dot": "ragged",
@@ -126,7 +128,7 @@ def swiglu(
     *,
     path: str,
     dtype=None,
-    activation: Activation = Activation(),
+    activation: Activation = SWIGLU,
     bias: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """``act(x @ wi_0[e] + b0[e], x @ wi_1[e] + b1[e]) @ wo[e] + bo[e]`` for the rows of each
@@ -174,7 +176,7 @@ def expert_ffn(
     path: str,
     dtype=None,
     capacity: int | None = None,
-    activation: Activation = Activation(),
+    activation: Activation = SWIGLU,
     bias: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`swiglu` (same ``activation``/``bias``) on rows in either layout, converting to

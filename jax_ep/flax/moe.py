@@ -49,9 +49,9 @@ from jax.sharding import PartitionSpec as P
 
 import jax_ep
 from jax_ep import experts as _experts
+from jax_ep import mesh_axes
 from jax_ep.capacity import DEFAULT_CAPACITY_FACTOR, dispatch_capacity
 from jax_ep.experts import ACTIVATIONS, Activation
-from jax_ep import mesh_axes
 from jax_ep.flax import routing as _routing
 from jax_ep.flax.exchange import (
     AllToAllExchange,
@@ -701,7 +701,7 @@ class _Plan:
     low_latency_group: jax_ep.Group
     expert_path: str = "ragged_dot"
     capacity_factor: float | None = DEFAULT_CAPACITY_FACTOR
-    activation: Activation = Activation()
+    activation: Activation = _experts.SWIGLU
 
     def per_rank(self, w: _Weights, x: jax.Array, use_ll: bool, token_axes: tuple):
         """One rank's layer; ``x`` ``[..., D]`` is this rank's token block. Returns (y, aux)."""
