@@ -76,7 +76,9 @@ def run(args: argparse.Namespace, layout: Layout) -> dict:
     if args.fp8 and not use_ll:
         raise SystemExit("--fp8 needs a jax_ep backend (the baselines have no FP8 wire)")
     max_len = args.prompt + args.new_tokens
-    cfg = model_config(args, max_len=max_len)
+    # decoding must not drop a token (the low-latency path never does), and a decode batch is
+    # small enough that the high-throughput path's never-drop capacity costs nothing
+    cfg = model_config(args, max_len=max_len, capacity_factor=None)
     group = make_group(layout, cfg, per_rank * max_len, args.backend)
     # the decode group's receive buffers hold [E_loc, R * per_rank, H]: one token per sequence
     ll_group = make_group(layout, cfg, per_rank, args.backend, low_latency=True) if use_ll else None

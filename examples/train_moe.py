@@ -77,6 +77,8 @@ class ModelConfig:
     fp8: bool = False
     tied_head: bool = True
     expert_path: str = "auto"  # jax_ep.experts: "auto" picks the platform's measured best
+    # expert rows = factor x the balanced load (jax_ep.capacity); None never drops
+    capacity_factor: float | None = jax_ep.capacity.DEFAULT_CAPACITY_FACTOR
 
 
 class KVCache(nnx.Variable):
@@ -113,6 +115,7 @@ class Block(nnx.Module):
             shared_intermediate=cfg.shared_hidden,
             low_latency_group=low_latency_group,
             expert_path=cfg.expert_path,
+            capacity_factor=cfg.capacity_factor,
         )
 
     def __call__(self, x, cache=None, pos=None, low_latency=False):

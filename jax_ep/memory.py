@@ -73,7 +73,12 @@ def buffer_regions(
 
     regions = dict(
         high_throughput=take(
-            R * 8, R * 8, 2 * R * T * K * 8, 2 * R * T * row, 2 * R * T * combine_row
+            R * 8,
+            R * 8,
+            2 * R * T * K * 8,
+            2 * R * T * row,
+            2 * R * T * combine_row,
+            2 * R * T * K * 4,  # combine's extra float columns (dispatch's backward)
         ),
         low_latency=0,
         internode=0,
