@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -124,6 +125,18 @@ class Runner:
 
     def __str__(self):
         return f"{self.backend}-{self.mode}-R{self.num_ranks}"
+
+
+def runner_params(runners, *names: str):
+    """``pytest.param`` of the runners whose id (``str(runner)``) is one of ``names``, or is
+    any CUDA runner when ``"cuda"`` is given. CUDA runners exist only with the kernels; any
+    other name that matches none is an error, so a test never loses its runner silently when
+    the list changes."""
+    chosen = [r for r in runners if str(r) in names or ("cuda" in names and r.backend == "cuda")]
+    missing = {n for n in names if not n.startswith("cuda")} - {str(r) for r in chosen}
+    if missing:
+        raise ValueError(f"no runner named {sorted(missing)} in {[str(r) for r in runners]}")
+    return [pytest.param(r, id=str(r)) for r in chosen]
 
 
 # ----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from harness import (
     make_tokens,
     oracle_combine,
     oracle_dispatch,
+    runner_params,
 )
 
 import jax_ep
@@ -141,7 +142,7 @@ def test_routing_patterns(runner, routing):
         check_combine(y, combined, want, idx, layout, jnp.bfloat16, runner.backend)
 
 
-@pytest.mark.parametrize("runner", RUNNERS[2:3] + RUNNERS[5:], ids=RUNNER_IDS[2:3] + RUNNER_IDS[5:])
+@pytest.mark.parametrize("runner", runner_params(RUNNERS, "reference-shard_map-R4", "cuda"))
 @pytest.mark.parametrize("layout,capacity", [("expert_major", 3), ("ragged", 20), ("per_rank", 7)])
 def test_capacity_drops_are_counted(runner, layout, capacity):
     _, idx, _, out, y, combined, want = run_case(runner, layout, "skewed", capacity=capacity)
@@ -150,7 +151,7 @@ def test_capacity_drops_are_counted(runner, layout, capacity):
     check_combine(y, combined, want, idx, layout, jnp.bfloat16, runner.backend)
 
 
-@pytest.mark.parametrize("runner", RUNNERS[2:3] + RUNNERS[5:], ids=RUNNER_IDS[2:3] + RUNNER_IDS[5:])
+@pytest.mark.parametrize("runner", runner_params(RUNNERS, "reference-shard_map-R4", "cuda"))
 @pytest.mark.parametrize(
     "dtype,hidden", [(jnp.float32, 129), (jnp.bfloat16, 131), (jnp.float16, 64)]
 )

@@ -23,6 +23,7 @@ from harness import (
     make_tokens,
     oracle_low_latency,
     oracle_low_latency_combine,
+    runner_params,
 )
 
 import jax_ep
@@ -107,7 +108,9 @@ def test_dispatch_and_combine(runner, fp8, routing, num_tokens):
     check_combine(runner, combined, oracle_low_latency_combine(y, idx, w, E, T_MAX, jnp.bfloat16))
 
 
-@pytest.mark.parametrize("runner", RUNNERS[1:2] + RUNNERS[4:5], ids=IDS[1:2] + IDS[4:5])
+@pytest.mark.parametrize(
+    "runner", runner_params(RUNNERS, "reference-shard_map-R4", "cuda-loopback-R2")
+)
 def test_split_halves_with_work_and_two_outstanding(runner):
     """send(A), send(B), compute, recv(A), recv(B) equals two fused dispatches."""
     R = runner.num_ranks
@@ -140,7 +143,9 @@ def test_split_halves_with_work_and_two_outstanding(runner):
     check_combine(runner, ya, want)
 
 
-@pytest.mark.parametrize("runner", RUNNERS[1:2] + RUNNERS[5:6], ids=IDS[1:2] + IDS[5:6])
+@pytest.mark.parametrize(
+    "runner", runner_params(RUNNERS, "reference-shard_map-R4", "cuda-loopback-R4")
+)
 def test_failed_rank_is_skipped(runner):
     R = runner.num_ranks
     idx, w = make_routing("random", R, T_MAX, K, E, seed=9)

@@ -12,7 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import HAS_KERNELS
-from harness import Runner, make_routing, make_tokens, toy_dense_moe, toy_moe_layer
+from harness import (
+    Runner,
+    make_routing,
+    make_tokens,
+    runner_params,
+    toy_dense_moe,
+    toy_moe_layer,
+)
 
 import jax_ep
 
@@ -53,7 +60,7 @@ def test_gradients_match_dense(runner, layout):
     np.testing.assert_allclose(gw, want_gw, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("runner", RUNNERS[1:2], ids=[str(r) for r in RUNNERS[1:2]])
+@pytest.mark.parametrize("runner", runner_params(RUNNERS, "reference-shard_map-R4"))
 def test_fp8_dequantize_is_straight_through(runner):
     """Forward within FP8 tolerance; d/dx exactly the dense gradient (the cast is skipped)."""
     R = runner.num_ranks
