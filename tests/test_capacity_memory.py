@@ -79,8 +79,9 @@ def test_dispatch_default_capacity_and_the_never_drop_worst_case(layout):
 
 
 def _readme_group(**options) -> jax_ep.Group:
-    """The README's example group (EP=8, 4096 tokens/rank, top-8 of 256, hidden 7168)."""
-    mesh = jax.make_mesh((8,), ("ep",))
+    """The README's example group (EP=8, 4096 tokens/rank, top-8 of 256, hidden 7168), on the
+    8 virtual CPU devices (conftest) so that a one-GPU machine can make it too."""
+    mesh = jax.make_mesh((8,), ("ep",), devices=jax.devices("cpu")[:8])
     return jax_ep.Group(
         mesh,
         "ep",

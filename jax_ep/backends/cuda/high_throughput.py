@@ -133,7 +133,11 @@ def dispatch(x, topk_idx, topk_weights, token, spec: OpSpec):
 def _combine_call(y_rows, handle: Handle, rows, weights, extra, token, spec: OpSpec):
     """One exchange: the rows reduced home, and ``extra`` columns (or none) with them."""
     num_tokens, rt = handle.num_tokens, handle.recv_src.shape[0]
-    carried = extra if extra is not None else jnp.zeros((rt, 0), jnp.float32)
+    # no extra columns: an empty operand sliced from a per-rank array, so that under a loopback
+    # group's vmap it is batched like the others (a fresh constant would reach the handler
+    # with a leading size of 1 instead of the number of virtual ranks)
+    empty = handle.recv_src.reshape(rt, -1)[:, :0].astype(jnp.float32)
+    carried = extra if extra is not None else empty
     out, out_extra, token = call(
         "high_throughput_combine",
         spec,
