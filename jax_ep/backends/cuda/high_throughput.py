@@ -13,7 +13,7 @@ import numpy as np
 
 from jax_ep import fp8 as _fp8
 from jax_ep.backends.cuda import extension
-from jax_ep.backends.cuda.ffi import call, init_local_devices
+from jax_ep.backends.cuda.ffi import batched_like, call, init_local_devices
 from jax_ep.backends.spec import OpSpec
 from jax_ep.handles import DispatchLayout, Handle
 from jax_ep.ordering import TOKEN_SHAPE
@@ -133,11 +133,10 @@ def dispatch(x, topk_idx, topk_weights, token, spec: OpSpec):
 def _combine_call(y_rows, handle: Handle, rows, weights, extra, token, spec: OpSpec):
     """One exchange: the rows reduced home, and ``extra`` columns (or none) with them."""
     num_tokens, rt = handle.num_tokens, handle.recv_src.shape[0]
-    # no extra columns: an empty operand sliced from a per-rank array, so that under a loopback
-    # group's vmap it is batched like the others (a fresh constant would reach the handler
-    # with a leading size of 1 instead of the number of virtual ranks)
-    empty = handle.recv_src.reshape(rt, -1)[:, :0].astype(jnp.float32)
-    carried = extra if extra is not None else empty
+    # no extra columns: an empty operand, batched like the others under a loopback group's
+    # vmap (a slice of a per-rank array is not enough: with symbolic shapes jax replaces an
+    # empty slice by an unbatched constant)
+    carried = extra if extra is not None else batched_like(jnp.zeros((rt, 0), jnp.float32), rows)
     out, out_extra, token = call(
         "high_throughput_combine",
         spec,
