@@ -299,12 +299,13 @@ def _run_cases(plan, record: dict, copy_gbps: float, write) -> None:
             f"({time.perf_counter() - t0:.0f} s elapsed)",
             flush=True,
         )
+        rows = []
         try:
-            rows = case.run(list(record["results"]))
+            case.run(list(record["results"]), rows)
         except Exception as e:  # noqa: BLE001 - recorded in the JSON, the run goes on
             text = (str(e).strip().splitlines() or [type(e).__name__])[0][:400]
             print(f"  failed: {type(e).__name__}: {text}", flush=True)
-            rows = [dict(op="-", backend=case.backend, tokens=case.tokens, error=text)]
+            rows.append(dict(op="-", backend=case.backend, tokens=case.tokens, error=text))
         for r in rows:
             if r.get("hbm_GBps") and copy_gbps:
                 r["hbm_of_copy"] = r["hbm_GBps"] / copy_gbps  # share of the copy roofline

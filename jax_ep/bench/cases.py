@@ -191,13 +191,14 @@ def rates(result: dict, link_bytes: float, hbm_bytes: float, net_bytes: float = 
 
 @dataclasses.dataclass
 class Case:
-    """One implementation at one token count; ``run(done)`` times it and returns its rows
-    (``done``: the rows of the cases before it, for the check)."""
+    """One implementation at one token count; ``run(done, out)`` times it, appending each row
+    to ``out`` as it is measured (a case that fails later keeps them); ``done``: the rows of
+    the cases before it, for the check."""
 
     label: str
     backend: str
     tokens: int
-    run: Callable[[list[dict]], list[dict]]
+    run: Callable[[list[dict], list[dict]], None]
 
 
 def baseline_skip_reason(name: str, setup: Setup) -> str | None:
@@ -302,11 +303,10 @@ def _row(setup, tr, name, backend, layout, fp8, res, link, hbm, **extra) -> dict
     return row
 
 
-def _backend_case(setup, inputs, backend, layouts, calls, repeats, config, done) -> list[dict]:
+def _backend_case(setup, inputs, backend, layouts, calls, repeats, config, done, out) -> None:
     xd, idxd, wd, tr, _ = inputs.get()
     H, T = setup.hidden, setup.tokens
     on_gpu = setup.mesh.devices.flat[0].platform == "gpu"
-    out = []
 
     def add(row, run):
         # a CUDA row slower than a rival already timed: where did its time go (GPU only)
@@ -345,10 +345,9 @@ def _backend_case(setup, inputs, backend, layouts, calls, repeats, config, done)
             )
     finally:
         group.close()
-    return out
 
 
-def _baseline_case(setup, inputs, name, calls, repeats, done) -> list[dict]:
+def _baseline_case(setup, inputs, name, calls, repeats, done, out) -> None:
     del done
     xd, idxd, wd, tr, idx = inputs.get()
     H, T = setup.hidden, setup.tokens
@@ -366,7 +365,7 @@ def _baseline_case(setup, inputs, name, calls, repeats, done) -> list[dict]:
 
     disp = setup.per_rank(functools.partial(d_fn, num_experts=setup.experts))
     res = measure(functools.partial(disp, xd, idxd), calls=calls, repeats=repeats)
-    out = [
+    out.append(
         _row(
             setup,
             tr,
@@ -379,7 +378,7 @@ def _baseline_case(setup, inputs, name, calls, repeats, done) -> list[dict]:
             T * H * 2 + tr["expert_rows"] * 2 * H,
             **per_row(res),
         )
-    ]
+    )
     yb, state = disp(xd, idxd)
     comb = setup.per_rank(c_fn)
     res = measure(functools.partial(comb, yb, wd, state), calls=calls, repeats=repeats)
@@ -397,7 +396,6 @@ def _baseline_case(setup, inputs, name, calls, repeats, done) -> list[dict]:
             **per_row(res),
         )
     )
-    return out
 
 
 def _dispatch_only(x, idx, w, *, group, layout, fp8):
