@@ -1,5 +1,11 @@
 """CLI: ``python -m jax_ep.bench [--mode ht|low-latency|layer] ...`` (``--help`` lists the options).
 
+Sizes default to the platform: DeepSeek-V3 (4096 tokens/rank, hidden 7168, top-8 of 256)
+on a GPU, small shapes on CPU (128 tokens/rank, hidden 256, top-4 of 32, few repeats).
+Each case's rows go to the JSON as soon as it finishes; the run ends with a check: is
+jax_ep (the CUDA backend) faster than the reference backend and each baseline, and where the
+time went in the cases where it is not (the losers, profiled on a GPU).
+
 Examples::
 
     python -m jax_ep.bench                              # every local GPU as one EP group
@@ -253,6 +259,8 @@ def _run(args) -> int:
             config=config,
             profile=args.profile,
         )
+        record["check"] = check.check(record["results"])
+        check.print_summary(record["check"], record["results"])
     else:
         roof = timing.copy_roofline(
             jax.devices()[0], args.copy_bytes, calls=args.calls, repeats=args.repeats

@@ -306,11 +306,13 @@ def _row(setup, tr, name, backend, layout, fp8, res, link, hbm, **extra) -> dict
 def _backend_case(setup, inputs, backend, layouts, calls, repeats, config, done, out) -> None:
     xd, idxd, wd, tr, _ = inputs.get()
     H, T = setup.hidden, setup.tokens
-    on_gpu = setup.mesh.devices.flat[0].platform == "gpu"
+    # one process only: with several, each decides from its own timings, and a profile run
+    # on some processes but not on the others would leave the exchange waiting for peers
+    can_profile = setup.mesh.devices.flat[0].platform == "gpu" and jax.process_count() == 1
 
     def add(row, run):
         # a CUDA row slower than a rival already timed: where did its time go (GPU only)
-        if backend == check.JAX_EP and on_gpu and check.loses(row, done):
+        if backend == check.JAX_EP and can_profile and check.loses(row, done):
             row["profile"] = kernel_breakdown(run)
         out.append(row)
 

@@ -83,7 +83,7 @@ def print_summary(result: dict, rows: list[dict]) -> None:
     for r in rows:
         if "median_us" in r:
             print(
-                f"  {r['op']:9s} {r['backend']:18s} {str(r.get('layout')):9s} "
+                f"  {r['op']:11s} {r['backend']:18s} {r.get('layout') or '-':9s} "
                 f"fp8={int(bool(r.get('fp8')))} T={r['tokens']:<6d} {r['median_us']:10.1f} us"
                 f"  {verdict(r)}"
             )
@@ -95,7 +95,7 @@ def print_summary(result: dict, rows: list[dict]) -> None:
     print(f"== losers: {len(result['losers'])} case(s) where jax_ep is not the fastest")
     for lo in result["losers"]:
         print(
-            f"  {lo['op']} {lo['layout']} fp8={int(bool(lo['fp8']))} T={lo['tokens']}: "
+            f"  {lo['op']} {lo['layout'] or ''} fp8={int(bool(lo['fp8']))} T={lo['tokens']}: "
             f"jax_ep {lo['jax_ep_us']:.1f} us vs {lo['rival']} {lo['rival_us']:.1f} us"
         )
         p = lo.get("profile")
