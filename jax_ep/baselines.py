@@ -1,7 +1,7 @@
 """What JAX users run today instead of jax_ep: expert-parallel dispatch/combine in plain JAX.
 
 Two baselines, both per-rank functions called inside ``jax.shard_map`` (or ``vmap``) over the
-EP mesh axis, like :func:`jax_ep.dispatch`:
+EP mesh axis, like :func:`jax_ep.dispatch`, and a third for EP=1:
 
 * :func:`ragged_all_to_all_dispatch` / :func:`ragged_all_to_all_combine`: MaxText's sparse EP
   path (``RoutedMoE`` with ``sparse_matmul``): sort the (token, k) selections by expert,
@@ -11,6 +11,10 @@ EP mesh axis, like :func:`jax_ep.dispatch`:
 * :func:`all_to_all_dispatch` / :func:`all_to_all_combine`: the same sort, but rows travel in a
   dense ``jax.lax.all_to_all`` of ``[R, capacity, H]`` blocks, one block per destination rank,
   with a static per-destination capacity (GShard-style, extra rows are dropped).
+* :func:`local_dispatch` / :func:`local_combine`: no expert parallelism at all (MaxText's
+  ``RoutedMoE`` at EP=1): argsort the selections by expert and gather; the combine unsorts and
+  takes the router-weighted sum. No collective: what a JAX user runs when every expert is local,
+  so it is the baseline jax_ep's EP=1 numbers must beat.
 
 Both hand the experts the ragged layout of ``jax_ep.dispatch(layout="ragged")``: rows grouped
 by local expert, ``group_sizes`` ``[E_loc]`` for ``jax.lax.ragged_dot``, rows past the valid
@@ -40,9 +44,12 @@ import jax.numpy as jnp
 __all__ = [
     "AllToAllState",
     "BaselineDispatch",
+    "LocalState",
     "RaggedAllToAllState",
     "all_to_all_combine",
     "all_to_all_dispatch",
+    "local_combine",
+    "local_dispatch",
     "ragged_all_to_all_combine",
     "ragged_all_to_all_dispatch",
     "ragged_all_to_all_emulated",
@@ -112,6 +119,21 @@ class AllToAllState:
 
 
 jax.tree_util.register_dataclass(AllToAllState)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalState:
+    """Routing state of :func:`local_dispatch` (a pytree of int32 arrays).
+
+    topk_idx: ``[T, K]`` the routing.
+    sort_idx: ``[T*K]`` flat (t, k) selection of the i-th expert-sorted row (masked last).
+    """
+
+    topk_idx: jax.Array
+    sort_idx: jax.Array
+
+
+jax.tree_util.register_dataclass(LocalState)
 
 
 # ----------------------------------------------------------------------------
@@ -421,3 +443,40 @@ def all_to_all_combine(
         back.reshape(-1, y.shape[-1]), mode="drop"
     )
     return _weighted_sum(_unsort_rows(y_sorted, state.sort_idx), state.topk_idx, topk_weights)
+
+
+# ----------------------------------------------------------------------------
+# (c) EP=1: local sort / gather / unsort, no collective
+# ----------------------------------------------------------------------------
+
+
+def local_dispatch(x: jax.Array, topk_idx: jax.Array, *, num_experts: int) -> BaselineDispatch:
+    """Every expert local: sort the (token, k) selections by expert and gather the rows.
+
+    Args:
+      x: ``[T, H]`` tokens.
+      topk_idx: ``[T, K]`` int expert ids in ``[0, E)``, ``-1`` = masked.
+      num_experts: ``E``.
+    Returns:
+      :class:`BaselineDispatch` with ``x`` ``[T*K, H]`` grouped by expert (ascending token
+      inside an expert), ``group_sizes`` ``[E]``; masked selections sort last and are zero.
+    """
+    num_topk = topk_idx.shape[1]
+    sort_idx, sorted_experts, counts = _sort_by_expert(topk_idx, num_experts)
+    rows = jnp.take(x, sort_idx // num_topk, axis=0)
+    rows = jnp.where((sorted_experts < num_experts)[:, None], rows, jnp.zeros((), x.dtype))
+    state = LocalState(topk_idx.astype(jnp.int32), sort_idx)
+    return BaselineDispatch(rows, counts, jnp.zeros((), jnp.int32), state)
+
+
+def local_combine(y: jax.Array, topk_weights: jax.Array, state: LocalState) -> jax.Array:
+    """Reverse of :func:`local_dispatch` plus the router-weighted sum.
+
+    Args:
+      y: ``[T*K, H]`` expert outputs in the dispatch's row order.
+      topk_weights: ``[T, K]`` router weights.
+    Returns:
+      ``[T, H]`` in ``y``'s dtype (float32 accumulation in k order; masked selections add
+      nothing).
+    """
+    return _weighted_sum(_unsort_rows(y, state.sort_idx), state.topk_idx, topk_weights)

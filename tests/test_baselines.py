@@ -266,3 +266,34 @@ def test_native_ragged_all_to_all_matches_emulation_and_jax_ep():
     np.testing.assert_allclose(n_y, e_y, rtol=0, atol=0)
     np.testing.assert_allclose(n_y, j_y, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(n_y, _dense_expected(x, idx, w), rtol=1e-5, atol=1e-5)
+
+
+def test_local_baseline_round_trip_matches_reference():
+    """EP=1: the local sort/gather/unsort baseline hands the experts jax_ep's ragged rows (same
+    order, same group sizes) and its combine gives the reference backend's result."""
+    mesh = _mesh(1)
+    x, idx, w = _routing(1, "random")
+    group = jax_ep.Group(
+        mesh,
+        "ep",
+        num_experts=E,
+        num_topk=K,
+        hidden=H,
+        num_max_tokens_per_rank=T,
+        backend="reference",
+    )
+
+    def both(x, idx, w):
+        out = jax_ep.dispatch(x, idx, w, group=group, layout="ragged", capacity_factor=None)
+        y = jax_ep.combine(_expert_fn(out.x, out.counts), out.handle, group=group)
+        loc = baselines.local_dispatch(x, idx, num_experts=E)
+        y_loc = baselines.local_combine(_expert_fn(loc.x, loc.group_sizes), w, loc.state)
+        return out.x, out.counts, y, loc.x, loc.group_sizes, y_loc
+
+    rows, sizes, y, l_rows, l_sizes, l_y = _run(mesh, both, x, idx, w)
+    np.testing.assert_array_equal(l_sizes, sizes)
+    n = int(np.sum(sizes))
+    np.testing.assert_array_equal(l_rows[:n], rows[:n])
+    np.testing.assert_array_equal(l_rows[n:], 0)
+    np.testing.assert_allclose(l_y, y, rtol=0, atol=1e-6 * np.max(np.abs(y)))
+    np.testing.assert_allclose(l_y, _dense_expected(x, idx, w), rtol=1e-5, atol=1e-5)

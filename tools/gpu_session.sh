@@ -41,12 +41,14 @@ for stage in "$@"; do
         2>&1 | tee "$OUT/tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout" | tail -80
       status=$(( status | ${PIPESTATUS[0]} )) ;;
     bench)
+      # ht runs rewrite their JSON after every case: a run cut by the timeout keeps what it measured
       B="python3 -m jax_ep.bench --calls 10 --repeats 10 --out $OUT/json"
-      { timeout 240 $B --ranks 1
+      { timeout 420 $B --ranks 1 --sweep 1024,2048,4096  # EP=1: vs local and ragged_all_to_all
         timeout 200 $B --loopback 2 --baselines all_to_all
         timeout 200 $B --mode low-latency --loopback 2 --tokens 128 --experts 288 --profile
         timeout 150 $B --mode low-latency --ranks 1 --tokens 1 --hidden 128 --experts 8 --topk 1 \
           --chain 32 --backends cuda --tag empty --profile
+        python3 -m jax_ep.bench.report --dir $OUT/json --plot $OUT/plot.png  # needs matplotlib
       } 2>&1 | tee "$OUT/bench.log" | grep -v "^ *$" ;;
     llbench)  # the low-latency benchmarks of the bench stage alone
       B="python3 -m jax_ep.bench --calls 10 --repeats 10 --out $OUT/json --mode low-latency"

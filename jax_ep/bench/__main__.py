@@ -1,5 +1,11 @@
 """CLI: ``python -m jax_ep.bench [--mode ht|low-latency|layer] ...`` (``--help`` lists the options).
 
+Sizes default to the platform: DeepSeek-V3 (4096 tokens/rank, hidden 7168, top-8 of 256)
+on a GPU, small shapes on CPU (128 tokens/rank, hidden 256, top-4 of 32, few repeats).
+Each case's rows go to the JSON as soon as it finishes; the run ends with a check: is
+jax_ep (the CUDA backend) faster than the reference backend and each baseline, and where the
+time went in the cases where it is not (the losers, profiled on a GPU).
+
 Examples::
 
     python -m jax_ep.bench                              # every local GPU as one EP group
@@ -14,11 +20,13 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import time
 
 
 def _parse(argv=None):
@@ -33,18 +41,22 @@ def _parse(argv=None):
         default="ht",
         help="layer: one MoE layer (--mode layer --help lists its options)",
     )
-    p.add_argument("--tokens", type=int, default=None, help="tokens per rank (ht 4096, ll 128)")
-    p.add_argument("--hidden", type=int, default=7168)
-    p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--experts", type=int, default=None, help="experts (ht 256, ll 288)")
+    # sizes default to the platform (see DEFAULTS): DeepSeek-V3 on a GPU, small on CPU
+    p.add_argument(
+        "--tokens", type=int, default=None, help="tokens per rank (GPU: ht 4096, ll 128)"
+    )
+    p.add_argument("--hidden", type=int, default=None, help="GPU: 7168")
+    p.add_argument("--topk", type=int, default=None, help="GPU: 8")
+    p.add_argument("--experts", type=int, default=None, help="GPU: ht 256, ll 288")
     p.add_argument("--ranks", type=int, default=None, help="EP ranks (default: all GPUs)")
     p.add_argument("--loopback", type=int, default=None, help="virtual ranks on one GPU")
     p.add_argument("--layouts", default="ragged,per_rank", help="comma list (ht)")
     p.add_argument("--backends", default="cuda,reference", help="jax_ep backends to time")
     p.add_argument(
         "--baselines",
-        default="ragged_all_to_all,all_to_all",
-        help="comma list of baselines, or 'none'",
+        default="local,ragged_all_to_all,all_to_all",
+        help="comma list of baselines, or 'none' (local: EP=1 only; ragged_all_to_all: not on "
+        "CPU nor in loopback; a baseline that cannot run is skipped with the reason)",
     )
     p.add_argument("--sweep", default="", help="comma list of token counts (ht)")
     p.add_argument("--num-sms", type=int, default=0, help="SMs of the send kernels (0: default)")
@@ -63,8 +75,14 @@ def _parse(argv=None):
         default=0,
         help="nvshmem: ranks per node (0: per host); smaller splits a host into virtual nodes",
     )
-    p.add_argument("--calls", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--calls", type=int, default=None, help="calls per repeat (GPU: 20)")
+    p.add_argument("--repeats", type=int, default=None, help="GPU: 15")
+    p.add_argument(
+        "--copy-bytes",
+        type=int,
+        default=None,
+        help="array of the copy roofline (GPU: 1 GiB, CPU: 16 MiB)",
+    )
     p.add_argument("--chain", type=int, default=16, help="ops per program (low-latency)")
     p.add_argument(
         "--profile",
@@ -81,6 +99,48 @@ def _parse(argv=None):
     p.add_argument("--out", default="benchmarks", help="directory of the JSON result")
     p.add_argument("--tag", default="", help="suffix of the JSON file name")
     return p.parse_args(argv)
+
+
+# Defaults per platform: DeepSeek-V3's shapes where the kernels run (a GPU); elsewhere (CPU:
+# the reference backend and baselines only) shapes that finish in about a minute on 2 cores.
+DEFAULTS = {
+    "gpu": dict(
+        tokens=4096,
+        ll_tokens=128,
+        hidden=7168,
+        topk=8,
+        experts=256,
+        ll_experts=288,
+        calls=20,
+        repeats=15,
+        copy_bytes=1 << 30,
+    ),
+    "cpu": dict(
+        tokens=128,
+        ll_tokens=32,
+        hidden=256,
+        topk=4,
+        experts=32,
+        ll_experts=32,
+        calls=3,
+        repeats=3,
+        copy_bytes=16 << 20,
+    ),
+}
+
+
+def sized(args, platform: str):
+    """``args`` with every size the user left out taken from :data:`DEFAULTS`."""
+    d = DEFAULTS.get(platform, DEFAULTS["cpu"])
+    ll = args.mode == "low-latency"
+    for name in ("hidden", "topk", "calls", "repeats", "copy_bytes"):
+        if getattr(args, name) is None:
+            setattr(args, name, d[name])
+    if args.tokens is None:
+        args.tokens = d["ll_tokens" if ll else "tokens"]
+    if args.experts is None:
+        args.experts = d["ll_experts" if ll else "experts"]
+    return args
 
 
 def _no_graph_flags() -> str:
@@ -133,15 +193,14 @@ def _run(args) -> int:
 
     if jax.process_index() != 0:  # process 0 reports for the job
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-    from jax_ep.bench import cases, timing
+    from jax_ep.bench import cases, check, timing
 
     env = timing.environment()
+    args = sized(args, env["platform"])
     ll = args.mode == "low-latency"
-    tokens = args.tokens or (128 if ll else 4096)
-    experts = args.experts or (288 if ll else 256)
-    num_gpus = len(jax.devices())
+    tokens, experts = args.tokens, args.experts
     loopback = args.loopback is not None
-    ranks = args.loopback if loopback else (args.ranks or num_gpus)
+    ranks = args.loopback if loopback else (args.ranks or len(jax.devices()))
     config = jax_ep.Config(
         num_sms=args.num_sms,
         num_copy_sms=args.num_copy_sms,
@@ -149,10 +208,10 @@ def _run(args) -> int:
         node_size=args.node_size,
     )
     backends = [b for b in args.backends.split(",") if b]
-    if jax_ep.default_backend() != "cuda":
+    if jax_ep.default_backend() != "cuda" and "cuda" in backends:
         print(
-            f"note: CUDA backend unavailable here ({jax.devices()[0].platform}); timing the "
-            "reference backend and baselines only",
+            f"note: CUDA backend unavailable here ({env['platform']}); timing the reference "
+            "backend and baselines only (the check says n/a)",
             flush=True,
         )
         backends = [b for b in backends if b != "cuda"]
@@ -184,7 +243,10 @@ def _run(args) -> int:
             calls=args.calls,
             repeats=args.repeats,
         ),
+        results=[],
     )
+    path = _json_path(args, env, ranks, loopback, setup.node_size)
+    write = (lambda: None) if jax.process_index() != 0 else (lambda: _write(path, record))
     if ll:
         record["config"].update(chain=args.chain, graphs=args.graphs, fp8=not args.no_fp8)
         record["results"] = cases.ll_cases(
@@ -197,15 +259,23 @@ def _run(args) -> int:
             config=config,
             profile=args.profile,
         )
+        record["check"] = check.check(record["results"])
+        check.print_summary(record["check"], record["results"])
     else:
-        record["copy_bandwidth_GBps"] = timing.copy_bandwidth_gbps(jax.devices()[0])
-        print(f"  plain copy (read+write): {record['copy_bandwidth_GBps']:.0f} GB/s", flush=True)
-        results = []
+        roof = timing.copy_roofline(
+            jax.devices()[0], args.copy_bytes, calls=args.calls, repeats=args.repeats
+        )
+        record["copy_roofline"] = roof
+        record["copy_bandwidth_GBps"] = roof["GBps"]
+        print(
+            f"  copy roofline (read+write of a {roof['bytes'] / 2**20:.0f} MiB array): "
+            f"{roof['GBps']:.0f} GB/s",
+            flush=True,
+        )
+        plan, skipped = [], []
         for t in [int(v) for v in args.sweep.split(",")] if args.sweep else [tokens]:
-            setup.tokens = t
-            print(f"-- {t} tokens/rank", flush=True)
-            results += cases.ht_cases(
-                setup,
+            c, s = cases.ht_plan(
+                dataclasses.replace(setup, tokens=t),
                 layouts=args.layouts.split(","),
                 backends=backends,
                 baselines_wanted=base,
@@ -213,19 +283,59 @@ def _run(args) -> int:
                 repeats=args.repeats,
                 config=config,
             )
-        record["results"] = results
-    if jax.process_index() != 0:
-        return 0
-    out_dir = pathlib.Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+            plan += c
+            skipped += s
+        record["skipped"] = skipped
+        for name, why in dict.fromkeys((s["baseline"], s["reason"]) for s in skipped):
+            print(f"  skipped baseline {name}: {why}", flush=True)
+        _run_cases(plan, record, roof["GBps"], write)
+        record["check"] = check.check(record["results"])
+        check.print_summary(record["check"], record["results"])
+    write()
+    if jax.process_index() == 0:
+        print(f"wrote {path}", flush=True)
+    return 0
+
+
+def _run_cases(plan, record: dict, copy_gbps: float, write) -> None:
+    """Runs every case in order, printing progress; a case that fails is recorded with its
+    error and the run goes on; the JSON is rewritten after every case."""
+    t0 = time.perf_counter()
+    for i, case in enumerate(plan, 1):
+        print(
+            f"-- [{i}/{len(plan)}] {case.label}, {case.tokens} tokens/rank "
+            f"({time.perf_counter() - t0:.0f} s elapsed)",
+            flush=True,
+        )
+        rows = []
+        try:
+            case.run(list(record["results"]), rows)
+        except Exception as e:  # noqa: BLE001 - recorded in the JSON, the run goes on
+            text = (str(e).strip().splitlines() or [type(e).__name__])[0][:400]
+            print(f"  failed: {type(e).__name__}: {text}", flush=True)
+            rows.append(dict(op="-", backend=case.backend, tokens=case.tokens, error=text))
+        for r in rows:
+            if r.get("hbm_GBps") and copy_gbps:
+                r["hbm_of_copy"] = r["hbm_GBps"] / copy_gbps  # share of the copy roofline
+        record["results"] += rows
+        write()
+    print(f"-- {len(plan)} case(s) in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def _json_path(args, env, ranks, loopback, node_size) -> pathlib.Path:
     device = env["device"].replace(" ", "-")
     name = f"{env['date'][:10]}_{device}_{args.mode}_{'lb' if loopback else 'ep'}{ranks}"
     if args.transport == "nvshmem":
-        name += f"_nvshmem-nodes{ranks // setup.node_size}"
-    path = out_dir / f"{name}{'_' + args.tag if args.tag else ''}.json"
-    path.write_text(json.dumps(record, indent=1))
-    print(f"wrote {path}", flush=True)
-    return 0
+        name += f"_nvshmem-nodes{ranks // node_size}"
+    return pathlib.Path(args.out) / f"{name}{'_' + args.tag if args.tag else ''}.json"
+
+
+def _write(path: pathlib.Path, record: dict) -> None:
+    """Whole-file rewrite through a temporary name: a killed run leaves the last good file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_ep
 from jax_ep import baselines
+from jax_ep.bench import check
 from jax_ep.bench.profile import kernel_breakdown
 from jax_ep.bench.timing import measure
 
@@ -183,11 +185,57 @@ def rates(result: dict, link_bytes: float, hbm_bytes: float, net_bytes: float = 
 
 
 # ----------------------------------------------------------------------------
-# high-throughput cases
+# high-throughput cases: one Case per implementation and token count
 # ----------------------------------------------------------------------------
 
 
-def ht_cases(
+@dataclasses.dataclass
+class Case:
+    """One implementation at one token count; ``run(done, out)`` times it, appending each row
+    to ``out`` as it is measured (a case that fails later keeps them); ``done``: the rows of
+    the cases before it, for the check."""
+
+    label: str
+    backend: str
+    tokens: int
+    run: Callable[[list[dict], list[dict]], None]
+
+
+def baseline_skip_reason(name: str, setup: Setup) -> str | None:
+    """Why ``name`` cannot run on this platform/setup (known up front), or None."""
+    if name not in _BASELINES:
+        return f"unknown baseline (known: {', '.join(_BASELINES)})"
+    if name == "ragged_all_to_all" and setup.mesh.devices.flat[0].platform == "cpu":
+        return (
+            "XLA:CPU has no ragged-all-to-all (UNIMPLEMENTED: HLO opcode ragged-all-to-all "
+            "is not supported by XLA:CPU)"
+        )
+    if name == "ragged_all_to_all" and setup.loopback:
+        return "loopback runs the ranks under vmap, and JAX has no vmap rule for it"
+    if name == "local" and setup.num_ranks != 1:
+        return "EP=1 only: it has no exchange (every expert local)"
+    return None
+
+
+class _Inputs:
+    """One token count's routing and device arrays, made when a case first needs them."""
+
+    def __init__(self, setup: Setup):
+        self.setup = setup
+        self._v = None
+
+    def get(self):
+        if self._v is None:
+            x, idx, w = self.setup.routing()
+            self._v = (
+                *self.setup.put(x, idx, w),
+                traffic(idx, self.setup.experts, self.setup.node_size),
+                idx,
+            )
+        return self._v
+
+
+def ht_plan(
     setup: Setup,
     *,
     layouts,
@@ -196,97 +244,160 @@ def ht_cases(
     calls: int,
     repeats: int,
     config: jax_ep.Config,
-) -> list[dict]:
-    x, idx, w = setup.routing()
-    xd, idxd, wd = setup.put(x, idx, w)
-    tr = traffic(idx, setup.experts, setup.node_size)
+) -> tuple[list[Case], list[dict]]:
+    """The cases of one token count (baselines, then the reference backend, then CUDA: the
+    CUDA case can then tell which of its rows lose, and profile those), and the baselines
+    skipped with the reason."""
+    inputs = _Inputs(setup)
+    cases, skipped = [], []
+    for name in baselines_wanted:
+        why = baseline_skip_reason(name, setup)
+        if why:
+            skipped.append(dict(baseline=name, tokens=setup.tokens, reason=why))
+            continue
+        cases.append(
+            Case(
+                f"baseline {name}",
+                name,
+                setup.tokens,
+                functools.partial(_baseline_case, setup, inputs, name, calls, repeats),
+            )
+        )
+    for backend in sorted(backends, key=lambda b: b == "cuda"):
+        cases.append(
+            Case(
+                f"jax_ep {backend} backend",
+                backend,
+                setup.tokens,
+                functools.partial(
+                    _backend_case, setup, inputs, backend, layouts, calls, repeats, config
+                ),
+            )
+        )
+    return cases, skipped
+
+
+def _row(setup, tr, name, backend, layout, fp8, res, link, hbm, **extra) -> dict:
     H, T = setup.hidden, setup.tokens
-    internode = "net_token_node_pairs" in tr
-    out = []
+    net = 0.0
+    if "net_token_node_pairs" in tr and backend == "cuda":
+        # two hops: bytes per node over NVSHMEM, then NVLink
+        row_b = wire_row_bytes(H, fp8) if name == "dispatch" else 2 * H
+        net, link = tr["net_token_node_pairs"] * row_b, tr["nvlink_token_rank_pairs"] * row_b
+    row = dict(
+        op=name,
+        backend=backend,
+        layout=layout,
+        fp8=fp8,
+        tokens=T,
+        **rates(res, link, hbm, net),
+        **extra,
+    )
+    print(
+        f"  {name:9s} {backend:18s} {layout:12s} fp8={int(fp8)} {row['median_us']:9.1f} us"
+        f"  link {row['link_GBps']:7.1f} GB/s  hbm {row['hbm_GBps']:7.1f} GB/s"
+        + (f"  nvshmem {row['net_GBps']:7.1f} GB/s" if net else "")
+        + (f"  {row['us_per_row']:.3f} us per row (XLA's own)" if "us_per_row" in row else ""),
+        flush=True,
+    )
+    return row
 
-    def record(name, backend, layout, fp8, res, link, hbm, **extra):
-        net = 0.0
-        if internode and backend == "cuda":  # two hops: bytes per node over NVSHMEM, then NVLink
-            row_b = wire_row_bytes(H, fp8) if name == "dispatch" else 2 * H
-            net, link = tr["net_token_node_pairs"] * row_b, tr["nvlink_token_rank_pairs"] * row_b
-        row = dict(
-            op=name,
-            backend=backend,
-            layout=layout,
-            fp8=fp8,
-            tokens=T,
-            **rates(res, link, hbm, net),
-            **extra,
-        )
+
+def _backend_case(setup, inputs, backend, layouts, calls, repeats, config, done, out) -> None:
+    xd, idxd, wd, tr, _ = inputs.get()
+    H, T = setup.hidden, setup.tokens
+    # one process only: with several, each decides from its own timings, and a profile run
+    # on some processes but not on the others would leave the exchange waiting for peers
+    can_profile = setup.mesh.devices.flat[0].platform == "gpu" and jax.process_count() == 1
+
+    def add(row, run):
+        # a CUDA row slower than a rival already timed: where did its time go (GPU only)
+        if backend == check.JAX_EP and can_profile and check.loses(row, done):
+            row["profile"] = kernel_breakdown(run)
         out.append(row)
-        print(
-            f"  {name:9s} {backend:18s} {layout:12s} fp8={int(fp8)} {row['median_us']:9.1f} us"
-            f"  link {row['link_GBps']:7.1f} GB/s  hbm {row['hbm_GBps']:7.1f} GB/s"
-            + (f"  nvshmem {row['net_GBps']:7.1f} GB/s" if net else ""),
-            flush=True,
-        )
 
-    for backend in backends:
-        group = setup.group(backend, config=config)
+    group = setup.group(backend, config=config)
+    try:
         sms = config.resolved_num_sms(setup.num_ranks) if backend == "cuda" else None
         for layout in layouts:
+            rows = tr["received_tokens"] if layout == "per_rank" else tr["expert_rows"]
             for fp8 in (False, True):
                 disp = setup.per_rank(
                     functools.partial(_dispatch_only, group=group, layout=layout, fp8=fp8)
                 )
-                res = measure(lambda d=disp: d(xd, idxd, wd), calls=calls, repeats=repeats)
+                run = functools.partial(disp, xd, idxd, wd)
+                res = measure(run, calls=calls, repeats=repeats)
                 row_b = wire_row_bytes(H, fp8)
-                rows = tr["received_tokens"] if layout == "per_rank" else tr["expert_rows"]
                 link = tr["remote_token_rank_pairs"] * row_b
                 hbm = T * H * 2 + rows * (H if fp8 else 2 * H)
-                record("dispatch", backend, layout, fp8, res, link, hbm, num_sms=sms)
+                add(
+                    _row(setup, tr, "dispatch", backend, layout, fp8, res, link, hbm, num_sms=sms),
+                    run,
+                )
             # combine of bf16 expert outputs (FP8 is a dispatch-only wire format)
             first = setup.per_rank(functools.partial(_dispatch_full, group=group, layout=layout))
             y, handle = first(xd, idxd, wd)
             comb = setup.per_rank(functools.partial(_combine_only, group=group))
-            res = measure(lambda c=comb, y=y, h=handle: c(y, h), calls=calls, repeats=repeats)
-            rows = tr["received_tokens"] if layout == "per_rank" else tr["expert_rows"]
-            record(
-                "combine",
-                backend,
-                layout,
-                False,
-                res,
-                tr["remote_token_rank_pairs"] * 2 * H,
-                rows * 2 * H + tr["received_tokens"] * 2 * H + T * 2 * H,
-                num_sms=sms,
+            run = functools.partial(comb, y, handle)
+            res = measure(run, calls=calls, repeats=repeats)
+            link = tr["remote_token_rank_pairs"] * 2 * H
+            hbm = rows * 2 * H + tr["received_tokens"] * 2 * H + T * 2 * H
+            add(
+                _row(setup, tr, "combine", backend, layout, False, res, link, hbm, num_sms=sms), run
             )
+    finally:
         group.close()
 
-    for name in baselines_wanted:
-        if name == "ragged_all_to_all" and setup.loopback:
-            print("  ragged_all_to_all: skipped in loopback (no vmap rule in JAX)")
-            continue
-        d_fn, c_fn = _BASELINES[name]
-        disp = setup.per_rank(functools.partial(d_fn, num_experts=setup.experts))
-        res = measure(lambda d=disp: d(xd, idxd), calls=calls, repeats=repeats)
-        record(
+
+def _baseline_case(setup, inputs, name, calls, repeats, done, out) -> None:
+    del done
+    xd, idxd, wd, tr, idx = inputs.get()
+    H, T = setup.hidden, setup.tokens
+    d_fn, c_fn = _BASELINES[name]
+    # the baselines send one row per (token, k) selection
+    extra = {}
+    if name == "ragged_all_to_all":
+        extra["rows_per_rank"] = float(np.sum(idx >= 0) / setup.num_ranks)
+    link = 0.0 if name == "local" else tr["remote_expert_rows"] * 2 * H
+
+    def per_row(res):
+        if not extra:
+            return {}
+        return dict(extra, us_per_row=res["median_us"] / max(extra["rows_per_rank"], 1.0))
+
+    disp = setup.per_rank(functools.partial(d_fn, num_experts=setup.experts))
+    res = measure(functools.partial(disp, xd, idxd), calls=calls, repeats=repeats)
+    out.append(
+        _row(
+            setup,
+            tr,
             "dispatch",
             name,
             "ragged",
             False,
             res,
-            tr["remote_expert_rows"] * 2 * H,
+            link,
             T * H * 2 + tr["expert_rows"] * 2 * H,
+            **per_row(res),
         )
-        yb, state = disp(xd, idxd)
-        comb = setup.per_rank(c_fn)
-        res = measure(lambda c=comb, y=yb, s=state: c(y, wd, s), calls=calls, repeats=repeats)
-        record(
+    )
+    yb, state = disp(xd, idxd)
+    comb = setup.per_rank(c_fn)
+    res = measure(functools.partial(comb, yb, wd, state), calls=calls, repeats=repeats)
+    out.append(
+        _row(
+            setup,
+            tr,
             "combine",
             name,
             "ragged",
             False,
             res,
-            tr["remote_expert_rows"] * 2 * H,
+            link,
             2 * tr["expert_rows"] * 2 * H + T * 2 * H,
+            **per_row(res),
         )
-    return out
+    )
 
 
 def _dispatch_only(x, idx, w, *, group, layout, fp8):
@@ -321,7 +432,17 @@ def _a2a_combine(y, w, state):
     return baselines.all_to_all_combine(y, w, state, axis_name="ep")
 
 
+def _local_dispatch(x, idx, *, num_experts):
+    out = baselines.local_dispatch(x, idx, num_experts=num_experts)
+    return out.x, out.state
+
+
+def _local_combine(y, w, state):
+    return baselines.local_combine(y, w, state)
+
+
 _BASELINES = {
+    "local": (_local_dispatch, _local_combine),
     "ragged_all_to_all": (_ragged_dispatch, _ragged_combine),
     "all_to_all": (_a2a_dispatch, _a2a_combine),
 }

@@ -2,6 +2,11 @@
 
 python -m jax_ep.bench.report              # print the tables
 python -m jax_ep.bench.report --readme     # rewrite README.md between its bench markers
+python -m jax_ep.bench.report --plot       # time vs tokens per rank -> benchmarks/plot.png
+
+Files written before a field existed (the check, the copy roofline's details, the per-row
+cost of ``ragged_all_to_all``, per-case errors) are read as they are: what they lack is left
+out of the table.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 def _fmt_row(r: dict) -> str:
     layout = r.get("layout", "ll")
     dtype = "fp8" if r.get("fp8") else "bf16"
+    if "error" in r:  # a case that failed: the run recorded why and went on
+        return f"| {r['op']} | {r['backend']} | - | - | {r['tokens']} | failed: {r['error']} |"
     if "hidden_us" in r:  # send / matmul / receive overlap
         return (
             f"| {r['op']} | {r['backend']} | {layout} | {dtype} | {r['tokens']} | "
@@ -23,9 +30,12 @@ def _fmt_row(r: dict) -> str:
             f"{r['matmul_us']:.1f} µs: {r['hidden_us']:.1f} µs hidden | - | - |"
         )
     gbps = [f"{r[k]:.0f}" if r.get(k) else "-" for k in ("link_GBps", "net_GBps", "hbm_GBps")]
+    us = f"{r['median_us']:.1f}"
+    if "us_per_row" in r:  # XLA's own cost per row moved (ragged_all_to_all)
+        us += f" ({r['us_per_row']:.2f} µs per row)"
     return (
         f"| {r['op']} | {r['backend']} | {layout} | {dtype} | "
-        f"{r['tokens']} | {r['median_us']:.1f} | " + " | ".join(gbps) + " |"
+        f"{r['tokens']} | {us} | " + " | ".join(gbps) + " |"
     )
 
 
@@ -52,7 +62,29 @@ def table(record: dict, source: str) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     rows += [_fmt_row(r) for r in record["results"]]
-    return head + "\n\n" + "\n".join(rows)
+    return head + "\n\n" + "\n".join(rows) + _check_text(record)
+
+
+def _check_text(record: dict) -> str:
+    """The run's check (files from before the check have none)."""
+    c = record.get("check")
+    if not c:
+        return ""
+    skipped = "".join(
+        f"; {s['baseline']} skipped: {s['reason']}"
+        for s in {s["baseline"]: s for s in record.get("skipped", [])}.values()
+    )
+    if c["jax_ep"] == "n/a":
+        return f"\n\nCheck: n/a (no CUDA backend in this run){skipped}."
+    losers = "; ".join(
+        f"{lo['op']} {lo['layout']} {'fp8' if lo['fp8'] else 'bf16'} T={lo['tokens']}: "
+        f"{lo['jax_ep_us']:.1f} µs vs {lo['rival']} {lo['rival_us']:.1f} µs"
+        for lo in c["losers"]
+    )
+    return (
+        f"\n\nCheck: jax_ep faster in {c['compared'] - len(c['losers'])} of {c['compared']} "
+        f"comparisons; losers: {losers or 'none'}{skipped}."
+    )
 
 
 def render(directory: pathlib.Path) -> str:
@@ -69,7 +101,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jax_ep.bench.report")
     p.add_argument("--dir", default="benchmarks")
     p.add_argument("--readme", action="store_true", help="rewrite README.md in place")
+    p.add_argument(
+        "--plot",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PNG",
+        help="draw time vs tokens per rank into PNG (default: <dir>/plot.png); needs matplotlib",
+    )
     args = p.parse_args(argv)
+    if args.plot is not None:
+        from jax_ep.bench import plot
+
+        directory = pathlib.Path(args.dir)
+        return plot.main(directory, pathlib.Path(args.plot or directory / "plot.png"))
     text = render(pathlib.Path(args.dir))
     if not args.readme:
         print(text)

@@ -41,12 +41,26 @@ def measure(run: Callable[[], object], *, calls: int, repeats: int, warmup: int 
     )
 
 
-def copy_bandwidth_gbps(device, nbytes: int = 1 << 30) -> float:
-    """Read+write bandwidth of a plain elementwise pass over ``nbytes`` on ``device``."""
+def copy_roofline(device, nbytes: int, *, calls: int = 20, repeats: int = 5) -> dict:
+    """The copy roofline: what a kernel that reads and writes every byte once can reach.
+
+    A plain elementwise pass (``v + 1``) over a ``nbytes`` array on ``device`` (large enough
+    that caches do not hold it: ~1 GiB on a GPU), timed like every case (median of
+    ``repeats`` runs of ``calls`` back-to-back calls); ``GBps`` counts read + write bytes
+    (``2 * nbytes`` per call), as the cases' ``hbm_GBps`` do.
+    """
     a = jax.device_put(np.zeros(nbytes // 2, np.uint16), device)
     f = jax.jit(lambda v: v + np.uint16(1))
-    t = measure(lambda: f(a), calls=20, repeats=5)
-    return 2 * nbytes / (t["median_us"] * 1e-6) / 1e9
+    t = measure(lambda: f(a), calls=calls, repeats=repeats)
+    return dict(
+        GBps=2 * nbytes / (t["median_us"] * 1e-6) / 1e9,
+        bytes=nbytes,
+        bytes_moved_per_call=2 * nbytes,
+        median_us=t["median_us"],
+        calls=calls,
+        repeats=repeats,
+        how="jit(v + 1) over a uint16 array; read + write bytes; median of repeats",
+    )
 
 
 def _git_commit() -> str:
