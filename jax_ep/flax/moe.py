@@ -762,9 +762,15 @@ class _Plan:
             num_experts=self.num_experts,
             capacity_factor=self.capacity_factor,
         )
-        y, regroup_dropped = _experts.expert_ffn(
-            rows.x,
-            rows.group_sizes,
+        y, regroup_dropped = self.expert_ffn(w, rows.x, rows.group_sizes, capacity)
+        y = self.exchange.combine(y, route.topk_weights, rows)
+        return y, rows.num_dropped + regroup_dropped
+
+    def expert_ffn(self, w: _Weights, rows, counts, capacity: int | None = None):
+        """The gated expert FFN on dispatched rows (this plan's path, activation, biases)."""
+        return _experts.expert_ffn(
+            rows,
+            counts,
             w.wi_0,
             w.wi_1,
             w.wo,
@@ -774,8 +780,6 @@ class _Plan:
             activation=self.activation,
             bias=w.expert_bias,
         )
-        y = self.exchange.combine(y, route.topk_weights, rows)
-        return y, rows.num_dropped + regroup_dropped
 
     def experts_low_latency(self, w: _Weights, x: jax.Array, route: _routing.Routing):
         group = self.low_latency_group
@@ -785,17 +789,7 @@ class _Plan:
             rows = jax_ep.dequantize_fp8(rows, out.scales, self.dtype)
         # the receive layout is expert_major; rows past counts[e] may hold anything (NaN
         # included): jax_ep.experts never lets them reach a valid row or a gradient
-        y, _ = _experts.expert_ffn(
-            rows,
-            out.counts,
-            w.wi_0,
-            w.wi_1,
-            w.wo,
-            path=self.expert_path,
-            dtype=self.dtype,
-            activation=self.activation,
-            bias=w.expert_bias,
-        )
+        y, _ = self.expert_ffn(w, rows, out.counts)
         y = jax_ep.low_latency_combine(
             y, route.topk_idx, route.topk_weights, out.handle, group=group
         )
