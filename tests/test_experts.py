@@ -162,7 +162,10 @@ def test_conversion_drops_are_counted_and_zero():
 def test_resolve_picks_per_platform_and_checks_overrides():
     kw = dict(dtype=jnp.bfloat16, hidden=D, intermediate=F)
     assert experts.resolve("auto", platform="cpu", **kw) == "ragged_dot"
-    assert experts.resolve("auto", platform="gpu", **kw) == "einsum"
+    assert experts.resolve("auto", platform="gpu", **kw) == "einsum"  # no load given
+    assert experts.resolve("auto", platform="gpu", rows_per_expert=128, **kw) == "einsum"
+    if not HOPPER_SKIP_REASON:  # many rows per expert: the Mosaic kernels, where they run
+        assert experts.resolve("auto", platform="gpu", rows_per_expert=1024, **kw) == "mosaic"
     assert experts.resolve("einsum", **kw) == "einsum"
     with pytest.raises(ValueError, match="expert path"):
         experts.resolve("megablox", **kw)

@@ -22,9 +22,9 @@ path           layout        what runs
 =============  ============  ===================================================================
 
 ``path="auto"`` picks :data:`DEFAULT_PATHS` for the platform (the first one that can run the
-dtype and sizes): on GPUs the batched einsum, the only path measured to scale so far (the other
-candidates are measured by ``python -m jax_ep.bench --mode layer``; see docs/experts.md for the
-numbers and why), elsewhere ``ragged_dot``.
+dtype, sizes and load): on Hopper GPUs the Mosaic kernels when an expert receives at least
+:data:`MIN_ROWS_PER_EXPERT` rows on average, else the batched einsum; elsewhere ``ragged_dot``
+(measured by ``python -m jax_ep.bench --mode layer``; docs/experts.md has the numbers and why).
 """
 
 from __future__ import annotations
@@ -48,14 +48,21 @@ LAYOUTS = {
 }
 # Per platform, in order of preference; "auto" takes the first path that can run.
 DEFAULT_PATHS = {
-    "gpu": ("einsum",),
+    "gpu": ("mosaic", "einsum"),
     "cpu": ("ragged_dot",),
     "tpu": ("ragged_dot",),
 }
 
+# "auto" takes a path only from this many rows per expert on average (balanced load). The
+# Mosaic kernels' persistent grid adds a tile per expert and computes whole 128-row tiles: on
+# the H200 (benchmarks/2026-12-03_NVIDIA-H200_layer_ep1.json, forward+backward) they beat the
+# einsum by 15% at 1024 and 2048 rows per expert and lose by 40-90% at 16 and 128.
+MIN_ROWS_PER_EXPERT = {"mosaic": 512}
+
 __all__ = [
     "ACTIVATIONS",
     "DEFAULT_PATHS",
+    "MIN_ROWS_PER_EXPERT",
     "Activation",
     "LAYOUTS",
     "PATHS",
@@ -80,9 +87,20 @@ def unsupported(path: str, *, dtype, hidden: int, intermediate: int) -> str:
 
 
 def resolve(
-    path: str = "auto", *, dtype, hidden: int, intermediate: int, platform: str | None = None
+    path: str = "auto",
+    *,
+    dtype,
+    hidden: int,
+    intermediate: int,
+    platform: str | None = None,
+    rows_per_expert: float | None = None,
 ) -> str:
-    """The path to run: ``path`` itself (checked), or for ``"auto"`` the platform's default."""
+    """The path to run: ``path`` itself (checked), or for ``"auto"`` the platform's default.
+
+    ``rows_per_expert``: the average rows a local expert receives (``R * T * K / E`` at the
+    balanced load); paths with a :data:`MIN_ROWS_PER_EXPERT` are taken only when it is given
+    and reaches it.
+    """
     if path != "auto":
         why = unsupported(path, dtype=dtype, hidden=hidden, intermediate=intermediate)
         if why:
@@ -90,6 +108,9 @@ def resolve(
         return path
     platform = platform or jax.devices()[0].platform
     for candidate in DEFAULT_PATHS.get(platform, ("ragged_dot",)):
+        least = MIN_ROWS_PER_EXPERT.get(candidate)
+        if least is not None and (rows_per_expert is None or rows_per_expert < least):
+            continue
         if not unsupported(candidate, dtype=dtype, hidden=hidden, intermediate=intermediate):
             return candidate
     return "ragged_dot"

@@ -510,6 +510,10 @@ class MoE(nnx.Module):
             hidden=hidden,
             intermediate=intermediate,
             platform=group.devices[0].platform,
+            # the balanced load of a local expert at the group's token bound
+            rows_per_expert=(
+                group.num_ranks * group.num_max_tokens_per_rank * num_topk / num_experts
+            ),
         )
         self.plan = _Plan(
             hidden,
