@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from jax_ep import _env
 
 # The two figures the default SM count is derived from. Both are inputs, not measured
@@ -118,6 +120,21 @@ class Config:
         return self.num_sms if self.num_sms > 0 else default_num_sms(num_ranks)
 
     def __post_init__(self):
+        # types first, so that no comparison below meets a str or a float count
+        for name in ("num_sms", "num_copy_sms", "fault_inject_rank", "node_size"):
+            _check_int(name, getattr(self, name))
+        for name in ("num_sms", "num_copy_sms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Config.{name} must be >= 0, got {getattr(self, name)}")
+        timeout = self.timeout_s
+        if isinstance(timeout, bool) or not isinstance(
+            timeout, (int, float, np.integer, np.floating)
+        ):
+            raise TypeError(
+                f"Config.timeout_s must be a number of seconds (int or float), got {timeout!r}"
+            )
+        if not timeout > 0:
+            raise ValueError(f"Config.timeout_s must be > 0, got {timeout}")
         if self.transport not in TRANSPORTS:
             raise ValueError(
                 f"Config.transport must be one of {TRANSPORTS}, got {self.transport!r}"
@@ -139,8 +156,9 @@ class Config:
                 "Config.node_size splits ranks into nodes for the NVSHMEM transport: "
                 "use it with transport='nvshmem'"
             )
-        for name in ("num_sms", "num_copy_sms"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"Config.{name} must be >= 0, got {getattr(self, name)}")
-        if not self.timeout_s > 0:
-            raise ValueError(f"Config.timeout_s must be > 0, got {self.timeout_s}")
+
+
+def _check_int(name: str, value) -> None:
+    # numpy ints are fine; floats (2.5) and bools are not: these count blocks, ranks, ...
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"Config.{name} must be an int, got {value!r}")
