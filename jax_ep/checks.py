@@ -37,8 +37,8 @@ def _raise_if_dropped(num_dropped, what: str):
     n = int(np.asarray(num_dropped))
     if n > 0:
         raise ValueError(
-            f"jax_ep.{what}: {n} rows (summed over the EP ranks) did not fit and were "
-            f"dropped (on_overflow='error'); "
+            f"jax_ep.{what}: {n} rows did not fit and were dropped (summed over the EP "
+            f"ranks; on_overflow='error'); "
             f"raise capacity/capacity_factor, or pass capacity_factor=None for the worst "
             f"case (never drops)"
         )

@@ -279,7 +279,9 @@ class Group:
         if low_latency and not self.low_latency:
             problems.append("the group was created without low_latency=True")
         if problems:
-            raise ValueError(f"jax_ep.{op}: " + "; ".join(problems) + " (create the Group to fit the call)")
+            raise ValueError(
+                f"jax_ep.{op}: " + "; ".join(problems) + " (create the Group to fit the call)"
+            )
 
     def take_token(self, like: jax.Array):
         """The ordering token the next op of this group takes (None: no device state)."""

@@ -252,7 +252,7 @@ def test_grad_through_on_overflow_error():
     g = runner.run(lambda x, i, w: jax.grad(loss)(x, i, w), x, idx, w)
     assert g.shape == x.shape and np.isfinite(g).all() and np.abs(g).sum() > 0
     loss = _overflow_loss(group, capacity=2)
-    with pytest.raises(Exception, match="rows .* did not fit") as info:
+    with pytest.raises(Exception, match="rows did not fit") as info:
         runner.run(lambda x, i, w: jax.grad(loss)(x, i, w), x, idx, w)
     # the text XLA raises ends with the one sentence (the lines before are XLA's and the
     # callback's traceback); jax_ep.checks.message recovers it
@@ -260,7 +260,7 @@ def test_grad_through_on_overflow_error():
         "jax_ep.dispatch(layout='expert_major', capacity=2): "
     )
     assert checks.message(info.value).endswith(
-        "rows (summed over the EP ranks) did not fit and were dropped (on_overflow='error'); "
+        "rows did not fit and were dropped (summed over the EP ranks; on_overflow='error'); "
         "raise capacity/capacity_factor, or pass capacity_factor=None for the worst case "
         "(never drops)"
     )
