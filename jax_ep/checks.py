@@ -105,6 +105,12 @@ def first_bad_expert(topk_idx: jax.Array, num_experts: int, rank=-1) -> jax.Arra
     )
 
 
+def wanted(host_checks: bool, topk_idx: jax.Array) -> bool:
+    """Whether to check ``topk_idx`` on the host: asked for, and not under ``jax.export``
+    with a symbolic token count (JAX cannot serialise host callbacks)."""
+    return host_checks and not jax.export.is_symbolic_dim(topk_idx.shape[0])
+
+
 def expert_id_guard(
     value: jax.Array, topk_idx: jax.Array, num_experts: int, what: str, axis_name=None
 ) -> jax.Array:

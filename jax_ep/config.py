@@ -64,6 +64,12 @@ class Config:
       device, or at :meth:`jax_ep.Group.check`.
     fault_inject_rank: testing aid: this rank skips its sends (a peer that never
       arrives), so the others must time out with a clear error. -1 = off.
+    host_checks: the reference backend checks every step's expert ids on the host
+      (``io_callback``, :mod:`jax_ep.checks`): ids outside ``[-1, num_experts)`` fail the
+      step, as the CUDA backend reports them from the device. Turn it off to
+      ``jax.export`` a reference-backend program with concrete shapes (JAX cannot
+      serialise host callbacks); with a symbolic token count (the only place one
+      appears is ``jax.export``) the check is left out by itself.
     transport: how ranks in other processes reach each other's buffers. ``"ipc"``:
       ``cudaMalloc`` buffers shared with CUDA IPC handles (peer access within a
       process). ``"nvshmem"``: buffers on the NVSHMEM symmetric heap (one process per
@@ -97,6 +103,7 @@ class Config:
     timeout_s: float = dataclasses.field(default_factory=_env.default_timeout_s)
     sync_errors: bool = False
     fault_inject_rank: int = -1
+    host_checks: bool = True
     transport: str = "ipc"
     node_size: int = 0
     ib_service_level: int | None = None

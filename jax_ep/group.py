@@ -241,6 +241,7 @@ class Group:
             sync_errors=self.config.sync_errors,
             spans_nodes=self.spans_nodes,
             fault_inject_rank=self.config.fault_inject_rank,
+            host_checks=self.config.host_checks,
             **fields,
         )
 

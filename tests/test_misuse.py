@@ -264,3 +264,28 @@ def test_grad_through_on_overflow_error():
         "raise capacity/capacity_factor, or pass capacity_factor=None for the worst case "
         "(never drops)"
     )
+
+
+def test_host_checks_off_exports_with_concrete_shapes():
+    """Config(host_checks=False) leaves the host check out, so jax.export can serialise."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:1]), ("ep",))
+    group = jax_ep.Group(
+        mesh,
+        "ep",
+        num_experts=E,
+        num_topk=K,
+        hidden=H,
+        num_max_tokens_per_rank=T,
+        backend="reference",
+        config=jax_ep.Config(host_checks=False),
+    )
+    f = jax.jit(
+        jax.shard_map(
+            lambda x, i, w: jax_ep.dispatch(x, i, w, group=group, layout="ragged").x,
+            mesh=mesh,
+            in_specs=P("ep"),
+            out_specs=P("ep"),
+        )
+    )
+    shapes = [jax.ShapeDtypeStruct(s, d) for s, d in (_x(), _idx(), _w())]
+    jax.export.deserialize(jax.export.export(f)(*shapes).serialize())

@@ -37,6 +37,8 @@ class ReferenceBackend:
             fp8=spec.fp8,
             round_scale=spec.round_scale,
         )
+        if not checks.wanted(spec.host_checks, topk_idx):
+            return out, token
         counts = checks.expert_id_guard(
             out[4], topk_idx, spec.num_experts, "dispatch", spec.axis_name
         )
@@ -67,6 +69,8 @@ class ReferenceBackend:
             fp8=spec.fp8,
             round_scale=spec.round_scale,
         )
+        if not checks.wanted(spec.host_checks, topk_idx):
+            return out, token
         counts = checks.expert_id_guard(
             out[2], topk_idx, spec.num_experts, "low_latency_dispatch", spec.axis_name
         )
