@@ -4,7 +4,9 @@ Trace-time checks (:mod:`jax_ep.validation`) cannot see values. These run on the
 through ``io_callback`` and fail the step that hit them, inside and outside ``jit``:
 the error is a ``jax.errors.JaxRuntimeError`` whose text ends with the one-sentence
 message (XLA puts its own ``INTERNAL: CpuCallback error`` line and the callback's
-traceback before it; :func:`message` recovers the sentence).
+traceback before it; :func:`message` recovers the sentence). The sentence is also
+logged (logger ``jax_ep``, ERROR) as the callback fails, so it is the first line on
+stderr, before JAX's own report of the failed callback.
 
 Every rank of the EP axis decides together (the probe is reduced over the axis first):
 in SPMD all ranks run the same schedule, so they all stop at the same callback, and no
@@ -17,6 +19,7 @@ check runs in the forward pass of ``jax.grad`` too (``io_callback`` itself has n
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +27,13 @@ import numpy as np
 from jax.experimental import io_callback
 
 from jax_ep import mesh_axes
+
+log = logging.getLogger("jax_ep")
+
+
+def _fail(text: str):
+    log.error(text)
+    raise ValueError(text)
 
 
 def message(error: BaseException) -> str:
@@ -36,7 +46,7 @@ def message(error: BaseException) -> str:
 def _raise_if_dropped(num_dropped, what: str):
     n = int(np.asarray(num_dropped))
     if n > 0:
-        raise ValueError(
+        _fail(
             f"jax_ep.{what}: {n} rows did not fit and were dropped (summed over the EP "
             f"ranks; on_overflow='error'); "
             f"raise capacity/capacity_factor, or pass capacity_factor=None for the worst "
@@ -51,7 +61,7 @@ def _raise_if_bad_expert(bad, what: str, num_experts: int):
     if found:
         # the CUDA backend's device-side report says the same (csrc/runtime/runtime.cc)
         where = f" on rank {rank}" if rank >= 0 else ""
-        raise ValueError(
+        _fail(
             f"jax_ep.{what}: topk_idx[{t}, {k}] = {e}{where} is out of range "
             f"[-1, {num_experts}) (expert ids are 0..{num_experts - 1}, -1 = masked)"
         )

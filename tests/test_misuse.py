@@ -242,7 +242,7 @@ def _overflow_loss(group, capacity):
     return loss
 
 
-def test_grad_through_on_overflow_error():
+def test_grad_through_on_overflow_error(caplog):
     """The safety option works in training: the gradient runs, and the check still fires."""
     runner = Runner("reference", R, "shard_map")
     group = runner.group(num_experts=E, num_topk=K, hidden=H, num_max_tokens_per_rank=T)
@@ -254,6 +254,9 @@ def test_grad_through_on_overflow_error():
     loss = _overflow_loss(group, capacity=2)
     with pytest.raises(Exception, match="rows did not fit") as info:
         runner.run(lambda x, i, w: jax.grad(loss)(x, i, w), x, idx, w)
+    # the first thing on stderr is the sentence (logged by jax_ep before JAX's report)
+    first = caplog.records[0]
+    assert first.name == "jax_ep" and "rows did not fit" in first.getMessage()
     # the text XLA raises ends with the one sentence (the lines before are XLA's and the
     # callback's traceback); jax_ep.checks.message recovers it
     assert checks.message(info.value).startswith(
