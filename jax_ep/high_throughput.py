@@ -51,6 +51,7 @@ def get_dispatch_layout(
       Local to each rank: no communication.
     """
     if group is not None:
+        validation.check_group(group, "get_dispatch_layout")
         num_experts, num_ranks = group.num_experts, group.num_ranks
     if num_experts is None or num_ranks is None:
         raise ValueError("get_dispatch_layout needs num_experts and num_ranks (or group=)")

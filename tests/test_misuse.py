@@ -135,6 +135,13 @@ def test_combine_group_none():
         _trace(group, fn, _x(), _idx(), _w())
 
 
+def test_get_dispatch_layout_not_a_group():
+    with pytest.raises(TypeError, match=r"jax_ep.get_dispatch_layout needs group=jax_ep.Group"):
+        jax_ep.get_dispatch_layout(jnp.zeros((T, K), jnp.int32), group="ep")
+    with pytest.raises(ValueError, match=r"needs num_experts and num_ranks \(or group=\)"):
+        jax_ep.get_dispatch_layout(jnp.zeros((T, K), jnp.int32), group=None)
+
+
 def test_low_latency_group_none():
     group = _group("reference", low_latency=True)
     with pytest.raises(TypeError, match=r"jax_ep.low_latency_dispatch needs group="):
