@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from jax_ep import _env
 
 # The two figures the default SM count is derived from. Both are inputs, not measured
@@ -62,6 +64,12 @@ class Config:
       device, or at :meth:`jax_ep.Group.check`.
     fault_inject_rank: testing aid: this rank skips its sends (a peer that never
       arrives), so the others must time out with a clear error. -1 = off.
+    host_checks: the reference backend checks every step's expert ids on the host
+      (``io_callback``, :mod:`jax_ep.checks`): ids outside ``[-1, num_experts)`` fail the
+      step, as the CUDA backend reports them from the device. Turn it off to
+      ``jax.export`` a reference-backend program with concrete shapes (JAX cannot
+      serialise host callbacks); with a symbolic token count (the only place one
+      appears is ``jax.export``) the check is left out by itself.
     transport: how ranks in other processes reach each other's buffers. ``"ipc"``:
       ``cudaMalloc`` buffers shared with CUDA IPC handles (peer access within a
       process). ``"nvshmem"``: buffers on the NVSHMEM symmetric heap (one process per
@@ -95,6 +103,7 @@ class Config:
     timeout_s: float = dataclasses.field(default_factory=_env.default_timeout_s)
     sync_errors: bool = False
     fault_inject_rank: int = -1
+    host_checks: bool = True
     transport: str = "ipc"
     node_size: int = 0
     ib_service_level: int | None = None
@@ -118,6 +127,21 @@ class Config:
         return self.num_sms if self.num_sms > 0 else default_num_sms(num_ranks)
 
     def __post_init__(self):
+        # types first, so that no comparison below meets a str or a float count
+        for name in ("num_sms", "num_copy_sms", "fault_inject_rank", "node_size"):
+            _check_int(name, getattr(self, name))
+        for name in ("num_sms", "num_copy_sms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Config.{name} must be >= 0, got {getattr(self, name)}")
+        timeout = self.timeout_s
+        if isinstance(timeout, bool) or not isinstance(
+            timeout, (int, float, np.integer, np.floating)
+        ):
+            raise TypeError(
+                f"Config.timeout_s must be a number of seconds (int or float), got {timeout!r}"
+            )
+        if not timeout > 0:
+            raise ValueError(f"Config.timeout_s must be > 0, got {timeout}")
         if self.transport not in TRANSPORTS:
             raise ValueError(
                 f"Config.transport must be one of {TRANSPORTS}, got {self.transport!r}"
@@ -139,8 +163,9 @@ class Config:
                 "Config.node_size splits ranks into nodes for the NVSHMEM transport: "
                 "use it with transport='nvshmem'"
             )
-        for name in ("num_sms", "num_copy_sms"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"Config.{name} must be >= 0, got {getattr(self, name)}")
-        if not self.timeout_s > 0:
-            raise ValueError(f"Config.timeout_s must be > 0, got {self.timeout_s}")
+
+
+def _check_int(name: str, value) -> None:
+    # numpy ints are fine; floats (2.5) and bools are not: these count blocks, ranks, ...
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"Config.{name} must be an int, got {value!r}")

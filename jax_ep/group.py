@@ -241,15 +241,19 @@ class Group:
             sync_errors=self.config.sync_errors,
             spans_nodes=self.spans_nodes,
             fault_inject_rank=self.config.fault_inject_rank,
+            host_checks=self.config.host_checks,
             **fields,
         )
 
     def check_fits(
         self, hidden: int, dtype, num_tokens: int, num_topk: int, op: str, low_latency: bool = False
     ) -> None:
-        """Raise a clear error when a call exceeds what the group's buffers were sized for."""
-        if self.backend != "cuda":
-            return
+        """Raise a clear error when a call exceeds what the group's buffers were sized for.
+
+        Every backend enforces these limits before any backend code (the reference backend
+        has no buffers, but a program that runs on it must also run on the CUDA backend),
+        except the row width in bytes, which only buffers constrain.
+        """
         problems = []
         bound, bound_name = (
             (self.num_max_low_latency_tokens_per_rank, "num_max_low_latency_tokens_per_rank")
@@ -261,7 +265,14 @@ class Group:
             problems.append(f"{num_tokens} tokens > {bound_name}={bound}")
         if num_topk > self.num_topk:
             problems.append(f"top-k {num_topk} > num_topk={self.num_topk}")
-        if hidden * np.dtype(dtype).itemsize > self.hidden * self.dtype.itemsize:
+        if hidden > self.hidden:
+            problems.append(f"hidden {hidden} > hidden={self.hidden}")
+        # the byte width of a row (a wider dtype than the group's) only matters where
+        # buffers exist; the reference backend carries any payload dtype
+        elif (
+            self.backend == "cuda"
+            and hidden * np.dtype(dtype).itemsize > self.hidden * self.dtype.itemsize
+        ):
             problems.append(
                 f"rows of {hidden} x {np.dtype(dtype).name} exceed the "
                 f"{self.hidden} x {self.dtype.name} the buffers hold"
@@ -269,7 +280,9 @@ class Group:
         if low_latency and not self.low_latency:
             problems.append("the group was created without low_latency=True")
         if problems:
-            raise ValueError(f"jax_ep.{op}: " + "; ".join(problems) + " (create the Group larger)")
+            raise ValueError(
+                f"jax_ep.{op}: " + "; ".join(problems) + " (create the Group to fit the call)"
+            )
 
     def take_token(self, like: jax.Array):
         """The ordering token the next op of this group takes (None: no device state)."""

@@ -18,10 +18,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.experimental import io_callback
 
-from jax_ep import _compat, validation
+from jax_ep import _compat, checks, validation
 from jax_ep import fp8 as _fp8
 from jax_ep.backends import backend_for, default_backend
 from jax_ep.backends.spec import OpSpec
@@ -53,13 +51,27 @@ def get_dispatch_layout(
       Local to each rank: no communication.
     """
     if group is not None:
+        validation.check_group(group, "get_dispatch_layout")
         num_experts, num_ranks = group.num_experts, group.num_ranks
     if num_experts is None or num_ranks is None:
         raise ValueError("get_dispatch_layout needs num_experts and num_ranks (or group=)")
     validation.check_num_experts(num_experts, num_ranks)
     topk_idx, _ = validation.check_routing(topk_idx, None, None)
     backend = group.backend if group is not None else default_backend()
-    return backend_for(backend).layout(topk_idx, num_experts, num_ranks)
+    out = backend_for(backend).layout(topk_idx, num_experts, num_ranks)
+    host_checks = group.config.host_checks if group is not None else True
+    if backend == "reference" and checks.wanted(host_checks, topk_idx):
+        # the CUDA layout kernel reports bad ids from the device; the reference fails here
+        # (deciding over the group's ranks together when the group's axis is bound)
+        counts = checks.expert_id_guard(
+            out.num_tokens_per_rank,
+            topk_idx,
+            num_experts,
+            "get_dispatch_layout",
+            group.axis_name if group is not None else None,
+        )
+        out = out._replace(num_tokens_per_rank=counts)
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -69,6 +81,7 @@ def get_dispatch_layout(
 
 def check_group_axis(group, op: str) -> int:
     """The EP axis size here, checked against the group's."""
+    validation.check_group(group, op)
     num_ranks = validation.axis_size_or_raise(group.axis_name, op)
     if num_ranks != group.num_ranks:
         raise ValueError(
@@ -145,30 +158,10 @@ def dispatch(
     group.put_token(token)
     ox, oscales, oidx, ow, counts, dropped, handle = out
     if on_overflow == "error":
-        counts = counts + _overflow_guard(
-            dropped, f"dispatch(layout={layout!r}, capacity={capacity})"
+        counts = checks.overflow_guard(
+            counts, dropped, f"dispatch(layout={layout!r}, capacity={capacity})", group.axis_name
         )
     return DispatchOut(ox, oscales, oidx, ow, counts, dropped, handle)
-
-
-def _raise_if_dropped(num_dropped, what):
-    n = int(np.asarray(num_dropped))
-    if n > 0:
-        raise ValueError(
-            f"jax_ep.{what}: {n} rows did not fit and were dropped "
-            f"(on_overflow='error'); raise capacity/capacity_factor, or pass "
-            f"capacity_factor=None for the worst case (never drops)"
-        )
-    return np.int32(0)
-
-
-def _overflow_guard(num_dropped: jax.Array, what: str) -> jax.Array:
-    """A zero whose computation fails the step when ``num_dropped > 0``."""
-    return io_callback(
-        functools.partial(_raise_if_dropped, what=what),
-        jax.ShapeDtypeStruct((), jnp.int32),
-        num_dropped,
-    )
 
 
 def _dispatch_impl(spec: OpSpec, x, topk_idx, topk_weights, token):

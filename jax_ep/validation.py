@@ -92,6 +92,17 @@ def check_on_overflow(on_overflow: str) -> None:
         raise ValueError(f"on_overflow must be 'report' or 'error', got {on_overflow!r}")
 
 
+def check_group(group, op: str) -> None:
+    # imported here: jax_ep.group imports this module
+    from jax_ep.group import Group
+
+    if not isinstance(group, Group):
+        raise TypeError(
+            f"jax_ep.{op} needs group=jax_ep.Group(mesh, axis_name, num_experts=..., ...), "
+            f"created once outside jit; got group={group!r}"
+        )
+
+
 def axis_size_or_raise(axis_name, op: str) -> int:
     """The EP axis size (the product over a tuple of axes), or a clear error when the op runs
     outside a ``shard_map``/``vmap`` that binds every axis of it."""

@@ -5,13 +5,16 @@ low-latency and high-throughput paths agree."""
 from __future__ import annotations
 
 import math
+import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
 from conftest import requires_8_devices
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
 
 import decode_moe  # noqa: E402
 import train_moe  # noqa: E402
@@ -58,3 +61,19 @@ def test_mesh_option_errors():
         train_moe.parse_mesh("ep=2,ep=4")
     with pytest.raises(ValueError, match=r"'gpu' is not an axis of the mesh"):
         train_moe.main(SMALL + ["--mesh", "data=2,ep=4", "--ep-axes", "gpu", "--steps", "1"])
+
+
+def test_demo_runs_quickly_on_cpu():
+    """The first thing a newcomer runs: CPU defaults finish in seconds and say what ran."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "demo.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "jax_ep backend: reference" in done.stdout
+    assert "its kernels replace the reference" in done.stdout
+    assert done.stdout.strip().splitlines()[-1].startswith("Next: python -m jax_ep")

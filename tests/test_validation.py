@@ -23,7 +23,9 @@ def runner():
 
 @pytest.fixture(scope="module")
 def group(runner):
-    return runner.group(num_experts=E, num_topk=K, hidden=H, num_max_tokens_per_rank=T)
+    return runner.group(
+        num_experts=E, num_topk=K, hidden=H, num_max_tokens_per_rank=T, low_latency=True
+    )
 
 
 def trace(runner, fn, *args):

@@ -1,12 +1,16 @@
 """The reference backend: :mod:`jax_ep.reference` behind the :class:`~jax_ep.backends.Backend`
 interface. It keeps no device state (XLA orders its collectives itself), so the
-ordering token passes through unchanged (it is ``None``)."""
+ordering token passes through unchanged (it is ``None``).
+
+Expert ids outside ``[-1, num_experts)`` are an error here as on the CUDA backend
+(which finds them on the device): :func:`jax_ep.checks.expert_id_guard` fails the step
+that routed them, naming the first one."""
 
 from __future__ import annotations
 
 import jax
 
-from jax_ep import reference
+from jax_ep import checks, reference
 from jax_ep.backends.spec import OpSpec
 from jax_ep.handles import Handle, LowLatencyHandle
 
@@ -18,6 +22,7 @@ class ReferenceBackend:
         return None
 
     def layout(self, topk_idx: jax.Array, num_experts: int, num_ranks: int):
+        # bad ids: jax_ep.get_dispatch_layout guards them (it knows the group's axis)
         return reference.get_dispatch_layout(topk_idx, num_experts, num_ranks)
 
     def dispatch(self, x, topk_idx, topk_weights, token, spec: OpSpec):
@@ -32,7 +37,12 @@ class ReferenceBackend:
             fp8=spec.fp8,
             round_scale=spec.round_scale,
         )
-        return out, token
+        if not checks.wanted(spec.host_checks, topk_idx):
+            return out, token
+        counts = checks.expert_id_guard(
+            out[4], topk_idx, spec.num_experts, "dispatch", spec.axis_name
+        )
+        return (*out[:4], counts, *out[5:]), token
 
     def combine(self, y, handle: Handle, weights, token, spec: OpSpec, extra=None):
         out = reference.combine(y, handle, weights, axis_name=spec.axis_name, extra=extra)
@@ -59,7 +69,12 @@ class ReferenceBackend:
             fp8=spec.fp8,
             round_scale=spec.round_scale,
         )
-        return out, token
+        if not checks.wanted(spec.host_checks, topk_idx):
+            return out, token
+        counts = checks.expert_id_guard(
+            out[2], topk_idx, spec.num_experts, "low_latency_dispatch", spec.axis_name
+        )
+        return (*out[:2], counts, *out[3:]), token
 
     def ll_dispatch_recv(self, ticket, token, spec: OpSpec):
         return ticket, token

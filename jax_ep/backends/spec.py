@@ -26,6 +26,7 @@ class OpSpec:
     sync_errors: bool = False
     spans_nodes: bool = False  # internode group: extra columns do not travel with combine rows
     fault_inject_rank: int = -1
+    host_checks: bool = True  # Config.host_checks
 
     @property
     def num_local_experts(self) -> int:
