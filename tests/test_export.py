@@ -61,7 +61,10 @@ def test_export_symbolic_tokens(runner, layout):
         jax.ShapeDtypeStruct((R, t, K), jnp.float32, sharding=sharding),
     )
     checks = [jax.export.DisabledSafetyCheck.custom_call(n) for n in CUDA_TARGETS]
-    exported = jax.export.export(f, disabled_checks=checks)(*args)
+    # lowered for the runner's devices (the reference runners use the CPU devices, also on a
+    # GPU machine, where export would otherwise lower for the default backend, CUDA)
+    platforms = ["cpu"] if runner.platform == "cpu" else None
+    exported = jax.export.export(f, disabled_checks=checks, platforms=platforms)(*args)
     restored = jax.export.deserialize(exported.serialize())
     for num_tokens in (5, 16):
         idx, w = make_routing("masked", R, num_tokens, K, E, seed=num_tokens)

@@ -228,8 +228,12 @@ def test_low_latency_dispatch_bad_expert_id(mode):
 def test_get_dispatch_layout_bad_expert_id(jit):
     idx = jnp.array([[0, 1], [2, 9]], jnp.int32)
     f = lambda i: jax_ep.get_dispatch_layout(i, E, num_ranks=R).num_tokens_per_expert  # noqa: E731
+    run = jax.jit(f) if jit else f
     with pytest.raises(Exception, match=r"topk_idx\[1, 1\] = 9 is out of range \[-1, 8\)"):
-        np.asarray((jax.jit(f) if jit else f)(idx))
+        # the reference backend fails this call; the CUDA layout kernel finds the id on the
+        # device and the next jax_ep call on that device reports it
+        for _ in range(2):
+            np.asarray(run(idx))
 
 
 def test_good_expert_ids_pass():
