@@ -64,13 +64,17 @@ def copy_roofline(device, nbytes: int, *, calls: int = 20, repeats: int = 5) -> 
 
 
 def _git_commit() -> str:
-    """The checkout's commit (``JAX_EP_COMMIT`` when the tree was copied without .git)."""
+    """The checkout's commit, ``+dirty`` when tracked files differ from it (the code that ran
+    is then not that commit); ``JAX_EP_COMMIT`` when the tree was copied without .git."""
     if os.environ.get("JAX_EP_COMMIT"):
         return os.environ["JAX_EP_COMMIT"]
+
+    def git(*args: str) -> str:
+        return subprocess.check_output(["git", *args], text=True, stderr=subprocess.DEVNULL).strip()
+
     try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
-        ).strip()
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
