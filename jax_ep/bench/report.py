@@ -76,8 +76,10 @@ def _check_text(record: dict) -> str:
     )
     if c["jax_ep"] == "n/a":
         return f"\n\nCheck: n/a (no CUDA backend in this run){skipped}."
+    if not c["compared"]:  # e.g. the empty ops, timed for the CUDA backend alone
+        return f"\n\nCheck: nothing to compare (only jax_ep was timed in this run){skipped}."
     losers = "; ".join(
-        f"{lo['op']} {lo['layout']} {'fp8' if lo['fp8'] else 'bf16'} T={lo['tokens']}: "
+        f"{lo['op']} {lo['layout'] or 'll'} {'fp8' if lo['fp8'] else 'bf16'} T={lo['tokens']}: "
         f"{lo['jax_ep_us']:.1f} µs vs {lo['rival']} {lo['rival_us']:.1f} µs"
         for lo in c["losers"]
     )

@@ -10,11 +10,11 @@ path           layout        what runs
 ``ragged_dot``  ragged        ``jax.lax.ragged_dot``. Native on TPU and fine on CPU; XLA:GPU
                               (jax 0.10/0.11) expands it into a dense masked product per
                               expert: 117 ms for 512 tokens at 256 experts, out of memory
-                              (112 GiB asked) at 4096 (DESIGN.md §7).
+                              (112 GiB asked) at 4096 (H200, issue #15).
 ``einsum``      expert_major  one batched ``einsum`` over ``[E_loc, capacity, D]`` (cuBLAS on
                               GPU). Every slot is computed, so its cost follows the capacity
-                              (``capacity_factor`` × the balanced load): 5.4 ms at 512 tokens,
-                              8.0 ms at 4096, 256 experts, 2× capacity (DESIGN.md §7).
+                              (``capacity_factor`` × the balanced load): 5.6 ms forward at 512
+                              tokens, 256 experts, 2× capacity (H200, docs/experts.md).
 ``mosaic``      ragged        jax's own Pallas Mosaic-GPU grouped GEMM kernels (Hopper, bf16/f16;
                               :mod:`jax_ep.experts.mosaic`); cost follows the buffer rows.
 ``tokamax``     ragged        ``tokamax.ragged_dot`` when tokamax is installed (optional;

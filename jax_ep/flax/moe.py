@@ -82,7 +82,8 @@ class MoEAux(NamedTuple):
     aux_loss: ``[]`` float32, ``aux_loss_coef * balance_loss`` (0 when the coefficient is 0);
       add it to the training loss.
     tokens_per_expert: ``[E]`` float32 tokens that chose each expert.
-    num_dropped: ``[]`` int32 selections dropped for capacity (0 with the default capacity).
+    num_dropped: ``[]`` int32 selections dropped for capacity (always 0 with
+      ``capacity_factor=None``).
     """
 
     aux_loss: jax.Array
@@ -384,10 +385,12 @@ class MoE(nnx.Module):
         ``R*T*K/E`` per expert for expert_major; :mod:`jax_ep.capacity`); None = the worst case
         (never drops). Overflow is counted in ``MoEAux.num_dropped``.
       expert_path: how the routed experts compute (:mod:`jax_ep.experts`): ``"auto"`` (the
-        platform's measured best: batched einsum on expert_major rows on GPUs,
-        ``jax.lax.ragged_dot`` elsewhere), ``"ragged_dot"``, ``"einsum"``, ``"mosaic"`` (jax's
-        Hopper grouped-GEMM kernels, bf16) or ``"tokamax"`` (if installed). jax_ep impls
-        dispatch straight into the path's layout; the baselines' ragged rows are regrouped.
+        platform's measured best: on GPUs batched einsum on expert_major rows, or the
+        Mosaic kernels on sm_90 for bf16/f16 from ``MIN_ROWS_PER_EXPERT["mosaic"]`` rows per
+        expert; ``jax.lax.ragged_dot`` elsewhere), ``"ragged_dot"``, ``"einsum"``,
+        ``"mosaic"`` (jax's Hopper grouped-GEMM kernels, bf16) or ``"tokamax"`` (if
+        installed). jax_ep impls dispatch straight into the path's layout; the baselines'
+        ragged rows are regrouped.
       low_latency: default path for calls: :func:`jax_ep.low_latency_dispatch`/``_combine``
         (decoding). jax_ep impls only. Overridable per call.
       low_latency_group: group for the low-latency path (created with ``low_latency=True``;
