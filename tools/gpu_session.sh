@@ -41,12 +41,13 @@ for stage in "$@"; do
         2>&1 | tee "$OUT/tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout" | tail -80
       status=$(( status | ${PIPESTATUS[0]} )) ;;
     bench)
-      # ht runs rewrite their JSON after every case: a run cut by the timeout keeps what it measured
+      # sized to fit one device call (600 s) with the build; ht runs rewrite their JSON after
+      # every case: a run cut by a timeout keeps what it measured
       B="python3 -m jax_ep.bench --calls 10 --repeats 10 --out $OUT/json"
-      { timeout 420 $B --ranks 1 --sweep 1024,2048,4096  # EP=1: vs local and ragged_all_to_all
-        timeout 200 $B --loopback 2 --baselines all_to_all
-        timeout 200 $B --mode low-latency --loopback 2 --tokens 128 --experts 288 --profile
-        timeout 150 $B --mode low-latency --ranks 1 --tokens 1 --hidden 128 --experts 8 --topk 1 \
+      { timeout 200 $B --ranks 1 --sweep 1024,4096  # EP=1: vs local and ragged_all_to_all
+        timeout 120 $B --loopback 2 --baselines all_to_all
+        timeout 90 $B --mode low-latency --loopback 2 --tokens 128 --experts 288 --profile
+        timeout 70 $B --mode low-latency --ranks 1 --tokens 1 --hidden 128 --experts 8 --topk 1 \
           --chain 32 --backends cuda --tag empty --profile
         python3 -m jax_ep.bench.report --dir $OUT/json --plot $OUT/plot.png  # needs matplotlib
       } 2>&1 | tee "$OUT/bench.log" | grep -v "^ *$" ;;
@@ -66,7 +67,8 @@ for stage in "$@"; do
     layer)  # one MoE layer at DeepSeek-V3 sizes, every expert path, vs the local MaxText-style path
       # (JSON rewritten after every token count: a run cut by the timeout keeps what it measured)
       # (256 experts forward+backward: 22.5 GB of weights and as much of gradients, twice in flight)
-      { XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 timeout 300 python3 -m jax_ep.bench --mode layer \
+      # (300 s reached 256 experts x 4096 tokens on an H200; run it as a call of its own)
+      { XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 timeout 520 python3 -m jax_ep.bench --mode layer \
           --out $OUT/json --compile-workers 8
       } 2>&1 | tee "$OUT/layer.log" | grep -v "^ *$" ;;
     llprof)  # where the low-latency time goes: kernel breakdown from the profiler
