@@ -61,6 +61,47 @@ BACKENDS = ["reference", "cuda-lowering"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_tokens_is_a_clear_error(backend):
+    group = _group(backend, low_latency=True)
+    ops = {
+        "dispatch": lambda x, i, w: jax_ep.dispatch(x, i, w, group=group).counts,
+        "low_latency_dispatch": lambda x, i, w: jax_ep.low_latency_dispatch(x, i, group=group).x,
+    }
+    for op in ops.values():
+        with pytest.raises(ValueError, match="x has 0 tokens .* pad with a token"):
+            _trace(group, op, _x(t=0), _idx(t=0), _w(t=0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_more_experts_per_token_than_experts_works(backend):
+    """top-k above the number of experts (K=4 of E=2): the extra slots repeat experts, and
+    the reference backend gives a result (the CUDA backend runs the same code path)."""
+    if backend != "reference":
+        pytest.skip("runs the step: the reference backend on CPU")
+    mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:1]), ("ep",))
+    group = jax_ep.Group(
+        mesh,
+        "ep",
+        num_experts=2,
+        num_topk=4,
+        hidden=H,
+        num_max_tokens_per_rank=T,
+        backend="reference",
+        loopback=2,
+    )
+    x = jnp.ones((2, T, H), jnp.bfloat16)
+    idx = jnp.tile(jnp.array([0, 1, 0, 1], jnp.int32), (2, T, 1))
+    w = jnp.full((2, T, 4), 0.25, jnp.float32)
+
+    def layer(x, i, w):
+        out = jax_ep.dispatch(x, i, w, group=group)
+        return jax_ep.combine(out.x, out.handle, group=group)
+
+    y = jax.vmap(layer, axis_name="ep")(x, idx, w)
+    np.testing.assert_allclose(np.asarray(y, np.float32), 1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_hidden_larger_than_group(backend):
     group = _group(backend)
     with pytest.raises(ValueError, match=r"hidden 256 > hidden=128"):
