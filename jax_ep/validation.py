@@ -19,11 +19,11 @@ def _dtype_name(d) -> str:
 def check_tokens(x: jax.Array, name: str = "x") -> None:
     if x.ndim != 2:
         raise ValueError(f"{name} must be [num_tokens, hidden] on each rank, got shape {x.shape}")
-    if name == "x" and isinstance(x.shape[0], int) and x.shape[0] == 0:
+    if isinstance(x.shape[0], int) and x.shape[0] == 0:
         # every output has a static shape sized from the token count; an empty call would
         # have no rows to size them by (a symbolic count is at least 1)
         raise ValueError(
-            f"x has 0 tokens (shape {x.shape}): every rank must pass at least one token per "
+            f"{name} has 0 tokens (shape {x.shape}): every rank must pass at least one token per "
             "call; pad with a token whose topk_idx row is all -1 (masked: it is sent nowhere "
             "and combines to zeros)"
         )

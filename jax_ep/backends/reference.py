@@ -37,12 +37,7 @@ class ReferenceBackend:
             fp8=spec.fp8,
             round_scale=spec.round_scale,
         )
-        if not checks.wanted(spec.host_checks, topk_idx):
-            return out, token
-        counts = checks.expert_id_guard(
-            out[4], topk_idx, spec.num_experts, "dispatch", spec.axis_name
-        )
-        return (*out[:4], counts, *out[5:]), token
+        return _checked(out, 4, topk_idx, spec, "dispatch"), token
 
     def combine(self, y, handle: Handle, weights, token, spec: OpSpec, extra=None):
         out = reference.combine(y, handle, weights, axis_name=spec.axis_name, extra=extra)
@@ -69,12 +64,7 @@ class ReferenceBackend:
             fp8=spec.fp8,
             round_scale=spec.round_scale,
         )
-        if not checks.wanted(spec.host_checks, topk_idx):
-            return out, token
-        counts = checks.expert_id_guard(
-            out[2], topk_idx, spec.num_experts, "low_latency_dispatch", spec.axis_name
-        )
-        return (*out[:2], counts, *out[3:]), token
+        return _checked(out, 2, topk_idx, spec, "low_latency_dispatch"), token
 
     def ll_dispatch_recv(self, ticket, token, spec: OpSpec):
         return ticket, token
@@ -90,3 +80,12 @@ class ReferenceBackend:
 
 
 BACKEND = ReferenceBackend()
+
+
+def _checked(out: tuple, at: int, topk_idx, spec: OpSpec, what: str) -> tuple:
+    """``out`` with its counts (``out[at]``) computed only after the expert-id check of
+    :mod:`jax_ep.checks` (when ``Config.host_checks`` asks for it)."""
+    if not checks.wanted(spec.host_checks, topk_idx):
+        return out
+    counts = checks.expert_id_guard(out[at], topk_idx, spec.num_experts, what, spec.axis_name)
+    return (*out[:at], counts, *out[at + 1 :])

@@ -441,12 +441,8 @@ def _local_dispatch(x, idx, *, num_experts):
     return out.x, out.state
 
 
-def _local_combine(y, w, state):
-    return baselines.local_combine(y, w, state)
-
-
 _BASELINES = {
-    "local": (_local_dispatch, _local_combine),
+    "local": (_local_dispatch, baselines.local_combine),
     "ragged_all_to_all": (_ragged_dispatch, _ragged_combine),
     "all_to_all": (_a2a_dispatch, _a2a_combine),
 }
