@@ -41,7 +41,7 @@ from jax_ep import baselines  # noqa: E402
 
 # (tokens per rank, hidden, experts, top-k, timed steps): GPU sizes show the kernels' speed;
 # CPU sizes only show that everything runs and agrees (the reference is not fast on CPU)
-GPU_DEFAULTS = dict(tokens=512, hidden=1024, experts=32, topk=4, steps=10)
+GPU_DEFAULTS = dict(tokens=512, hidden=1024, experts=32, topk=4, steps=20)
 CPU_DEFAULTS = dict(tokens=32, hidden=128, experts=16, topk=2, steps=3)
 
 
@@ -63,13 +63,17 @@ def baseline_layer(x, topk_idx, topk_weights, w_up, *, num_experts, emulate):
     )
 
 
-def _time_ms(f, args, steps: int) -> float:
+def _time_ms(f, args, steps: int, repeats: int = 5) -> float:
+    """ms per step: the median over ``repeats`` runs of ``steps`` back-to-back steps."""
     jax.block_until_ready(f(*args))  # compiled and warm
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        out = f(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / steps * 1e3
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = f(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / steps * 1e3)
+    return float(np.median(samples))
 
 
 def run(mesh, loopback, args, on_gpu: bool):
@@ -127,7 +131,7 @@ def run(mesh, loopback, args, on_gpu: bool):
     where = f"{R} virtual EP ranks on one {kind}" if loopback else f"{R} EP ranks ({R} x {kind})"
     print(f"{where}; jax_ep backend: {group.backend}")
     print(f"  MoE layer: {T} tokens/rank, hidden {H}, top-{K} of {E} experts ({E // R} per rank)")
-    print(f"  dispatch + ragged_dot + combine, ms per step (mean of {args.steps}):")
+    print(f"  dispatch + ragged_dot + combine, ms per step (median of 5 runs of {args.steps}):")
     for name, ms in times.items():
         print(f"    {name:<58} {ms:9.2f}")
     print(f"  max relative difference between them (bf16 outputs): {err:.1e}")

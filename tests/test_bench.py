@@ -94,7 +94,7 @@ def test_check_lists_losers_with_their_profile():
 def test_defaults_follow_the_platform():
     def args(**kw):
         base = dict(mode="ht", tokens=None, hidden=None, topk=None, experts=None)
-        base.update(calls=None, repeats=None, copy_bytes=None)
+        base.update(calls=None, repeats=None, copy_bytes=None, chain=None)
         return argparse.Namespace(**{**base, **kw})
 
     gpu = bench_cli.sized(args(), "gpu")
@@ -103,6 +103,10 @@ def test_defaults_follow_the_platform():
     cpu = bench_cli.sized(args(tokens=64), "cpu")
     assert (cpu.tokens, cpu.hidden, cpu.topk, cpu.experts) == (64, 256, 4, 32)
     assert bench_cli.sized(args(mode="low-latency"), "gpu").experts == 288
+    # ops per program: a decode chain for low-latency, a short one for ht on a GPU
+    assert (gpu.chain, cpu.chain) == (4, 1)
+    assert bench_cli.sized(args(mode="low-latency"), "cpu").chain == 16
+    assert bench_cli.sized(args(chain=2), "gpu").chain == 2
 
 
 def test_plot(tmp_path, monkeypatch):
@@ -128,3 +132,22 @@ def test_plot(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     assert report.main(["--dir", str(tmp_path), "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_chain_runs_every_op_on_arguments_fed_by_the_previous_result(tmp_path):
+    seen = []
+
+    def op(x, idx):
+        seen.append(idx)
+        return idx.sum(), x
+
+    x, idx = jax.numpy.ones(3), jax.numpy.arange(4, dtype=jax.numpy.int32)
+    out = jax.jit(cases._chained(op, 3, cases._feed_routing))(x, idx)
+    assert len(seen) == 3  # three calls traced, each on the previous call's fed routing
+    assert seen[0] is not seen[1] and seen[1] is not seen[2]
+    assert len(out) == 3  # every call's result is an output: nothing of it can be dropped
+    assert int(out[-1][0]) == 6  # the flag is false for real results: the routing is unchanged
+    assert cases._chained(op, 1, cases._feed_routing) is op
+    assert cases._per_call(dict(median_us=8.0, calls=5), 4) == dict(median_us=2.0, calls=5)
+    record = _run(tmp_path, "--chain", "2", "--baselines", "local")
+    assert record["config"]["chain"] == 2

@@ -300,10 +300,4 @@ __device__ __forceinline__ uint2 quantize8(const float* v, float inv) {
   return make_uint2(words[0], words[1]);
 }
 
-// Max of |v| over the 16 lanes of a half warp (lanes 0-15 or 16-31).
-__device__ __forceinline__ float half_warp_max(float v) {
-  for (int o = 8; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
-  return v;
-}
-
 }  // namespace jax_ep

@@ -67,35 +67,73 @@ __device__ inline void copy_row_any(const uint8_t* src, bool from_peer, size_t b
 
 // Quantises one input row (bf16/f16/f32, hidden % 128 == 0) to FP8 and stores the
 // payload (hidden bytes) and scales (hidden / 128 floats) to every destination.
-// Lane j holds destination j's payload and scale pointers. Each half warp owns one
-// 128-channel group at a time: 16 lanes x 8 channels.
+// Lane j holds destination j's payload and scale pointers. kLanes lanes own one
+// 128-channel group at a time (128 / kLanes channels each), so a warp covers
+// 32 / kLanes groups per step, and the loads of kSteps steps are issued before the
+// first is used: the bytes in flight a memory-bound row mover needs.
+//   default (8 lanes x 16 channels, 2 steps): 16-byte stores and 2 KiB of bf16 loads
+//     in flight per warp, for whole rows (high-throughput kernels);
+//   <16, 1>: 8 channels per lane, a warp per 256 channels, the low-latency kernels'
+//     unit of work (kQuantUnitChannels).
+// Per element the arithmetic is the same in both: scale from the group's amax, one
+// multiply, a saturating round-to-nearest cast.
+template <int kLanes = 8, int kSteps = 2>
 __device__ inline void quantize_row_multi(const uint8_t* x_row, int dtype, int hidden, bool round_scale,
                                           uint8_t* my_payload, float* my_scales, int ndst) {
-  const int lane = lane_id(), half = lane >> 4, sub = lane & 15;
+  static_assert(kLanes == 8 || kLanes == 16, "8 or 16 lanes per 128-channel group");
+  constexpr int kChannels = kFp8Group / kLanes;  // per lane
+  constexpr int kGroupsPerStep = 32 / kLanes;
+  constexpr int kLoads = kChannels * 4 / 16;  // 16-byte loads per lane for f32 (half for 16-bit)
+  const int lane = lane_id(), slot = lane / kLanes, sub = lane % kLanes;
   const int num_groups = hidden / kFp8Group;
-  const int esize = dtype == kF32 ? 4 : 2;
-  for (int group0 = 0; group0 < num_groups; group0 += 2) {
-    const int group = group0 + half;
-    const bool active = group < num_groups;
-    float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    if (active) {
-      const uint8_t* src = x_row + (size_t(group) * kFp8Group + sub * 8) * esize;
-      int n = unpack16(ld_input16(src), dtype, v);
-      if (n == 4) unpack16(ld_input16(src + 16), dtype, v + 4);
-    }
-    float amax = 0.f;
+  const bool f32 = dtype == kF32;
+  const int esize = f32 ? 4 : 2, loads = f32 ? kLoads : kLoads / 2;
+  for (int group0 = 0; group0 < num_groups; group0 += kGroupsPerStep * kSteps) {
+    int4 raw[kSteps][kLoads];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
-    amax = half_warp_max(amax);
-    float scale, inv;
-    fp8_scales(amax, round_scale, &scale, &inv);
-    const uint2 q = quantize8(v, inv);
-    for (int j = 0; j < ndst; ++j) {
-      uint8_t* pd = reinterpret_cast<uint8_t*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_payload), j));
-      float* sd = reinterpret_cast<float*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_scales), j));
+    for (int s = 0; s < kSteps; ++s) {
+      const int group = group0 + s * kGroupsPerStep + slot;
+      const uint8_t* src = x_row + (size_t(group) * kFp8Group + sub * kChannels) * esize;
+#pragma unroll
+      for (int l = 0; l < kLoads; ++l)
+        if (group < num_groups && l < loads) raw[s][l] = ld_input16(src + l * 16);
+    }
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      const int group = group0 + s * kGroupsPerStep + slot;
+      const bool active = group < num_groups;
+      float v[kChannels];
+#pragma unroll
+      for (int i = 0; i < kChannels; ++i) v[i] = 0.f;
       if (active) {
-        *reinterpret_cast<uint2*>(pd + size_t(group) * kFp8Group + sub * 8) = q;
-        if (sub == 0) sd[group] = scale;
+        if (f32) {
+#pragma unroll
+          for (int l = 0; l < kLoads; ++l) unpack16(raw[s][l], kF32, v + 4 * l);
+        } else {
+#pragma unroll
+          for (int l = 0; l < kLoads / 2; ++l) unpack16(raw[s][l], dtype, v + 8 * l);
+        }
+      }
+      float amax = 0.f;
+#pragma unroll
+      for (int i = 0; i < kChannels; ++i) amax = fmaxf(amax, fabsf(v[i]));
+#pragma unroll
+      for (int o = kLanes / 2; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, o));
+      float scale, inv;
+      fp8_scales(amax, round_scale, &scale, &inv);
+      const uint2 q0 = quantize8(v, inv);
+      const uint2 q1 = kChannels == 16 ? quantize8(v + 8 * (kChannels / 16), inv) : q0;
+      for (int j = 0; j < ndst; ++j) {
+        uint8_t* pd = reinterpret_cast<uint8_t*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_payload), j));
+        float* sd = reinterpret_cast<float*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_scales), j));
+        if (active) {
+          uint8_t* dst = pd + size_t(group) * kFp8Group + sub * kChannels;
+          if (kChannels == 16)
+            *reinterpret_cast<uint4*>(dst) = make_uint4(q0.x, q0.y, q1.x, q1.y);
+          else
+            *reinterpret_cast<uint2*>(dst) = q0;
+          if (sub == 0) sd[group] = scale;
+        }
       }
     }
   }
@@ -126,6 +164,62 @@ __device__ __forceinline__ float load_peer_f32(const uint8_t* row, int dtype, in
   return dtype == kBF16 ? __bfloat162float(__ushort_as_bfloat16(u)) : __half2float(__ushort_as_half(u));
 }
 
+// The 16-byte-vector body of weighted_sum_rows: kChunks chunks of 16 bytes per lane
+// (one every 32 lanes) times kBatch rows of loads in flight before the (ordered)
+// accumulation; a single row gets several chunks in flight instead of one.
+template <int kChunks, int kBatch>
+__device__ inline void weighted_sum_rows16(const uint8_t* my_row, float my_w, int n, bool from_peer, int dtype,
+                                           size_t chunks, uint8_t* out) {
+  const int lane = lane_id();
+  const int per = dtype == kF32 ? 4 : 8;
+  // the loop bounds are the same for every lane: the shuffles need the whole warp
+  for (size_t chunk0 = 0; chunk0 < chunks; chunk0 += 32 * kChunks) {
+    float acc[kChunks][8];
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[c][i] = 0.f;
+    for (int j0 = 0; j0 < n; j0 += kBatch) {
+      int4 raw[kChunks][kBatch];
+      const uint8_t* rows[kBatch];
+      float w[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int j = j0 + u;
+        rows[u] = reinterpret_cast<const uint8_t*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_row), j & 31));
+        w[u] = __shfl_sync(kFullMask, my_w, j & 31);
+        if (j >= n) rows[u] = nullptr;
+      }
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        const size_t chunk = chunk0 + c * 32 + lane;
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u)
+          if (rows[u] != nullptr && chunk < chunks)
+            raw[c][u] = from_peer ? ld_peer16(rows[u] + chunk * 16) : ld_input16(rows[u] + chunk * 16);
+      }
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        const size_t chunk = chunk0 + c * 32 + lane;
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          if (rows[u] == nullptr || chunk >= chunks) continue;
+          float v[8];
+          unpack16(raw[c][u], dtype, v);
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+            if (i < per) acc[c][i] = __fadd_rn(acc[c][i], __fmul_rn(w[u], v[i]));
+        }
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      const size_t chunk = chunk0 + c * 32 + lane;
+      if (chunk < chunks) *reinterpret_cast<int4*>(out + chunk * 16) = pack16(acc[c], dtype);
+    }
+  }
+}
+
 // Weighted row sum, the combine arithmetic shared by every combine kernel:
 //   out = cast(Σ_j w_j * rows_j) in float32, j ascending, skipping null rows.
 // Lane j (< n) holds row pointer j (null = absent) and weight j. `from_peer` marks
@@ -136,40 +230,12 @@ __device__ inline void weighted_sum_rows(const uint8_t* my_row, float my_w, int 
   const int esize = dtype == kF32 ? 4 : 2;
   const size_t bytes = size_t(hidden) * esize;
   if (bytes % 16 == 0) {
-    const int per = 16 / esize;
-    // the loop bound is the same for every lane: the shuffles need the whole warp
-    const size_t chunks = bytes / 16;
-    for (size_t chunk0 = 0; chunk0 < chunks; chunk0 += 32) {
-      const size_t chunk = chunk0 + lane;
-      const bool active = chunk < chunks;
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      // loads of kBatch rows in flight before the (ordered) accumulation
-      constexpr int kBatch = 8;
-      for (int j0 = 0; j0 < n; j0 += kBatch) {
-        int4 raw[kBatch];
-        float w[kBatch];
-        bool has[kBatch];
-#pragma unroll
-        for (int u = 0; u < kBatch; ++u) {
-          const int j = j0 + u;
-          const uint8_t* row =
-              reinterpret_cast<const uint8_t*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_row), j & 31));
-          w[u] = __shfl_sync(kFullMask, my_w, j & 31);
-          has[u] = j < n && row != nullptr && active;
-          if (has[u]) raw[u] = from_peer ? ld_peer16(row + chunk * 16) : ld_input16(row + chunk * 16);
-        }
-#pragma unroll
-        for (int u = 0; u < kBatch; ++u) {
-          if (!has[u]) continue;
-          float v[8];
-          unpack16(raw[u], dtype, v);
-#pragma unroll
-          for (int i = 0; i < 8; ++i)
-            if (i < per) acc[i] = __fadd_rn(acc[i], __fmul_rn(w[u], v[i]));
-        }
-      }
-      if (active) *reinterpret_cast<int4*>(out + chunk * 16) = pack16(acc, dtype);
-    }
+    // loads in flight per lane: up to 8 rows' chunk, or 4 chunks of a single row (per_rank's
+    // combine: one row per token); n is warp-uniform
+    if (n == 1)
+      weighted_sum_rows16<4, 1>(my_row, my_w, n, from_peer, dtype, bytes / 16, out);
+    else
+      weighted_sum_rows16<1, 8>(my_row, my_w, n, from_peer, dtype, bytes / 16, out);
     return;
   }
   // odd sizes: one element per lane

@@ -3,7 +3,7 @@
 // forward already settled. The send phase is the dispatch's own (same slots, arrival
 // words and sequence number); the receive copies each received token's row to its
 // place in the handle's list (recv_src), with no routing pass (no bitmap, no scan):
-// two launches instead of five.
+// two launches (one when the group has one rank) instead of four.
 #include "common/load_kernels.h"
 #include "common/rows.cuh"
 #include "high_throughput/common.cuh"

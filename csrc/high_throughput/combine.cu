@@ -5,7 +5,8 @@
 //         link bytes than one row per expert), cast to the payload dtype and store
 //         it in the home rank's [source rank][token] slot; add to arrival words.
 //   recv  home side: wait for every peer, then add the partials of the ranks each
-//         token went to, in ascending rank order, in float32.
+//         token went to, in ascending rank order, in float32. Not launched when the
+//         group has one rank: every token is home-only (below) and the send ends the op.
 // Both orders are fixed, so results are deterministic and match the reference.
 // Internode groups (docs/protocol.md, "Internode") send partials to the relay of the
 // home rank's local index on the writer's node instead, tagged with the op's sequence
@@ -33,13 +34,26 @@ __device__ inline bool home_only(const HtCombineArgs& a, const RankCtx& r, int t
   return token_ranks(a, r.local, t) == (1ull << r.rank);
 }
 
+// Zeros for the tokens that chose no expert at all (every k masked): their sum is
+// empty. The receive kernel writes them; a one-rank group has no receive kernel, so
+// its send writes them.
+__device__ inline void zero_unrouted_tokens(const HtCombineArgs& a, int local, int block, int blocks, uint8_t* out,
+                                            size_t row_bytes) {
+  for (int t = block * kHtWarps + warp_id(); t < a.num_tokens; t += blocks * kHtWarps) {
+    if (token_ranks(a, local, t) != 0) continue;
+    zero_row(out + size_t(t) * row_bytes, row_bytes);
+    if (lane_id() < a.num_extra) a.out_extra[(size_t(local) * a.num_tokens + t) * a.num_extra + lane_id()] = 0.f;
+  }
+}
+
 __global__ void __launch_bounds__(kHtThreads) ht_combine_send(HtCombineArgs a) {
   if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
   const CommContext& c = a.c;
   const int blocks = gridDim.x / c.num_local_ranks;  // see launch_ht_combine
   const int local = blockIdx.x / blocks, block = blockIdx.x % blocks;
   const RankCtx r = rank_ctx(c, local, kHtCombineSeq);
-  if (r.rank == c.fault_inject_rank) return;  // testing: a peer that never arrives
+  // testing: a peer that never arrives (a group of one rank has no peer to wait for it)
+  if (c.num_ranks > 1 && r.rank == c.fault_inject_rank) return;
   const int lane = lane_id();
   const int T = a.num_tokens, R = c.num_ranks, kr = a.rows_per_token;
   const size_t RT = size_t(R) * T;
@@ -71,7 +85,12 @@ __global__ void __launch_bounds__(kHtThreads) ht_combine_send(HtCombineArgs a) {
     weighted_sum_rows(my_row, w, kr, false, a.dtype, a.hidden, dst);
     if (lane < a.num_extra) extra_dst[lane] = a.extra[(local * RT + i) * a.num_extra + lane];
   }
-  publish_arrival(c, r, c.layout.ht_combine_arrival);
+  if (R == 1) {  // every routed token is home-only: this kernel writes the whole output, and ends the op
+    zero_unrouted_tokens(a, local, block, blocks, out, row_bytes);
+    finish_op(c, r, kHtCombineSeq, blocks, a.order);
+  } else {
+    publish_arrival(c, r, c.layout.ht_combine_arrival);
+  }
 }
 
 __global__ void __launch_bounds__(kHtThreads) ht_combine_recv(HtCombineArgs a) {
@@ -130,7 +149,7 @@ cudaError_t launch_ht_combine(const HtCombineArgs& a, cudaStream_t stream) {
   if (c.layout.sizes.num_nodes > 1) {
     if (cudaError_t err = c.net->ht_combine_relay(a, stream); err != cudaSuccess) return err;
   }
-  ht_combine_recv<<<L * c.copy_blocks, kHtThreads, 0, stream>>>(a);
+  if (c.num_ranks > 1) ht_combine_recv<<<L * c.copy_blocks, kHtThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 

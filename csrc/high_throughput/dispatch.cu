@@ -1,19 +1,21 @@
 // High-throughput dispatch over NVLink peer memory (docs/protocol.md, "HT dispatch").
 //
-// Five launches per call, each serving all ranks of this launch (one rank, or
-// all virtual ranks in loopback):
+// Four launches per call (three when the group has one rank: nothing to send), each
+// serving all ranks of this launch (one rank, or all virtual ranks in loopback):
 //   send     push routing rows to every peer and token rows to their destination
 //            ranks ([source][token] slots: no queues, no count exchange), then add
 //            one to each peer's arrival word per block;
 //   bitmap   wait for every peer, then mark per 32 received-token candidates which
-//            tokens came here (bucket 0) and which local experts they chose;
+//            tokens came here (bucket 0) and which local experts they chose (first,
+//            before any wait: report expert ids out of range in our own routing);
 //   scan     exclusive popcount prefix of every bucket's words;
-//   copy     token-major copy-out: read each received token once, write it to its
-//            rows (one per rank, or one per distinct local expert), fill the handle;
-//   pad      fill the handle entries past the received tokens (-1, 0) and, for
-//            per_rank, the routing of rows past the kept ones. Output rows past the
-//            valid ones are left as they are: nobody reads them (the contract in
-//            jax_ep/reference.py), and a consumer that needs zeros there masks them.
+//   copy     token-major copy-out: read each received token once (our own tokens
+//            straight from x), write it to its rows (one per rank, or one per
+//            distinct local expert), fill the handle; then fill the handle entries
+//            past the received tokens (-1, 0) and, for per_rank, the routing of rows
+//            past the kept ones. Output rows past the valid ones are left as they
+//            are: nobody reads them (the contract in jax_ep/reference.py), and a
+//            consumer that needs zeros there masks them.
 // Internode groups replace the send by two hops (high_throughput/relay_forward.cu), which fill
 // the same slots and arrival words.
 // Slot of (token, expert) = number of earlier received tokens that chose the expert,
@@ -58,6 +60,18 @@ __device__ inline int routing_id(const HtDispatchArgs& a, const Shape& shape, co
   return __ldcg(meta + k);
 }
 
+// Records the first expert id of this rank's own routing outside [-1, E) (the kernels
+// treat it as masked; the error reaches the caller at the group's next check). Before
+// any wait: a peer's timeout must not hide it. Grid-stride over the rank's T * K ids.
+__device__ inline void report_bad_ids(const HtDispatchArgs& a, const Shape& shape, const RankCtx& r, int block,
+                                      int blocks) {
+  const int* ids = a.topk_idx + size_t(r.local) * shape.T * shape.K;
+  for (int i = block * blockDim.x + threadIdx.x; i < shape.T * shape.K; i += blocks * blockDim.x) {
+    const int e = ids[i];
+    if (e < -1 || e >= shape.E) record_error(a.c.err, kErrBadExpert, r.rank, i / shape.K, i % shape.K, shape.E, e, 0);
+  }
+}
+
 __device__ inline float routing_weight(const HtDispatchArgs& a, const Shape& shape, const RankCtx& r, int src, int t,
                                        int k) {
   if (src == r.rank) return a.topk_weights ? a.topk_weights[(size_t(r.local) * shape.T + t) * shape.K + k] : 0.f;
@@ -88,7 +102,6 @@ __global__ void __launch_bounds__(kHtThreads) ht_dispatch_send(HtDispatchArgs a)
 
   for (int t = t_begin + warp_id(); t < t_end; t += kHtWarps) {
     int e = lane < shape.K ? a.topk_idx[(size_t(local) * shape.T + t) * shape.K + lane] : -1;
-    if (lane < shape.K && (e < -1 || e >= shape.E)) record_error(c.err, kErrBadExpert, r.rank, t, lane, shape.E, e, 0);
     const bool valid = lane < shape.K && e >= 0 && e < shape.E;
     if (!valid) e = -1;
     const uint64_t dests = dest_mask(valid, valid ? e / shape.E_loc : 0);
@@ -133,6 +146,7 @@ __global__ void __launch_bounds__(kBitmapThreads) ht_dispatch_bitmap(HtDispatchA
   const Shape shape = shape_of(a);
   const int local = blockIdx.x / c.copy_blocks, block = blockIdx.x % c.copy_blocks;
   const RankCtx r = rank_ctx(c, local, kHtDispatchSeq);
+  report_bad_ids(a, shape, r, block, c.copy_blocks);
   const uint64_t target = r.seq * uint64_t(c.send_blocks);
   if (!wait_all_peers(c, r, c.layout.ht_dispatch_arrival, target, kPhaseHtDispatchArrival)) return;
 
@@ -177,12 +191,12 @@ __global__ void __launch_bounds__(kScanThreads) ht_dispatch_scan(HtDispatchArgs 
   const Shape shape = shape_of(a);
   const int local = blockIdx.x / shape.num_buckets, bucket = blockIdx.x % shape.num_buckets;
   const RankCtx r = rank_ctx(c, local, kHtDispatchSeq);
-  if (aborted(c, r)) return;
-  const int num_words = (shape.R * shape.T + 31) / 32;
+  if (!__syncthreads_and(!aborted(c, r))) return;  // block-uniform: the scan has barriers
+  const int num_words = (shape.R * shape.T + 31) / 32, threads = blockDim.x, warps = threads / 32;
   const uint32_t* words =
       reinterpret_cast<const uint32_t*>(r.self + c.layout.bitmaps) + size_t(bucket) * c.layout.bitmap_words;
   uint32_t* prefix = reinterpret_cast<uint32_t*>(r.self + c.layout.prefixes) + size_t(bucket) * c.layout.bitmap_words;
-  const int per = (num_words + kScanThreads - 1) / kScanThreads;
+  const int per = (num_words + threads - 1) / threads;
   const int word0 = threadIdx.x * per, word1 = min(num_words, word0 + per);
   int mine = 0;
   for (int word_idx = word0; word_idx < word1; ++word_idx) mine += __popc(words[word_idx]);
@@ -191,9 +205,9 @@ __global__ void __launch_bounds__(kScanThreads) ht_dispatch_scan(HtDispatchArgs 
   if (lane_id() == 0) warp_totals[warp_id()] = warp_total;
   __syncthreads();
   if (warp_id() == 0) {
-    int v = lane_id() < kScanThreads / 32 ? warp_totals[lane_id()] : 0, all;
+    int v = lane_id() < warps ? warp_totals[lane_id()] : 0, all;
     int ex = warp_exclusive_scan(v, &all);
-    if (lane_id() < kScanThreads / 32) warp_totals[lane_id()] = ex;
+    if (lane_id() < warps) warp_totals[lane_id()] = ex;
     if (lane_id() == 0) reinterpret_cast<int*>(r.self + c.layout.totals)[bucket] = all;
   }
   __syncthreads();
@@ -202,6 +216,13 @@ __global__ void __launch_bounds__(kScanThreads) ht_dispatch_scan(HtDispatchArgs 
     prefix[word_idx] = run;
     run += __popc(words[word_idx]);
   }
+}
+
+// Threads of a scan block: about 4 words each (a bucket of a few hundred words needs no
+// 1024-thread block), a whole number of warps, at most kScanThreads.
+inline int scan_threads(int num_words) {
+  const int want = ((num_words + 3) / 4 + 31) / 32 * 32;
+  return want < 32 ? 32 : want > kScanThreads ? kScanThreads : want;
 }
 
 // ---------------------------------------------------------------------------
@@ -342,23 +363,15 @@ __device__ __forceinline__ void copy_token(const HtDispatchArgs& a, const Shape&
   }
 }
 
-__global__ void __launch_bounds__(kHtThreads, 2) ht_dispatch_copy(HtDispatchArgs a) {
-  if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
-  extern __shared__ int smem[];
-  int* offsets = smem;  // [E_loc]
-  uint8_t** warp_payload = reinterpret_cast<uint8_t**>(smem + ((a.num_experts / a.c.num_ranks + 1) & ~1));
-  float** warp_scales = reinterpret_cast<float**>(warp_payload + kHtWarps * 32);
+// The received tokens of rank r that block `block` owns: handle entries and rows.
+__device__ __forceinline__ void copy_out(const HtDispatchArgs& a, const Shape& shape, const RankCtx& r, int block,
+                                         const int* totals, const int* offsets, uint8_t** warp_payload,
+                                         float** warp_scales) {
   const CommContext& c = a.c;
-  const Shape shape = shape_of(a);
-  const int local = blockIdx.x / c.copy_blocks, block = blockIdx.x % c.copy_blocks;
-  const RankCtx r = rank_ctx(c, local, kHtDispatchSeq);
-  if (aborted(c, r)) return;
-  const int lane = lane_id(), warp = warp_id();
-  const int* totals = reinterpret_cast<const int*>(r.self + c.layout.totals);
+  const int local = r.local, lane = lane_id(), warp = warp_id();
   const uint32_t* bitmaps = reinterpret_cast<const uint32_t*>(r.self + c.layout.bitmaps);
   const uint32_t* prefixes = reinterpret_cast<const uint32_t*>(r.self + c.layout.prefixes);
   const bool per_rank = a.layout_kind == kPerRank;
-  if (!per_rank) expert_offsets(a, shape, totals, offsets);
 
   const size_t RT = size_t(shape.R) * shape.T;
   const int kr = per_rank ? 1 : shape.K;
@@ -397,40 +410,48 @@ __global__ void __launch_bounds__(kHtThreads, 2) ht_dispatch_copy(HtDispatchArgs
   }
 }
 
-// ---------------------------------------------------------------------------
-// padding
-// ---------------------------------------------------------------------------
+// Handle entries past the n received tokens (-1, 0) and, for per_rank, the routing
+// of the rows past the kept ones (masked): block `block`'s share.
+__device__ __forceinline__ void pad_handle(const HtDispatchArgs& a, const Shape& shape, int local, int block, int n) {
+  const CommContext& c = a.c;
+  const bool per_rank = a.layout_kind == kPerRank;
+  const size_t RT = size_t(shape.R) * shape.T;
+  const int kr = per_rank ? 1 : shape.K;
+  const int gthreads = c.copy_blocks * kHtThreads, gtid = block * kHtThreads + threadIdx.x;
+  for (size_t i = size_t(n) + gtid; i < RT; i += gthreads) {
+    a.recv_src[local * RT + i] = -1;
+    for (int k = 0; k < shape.K; ++k) {
+      a.recv_topk_idx[(local * RT + i) * shape.K + k] = -1;
+      a.recv_weights[(local * RT + i) * shape.K + k] = 0.f;
+    }
+    for (int k = 0; k < kr; ++k) a.recv_rows[(local * RT + i) * kr + k] = -1;
+  }
+  if (per_rank) {
+    const int gwarps = c.copy_blocks * kHtWarps, gwarp = block * kHtWarps + warp_id();
+    for (int row = min(n, a.capacity) + gwarp; row < a.capacity; row += gwarps) {
+      if (lane_id() < shape.K) {
+        a.out_topk_idx[(size_t(local) * a.capacity + row) * shape.K + lane_id()] = -1;
+        a.out_topk_weights[(size_t(local) * a.capacity + row) * shape.K + lane_id()] = 0.f;
+      }
+    }
+  }
+}
 
-__global__ void __launch_bounds__(kHtThreads) ht_dispatch_pad(HtDispatchArgs a) {
+__global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_copy(HtDispatchArgs a) {
   if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
+  extern __shared__ int smem[];
+  int* offsets = smem;  // [E_loc]
+  uint8_t** warp_payload = reinterpret_cast<uint8_t**>(smem + ((a.num_experts / a.c.num_ranks + 1) & ~1));
+  float** warp_scales = reinterpret_cast<float**>(warp_payload + kHtWarps * 32);
   const CommContext& c = a.c;
   const Shape shape = shape_of(a);
   const int local = blockIdx.x / c.copy_blocks, block = blockIdx.x % c.copy_blocks;
   const RankCtx r = rank_ctx(c, local, kHtDispatchSeq);
-  const bool per_rank = a.layout_kind == kPerRank;
-  const int* totals = reinterpret_cast<const int*>(r.self + c.layout.totals);
-  if (!aborted(c, r)) {
-    const size_t RT = size_t(shape.R) * shape.T;
-    const int kr = per_rank ? 1 : shape.K;
-    const int n = totals[0];
-    const int gthreads = c.copy_blocks * kHtThreads, gtid = block * kHtThreads + threadIdx.x;
-    for (size_t i = size_t(n) + gtid; i < RT; i += gthreads) {
-      a.recv_src[local * RT + i] = -1;
-      for (int k = 0; k < shape.K; ++k) {
-        a.recv_topk_idx[(local * RT + i) * shape.K + k] = -1;
-        a.recv_weights[(local * RT + i) * shape.K + k] = 0.f;
-      }
-      for (int k = 0; k < kr; ++k) a.recv_rows[(local * RT + i) * kr + k] = -1;
-    }
-    if (per_rank) {  // routing of the rows past the kept ones: masked
-      const int gwarps = c.copy_blocks * kHtWarps, gwarp = block * kHtWarps + warp_id();
-      for (int row = min(n, a.capacity) + gwarp; row < a.capacity; row += gwarps) {
-        if (lane_id() < shape.K) {
-          a.out_topk_idx[(size_t(local) * a.capacity + row) * shape.K + lane_id()] = -1;
-          a.out_topk_weights[(size_t(local) * a.capacity + row) * shape.K + lane_id()] = 0.f;
-        }
-      }
-    }
+  if (__syncthreads_and(!aborted(c, r))) {  // block-uniform: expert_offsets has a barrier
+    const int* totals = reinterpret_cast<const int*>(r.self + c.layout.totals);
+    if (a.layout_kind != kPerRank) expert_offsets(a, shape, totals, offsets);
+    copy_out(a, shape, r, block, totals, offsets, warp_payload, warp_scales);
+    pad_handle(a, shape, local, block, totals[0]);
   }
   finish_op(c, r, kHtDispatchSeq, c.copy_blocks, a.order);
 }
@@ -438,11 +459,13 @@ __global__ void __launch_bounds__(kHtThreads) ht_dispatch_pad(HtDispatchArgs a) 
 }  // namespace
 
 cudaError_t prepare_ht_dispatch_kernels() {
-  return load_kernels(ht_dispatch_send, ht_dispatch_bitmap, ht_dispatch_scan, ht_dispatch_copy, ht_dispatch_pad);
+  return load_kernels(ht_dispatch_send, ht_dispatch_bitmap, ht_dispatch_scan, ht_dispatch_copy);
 }
 
 cudaError_t launch_ht_dispatch_send(const HtDispatchArgs& a, cudaStream_t stream) {
   const CommContext& c = a.c;
+  // one rank: the copy kernels read its tokens from x, and no peer waits for an arrival
+  if (c.num_ranks == 1) return cudaSuccess;
   if (c.layout.sizes.num_nodes > 1) {
     // two hops: NVSHMEM to each destination node's relay, NVLink from there
     if (cudaError_t err = c.net->ht_dispatch_send(a, stream); err != cudaSuccess) return err;
@@ -462,9 +485,9 @@ cudaError_t launch_ht_dispatch(const HtDispatchArgs& a, cudaStream_t stream) {
   const size_t copy_smem = offsets_ints * 4 + size_t(kHtWarps) * 32 * 2 * sizeof(void*);
   if (cudaError_t err = launch_ht_dispatch_send(a, stream); err != cudaSuccess) return err;
   ht_dispatch_bitmap<<<L * c.copy_blocks, kBitmapThreads, bitmap_smem, stream>>>(a);
-  ht_dispatch_scan<<<L * num_buckets, kScanThreads, 0, stream>>>(a);
+  const int num_words = int((size_t(c.num_ranks) * a.num_tokens + 31) / 32);
+  ht_dispatch_scan<<<L * num_buckets, scan_threads(num_words), 0, stream>>>(a);
   ht_dispatch_copy<<<L * c.copy_blocks, kHtThreads, copy_smem, stream>>>(a);
-  ht_dispatch_pad<<<L * c.copy_blocks, kHtThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 

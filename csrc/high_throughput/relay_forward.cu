@@ -3,7 +3,7 @@
 // by ht_net_dispatch_send, the others' put there through NVSHMEM. It forwards each over
 // NVLink into the [source][token] slots of its node's ranks that the intranode send
 // fills, then adds to their arrival words: from there on, the intranode receive kernels
-// (bitmap, scan, copy, pad) run unchanged.
+// (bitmap, scan, copy) run unchanged.
 #include "common/load_kernels.h"
 #include "common/rows.cuh"
 #include "high_throughput/internode.cuh"

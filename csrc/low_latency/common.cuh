@@ -61,7 +61,7 @@ __device__ __forceinline__ uint64_t ll_signal(uint64_t seq, uint32_t value) {
 // ---------------------------------------------------------------------------
 
 constexpr int kCopyUnitBytes = 32 * 4 * 16;        // copy_row_multi<int4>: 32 lanes x 4 x 16 bytes
-constexpr int kQuantUnitChannels = 2 * kFp8Group;  // quantize_row_multi: a 128-channel group per half warp
+constexpr int kQuantUnitChannels = 2 * kFp8Group;  // quantize_row_multi<16, 1>: a 128-channel group per half warp
 constexpr int kSumUnitBytes = 32 * 16;             // weighted_sum_rows: 16 bytes per lane
 
 // Units of a row; a row that is not a multiple of 16 bytes stays whole, so every

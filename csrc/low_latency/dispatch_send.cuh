@@ -133,9 +133,9 @@ __device__ __forceinline__ PieceBytes write_piece(const LlDispatchSendArgs& a, c
   PieceBytes bytes{0, 0, 0, 0};
   if (a.fp8) {
     const int h0 = u0 * kQuantUnitChannels, h1 = min(H, u1 * kQuantUnitChannels);
-    quantize_row_multi(x_row + size_t(h0) * shape.esize, a.dtype, h1 - h0, a.round_scale,
-                       payload ? payload + h0 : nullptr,
-                       payload ? reinterpret_cast<float*>(payload + H) + h0 / kFp8Group : nullptr, ndst);
+    quantize_row_multi<16, 1>(x_row + size_t(h0) * shape.esize, a.dtype, h1 - h0, a.round_scale,
+                              payload ? payload + h0 : nullptr,
+                              payload ? reinterpret_cast<float*>(payload + H) + h0 / kFp8Group : nullptr, ndst);
     bytes.begin = h0, bytes.end = h1;
     bytes.sbegin = H + size_t(h0 / kFp8Group) * 4, bytes.send = H + size_t(h1 / kFp8Group) * 4;
   } else {

@@ -83,11 +83,18 @@ def _parse(argv=None):
         default=None,
         help="array of the copy roofline (GPU: 1 GiB, CPU: 16 MiB)",
     )
-    p.add_argument("--chain", type=int, default=16, help="ops per program (low-latency)")
+    p.add_argument(
+        "--chain",
+        type=int,
+        default=None,
+        help="dependent ops per program, the time divided by it (GPU: ll 16, ht 4; CPU: "
+        "ll 16, ht 1): a model step runs the op inside a larger program, so the host's "
+        "per-call dispatch is not the op's cost",
+    )
     p.add_argument(
         "--profile",
         action="store_true",
-        help="low-latency: add a kernel breakdown from the JAX profiler to each result",
+        help="add a kernel breakdown from the JAX profiler to each CUDA result (GPU)",
     )
     p.add_argument("--no-fp8", action="store_true", help="low-latency: BF16 dispatch")
     p.add_argument(
@@ -114,6 +121,8 @@ DEFAULTS = {
         calls=20,
         repeats=15,
         copy_bytes=1 << 30,
+        ll_chain=16,
+        chain=4,
     ),
     "cpu": dict(
         tokens=128,
@@ -125,6 +134,8 @@ DEFAULTS = {
         calls=3,
         repeats=3,
         copy_bytes=16 << 20,
+        ll_chain=16,
+        chain=1,
     ),
 }
 
@@ -140,6 +151,8 @@ def sized(args, platform: str):
         args.tokens = d["ll_tokens" if ll else "tokens"]
     if args.experts is None:
         args.experts = d["ll_experts" if ll else "experts"]
+    if args.chain is None:
+        args.chain = d["ll_chain" if ll else "chain"]
     return args
 
 
@@ -242,13 +255,14 @@ def _run(args) -> int:
             node_size=args.node_size or None,
             calls=args.calls,
             repeats=args.repeats,
+            chain=args.chain,
         ),
         results=[],
     )
     path = _json_path(args, env, ranks, loopback, setup.node_size)
     write = (lambda: None) if jax.process_index() != 0 else (lambda: _write(path, record))
     if ll:
-        record["config"].update(chain=args.chain, graphs=args.graphs, fp8=not args.no_fp8)
+        record["config"].update(graphs=args.graphs, fp8=not args.no_fp8)
         record["results"] = cases.ll_cases(
             setup,
             backends=backends,
@@ -282,6 +296,8 @@ def _run(args) -> int:
                 calls=args.calls,
                 repeats=args.repeats,
                 config=config,
+                profile=args.profile,
+                chain=args.chain,
             )
             plan += c
             skipped += s

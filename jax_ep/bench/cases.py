@@ -248,6 +248,8 @@ def ht_plan(
     calls: int,
     repeats: int,
     config: jax_ep.Config,
+    profile: bool = False,
+    chain: int = 1,
 ) -> tuple[list[Case], list[dict]]:
     """The cases of one token count (baselines, then the reference backend, then CUDA: the
     CUDA case can then tell which of its rows lose, and profile those), and the baselines
@@ -264,7 +266,7 @@ def ht_plan(
                 f"baseline {name}",
                 name,
                 setup.tokens,
-                functools.partial(_baseline_case, setup, inputs, name, calls, repeats),
+                functools.partial(_baseline_case, setup, inputs, name, calls, repeats, chain),
             )
         )
     for backend in sorted(backends, key=lambda b: b == "cuda"):
@@ -274,7 +276,16 @@ def ht_plan(
                 backend,
                 setup.tokens,
                 functools.partial(
-                    _backend_case, setup, inputs, backend, layouts, calls, repeats, config
+                    _backend_case,
+                    setup,
+                    inputs,
+                    backend,
+                    layouts,
+                    calls,
+                    repeats,
+                    config,
+                    profile,
+                    chain,
                 ),
             )
         )
@@ -307,7 +318,9 @@ def _row(setup, tr, name, backend, layout, fp8, res, link, hbm, **extra) -> dict
     return row
 
 
-def _backend_case(setup, inputs, backend, layouts, calls, repeats, config, done, out) -> None:
+def _backend_case(
+    setup, inputs, backend, layouts, calls, repeats, config, profile, chain, done, out
+) -> None:
     xd, idxd, wd, tr, _ = inputs.get()
     H, T = setup.hidden, setup.tokens
     # one process only: with several, each decides from its own timings, and a profile run
@@ -315,9 +328,11 @@ def _backend_case(setup, inputs, backend, layouts, calls, repeats, config, done,
     can_profile = setup.mesh.devices.flat[0].platform == "gpu" and jax.process_count() == 1
 
     def add(row, run):
-        # a CUDA row slower than a rival already timed: where did its time go (GPU only)
-        if backend == check.JAX_EP and can_profile and check.loses(row, done):
-            row["profile"] = kernel_breakdown(run)
+        # a CUDA row slower than a rival already timed (or every CUDA row with --profile):
+        # where did its time go (GPU only)
+        if backend == check.JAX_EP and can_profile and (profile or check.loses(row, done)):
+            row["profile"] = _per_op(kernel_breakdown(run), chain)
+            _print_profile(row["profile"])
         out.append(row)
 
     group = setup.group(backend, config=config)
@@ -326,11 +341,10 @@ def _backend_case(setup, inputs, backend, layouts, calls, repeats, config, done,
         for layout in layouts:
             rows = tr["received_tokens"] if layout == "per_rank" else tr["expert_rows"]
             for fp8 in (False, True):
-                disp = setup.per_rank(
-                    functools.partial(_dispatch_only, group=group, layout=layout, fp8=fp8)
-                )
+                op = functools.partial(_dispatch_only, group=group, layout=layout, fp8=fp8)
+                disp = setup.per_rank(_chained(op, chain, _feed_routing))
                 run = functools.partial(disp, xd, idxd, wd)
-                res = measure(run, calls=calls, repeats=repeats)
+                res = _per_call(measure(run, calls=calls, repeats=repeats), chain)
                 row_b = wire_row_bytes(H, fp8)
                 link = tr["remote_token_rank_pairs"] * row_b
                 hbm = T * H * 2 + rows * (H if fp8 else 2 * H)
@@ -341,9 +355,10 @@ def _backend_case(setup, inputs, backend, layouts, calls, repeats, config, done,
             # combine of bf16 expert outputs (FP8 is a dispatch-only wire format)
             first = setup.per_rank(functools.partial(_dispatch_full, group=group, layout=layout))
             y, handle = first(xd, idxd, wd)
-            comb = setup.per_rank(functools.partial(_combine_only, group=group))
+            op = functools.partial(_combine_only, group=group)
+            comb = setup.per_rank(_chained(op, chain, _feed_handle))
             run = functools.partial(comb, y, handle)
-            res = measure(run, calls=calls, repeats=repeats)
+            res = _per_call(measure(run, calls=calls, repeats=repeats), chain)
             link = tr["remote_token_rank_pairs"] * 2 * H
             hbm = rows * 2 * H + tr["received_tokens"] * 2 * H + T * 2 * H
             add(
@@ -353,7 +368,7 @@ def _backend_case(setup, inputs, backend, layouts, calls, repeats, config, done,
         group.close()
 
 
-def _baseline_case(setup, inputs, name, calls, repeats, done, out) -> None:
+def _baseline_case(setup, inputs, name, calls, repeats, chain, done, out) -> None:
     del done
     xd, idxd, wd, tr, idx = inputs.get()
     H, T = setup.hidden, setup.tokens
@@ -369,8 +384,13 @@ def _baseline_case(setup, inputs, name, calls, repeats, done, out) -> None:
             return {}
         return dict(extra, us_per_row=res["median_us"] / max(extra["rows_per_rank"], 1.0))
 
-    disp = setup.per_rank(functools.partial(d_fn, num_experts=setup.experts))
-    res = measure(functools.partial(disp, xd, idxd), calls=calls, repeats=repeats)
+    if name == "ragged_all_to_all":
+        # ~5 µs per row (XLA's own cost: 170 ms a call at EP=1, 4096 tokens): the host's
+        # dispatch is nothing beside it, and a chain would only multiply the run's time
+        chain = extra["ops_per_program"] = 1
+    d_op = functools.partial(d_fn, num_experts=setup.experts)
+    disp = setup.per_rank(_chained(d_op, chain, _feed_routing))
+    res = _per_call(measure(functools.partial(disp, xd, idxd), calls=calls, repeats=repeats), chain)
     out.append(
         _row(
             setup,
@@ -385,9 +405,11 @@ def _baseline_case(setup, inputs, name, calls, repeats, done, out) -> None:
             **per_row(res),
         )
     )
-    yb, state = disp(xd, idxd)
-    comb = setup.per_rank(c_fn)
-    res = measure(functools.partial(comb, yb, wd, state), calls=calls, repeats=repeats)
+    yb, state = setup.per_rank(d_op)(xd, idxd)
+    comb = setup.per_rank(_chained(c_fn, chain, _feed_weights))
+    res = _per_call(
+        measure(functools.partial(comb, yb, wd, state), calls=calls, repeats=repeats), chain
+    )
     out.append(
         _row(
             setup,
@@ -402,6 +424,52 @@ def _baseline_case(setup, inputs, name, calls, repeats, done, out) -> None:
             **per_row(res),
         )
     )
+
+
+# high-throughput chains: `chain` dependent ops in one program, as a model step runs
+# them (the host's per-call dispatch is paid once per program, not once per op); each
+# call's arguments depend on the previous result through a select on one of its
+# scalars, which XLA cannot fold, so no call is merged with another or reordered. Every
+# call's whole result is an output of the program: a result used only through that
+# scalar would let XLA compute just the part the scalar needs (a pure-JAX op's gather
+# shrinks to one row), and the chain would time less than the op.
+
+
+def _chained(op, chain: int, feed):
+    if chain == 1:
+        return op
+
+    def run(*args):
+        outs = []
+        for _ in range(chain):
+            out = op(*args)
+            outs.append(out)
+            leaf = min(jax.tree.leaves(out), key=lambda a: a.size)
+            args = feed(args, leaf.reshape(-1)[0].astype(jnp.float32) < -1e30)
+        return tuple(outs)
+
+    return run
+
+
+def _per_call(res: dict, chain: int) -> dict:
+    return {k: (v / chain if k.endswith("_us") else v) for k, v in res.items()}
+
+
+def _feed_routing(args, flag):  # dispatch(x, idx, ...): the routing
+    x, idx, *rest = args
+    return (x, jnp.where(flag, idx + 1, idx), *rest)
+
+
+def _feed_handle(args, flag):  # jax_ep combine(y, handle): the handle's token list
+    y, handle = args
+    return y, dataclasses.replace(
+        handle, recv_src=jnp.where(flag, handle.recv_src + 1, handle.recv_src)
+    )
+
+
+def _feed_weights(args, flag):  # baseline combine(y, weights, state): the router weights
+    y, w, state = args
+    return y, jnp.where(flag, w * 2, w), state
 
 
 def _dispatch_only(x, idx, w, *, group, layout, fp8):
@@ -485,7 +553,7 @@ def ll_cases(
             calls_before = _handler_calls(group)
             res = measure(lambda s=step: s(xd, idxd, wd), calls=calls, repeats=repeats)
             calls_after = _handler_calls(group)
-            res = {k: (v / chain if k.endswith("_us") else v) for k, v in res.items()}
+            res = _per_call(res, chain)
             msg = 16 + wire_row_bytes(H, fp8)
             per_row = {"dispatch": msg, "combine": 2 * H, "pair": msg + 2 * H}[what]
             # internode: messages to other nodes' ranks go through NVSHMEM, the rest NVLink
