@@ -169,6 +169,20 @@ def test_odd_sizes_and_dtypes(runner, dtype, hidden):
         check_combine(y, combined, want, idx, layout, dtype, runner.backend)
 
 
+@pytest.mark.parametrize("runner", runner_params(RUNNERS, "reference-shard_map-R4", "cuda"))
+@pytest.mark.parametrize("dtype,hidden", [(jnp.bfloat16, 1280), (jnp.float32, 2112)])
+def test_rows_of_several_units_with_few_tokens(runner, dtype, hidden):
+    """Few tokens and long rows: the CUDA combine cuts each token's row into 512-byte parts,
+    a warp each (2560 and 8448 bytes: 5 and 17 parts, the last one short); the sums stay
+    the same, bit for bit, for the expert layouts and per_rank's single row."""
+    for layout in ("ragged", "per_rank"):
+        _, idx, _, out, y, combined, want = run_case(
+            runner, layout, "random", dtype=dtype, hidden=hidden, num_tokens=5
+        )
+        check_dispatch(out, want, layout)
+        check_combine(y, combined, want, idx, layout, dtype, runner.backend)
+
+
 def test_on_overflow_error_fails_the_step():
     runner = Runner("reference", 2, "shard_map")
     idx, w = make_routing("one_expert", 2, T, K, E)
