@@ -18,6 +18,27 @@ __host__ __device__ inline int row_vector_bytes(size_t row_bytes) {
   return 2;
 }
 
+// Rows cut into units (one iteration of a row mover each), so several warps can share
+// a row: the low-latency kernels' decode batches, and a high-throughput combine that
+// received fewer tokens than it has warps.
+constexpr int kSumUnitBytes = 32 * 16;  // weighted_sum_rows: 16 bytes per lane
+
+// Units of a row; a row that is not a multiple of 16 bytes stays whole, so every
+// piece keeps the vector width (and alignment) the movers pick for the whole row.
+JAX_EP_HD inline int row_units(size_t bytes, int unit_bytes) {
+  return bytes % 16 ? 1 : int((bytes + unit_bytes - 1) / unit_bytes);
+}
+
+struct ByteRange {
+  size_t begin, end;
+};
+
+// Bytes of units [u0, u1) of a row of `units` units.
+__device__ inline ByteRange unit_range(size_t bytes, int units, int unit_bytes, int u0, int u1) {
+  if (units == 1) return {0, bytes};
+  return {size_t(u0) * unit_bytes, min(bytes, size_t(u1) * unit_bytes)};
+}
+
 // Peer-written data bypasses L1 (it may hold the line from an earlier call).
 template <typename V>
 __device__ __forceinline__ V load_vec(const uint8_t* ptr, bool from_peer) {
@@ -122,13 +143,14 @@ __device__ inline void quantize_row_multi(const uint8_t* x_row, int dtype, int h
       float scale, inv;
       fp8_scales(amax, round_scale, &scale, &inv);
       const uint2 q0 = quantize8(v, inv);
-      const uint2 q1 = kChannels == 16 ? quantize8(v + 8 * (kChannels / 16), inv) : q0;
+      uint2 q1;
+      if constexpr (kChannels == 16) q1 = quantize8(v + 8, inv);
       for (int j = 0; j < ndst; ++j) {
         uint8_t* pd = reinterpret_cast<uint8_t*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_payload), j));
         float* sd = reinterpret_cast<float*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_scales), j));
         if (active) {
           uint8_t* dst = pd + size_t(group) * kFp8Group + sub * kChannels;
-          if (kChannels == 16)
+          if constexpr (kChannels == 16)
             *reinterpret_cast<uint4*>(dst) = make_uint4(q0.x, q0.y, q1.x, q1.y);
           else
             *reinterpret_cast<uint2*>(dst) = q0;

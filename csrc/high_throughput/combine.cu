@@ -67,19 +67,18 @@ __global__ void __launch_bounds__(kHtThreads) ht_combine_send(HtCombineArgs a) {
   const bool net = c.layout.sizes.num_nodes > 1;
   uint8_t* out = static_cast<uint8_t*>(a.out) + size_t(local) * T * row_bytes;
   // fewer received tokens than warps (1024 tokens on 132 SMs x 16 warps): each token's
-  // row is cut into parts of whole 512-byte units, one warp each, so every warp has
-  // loads in flight; the arithmetic per element is the same
+  // row is cut into parts of whole units, one warp each, so every warp has loads in
+  // flight; the arithmetic per element is the same
   const int warps = blocks * kHtWarps;
-  const size_t units = row_bytes % 16 == 0 ? (row_bytes + 511) / 512 : 1;
-  const int parts = int(min(units, size_t(max(1, n > 0 ? warps / n : 1))));
+  const int units = row_units(row_bytes, kSumUnitBytes);
+  const int parts = min(units, max(1, n > 0 ? warps / n : 1));
   for (long long piece = block * kHtWarps + warp_id(); piece < (long long)n * parts; piece += warps) {
     const int i = int(piece / parts), part = int(piece % parts);
-    const size_t b0 = parts == 1 ? 0 : units * part / parts * 512;
-    const size_t b1 = parts == 1 ? row_bytes : min(row_bytes, units * (part + 1) / parts * 512);
+    const ByteRange b = unit_range(row_bytes, units, kSumUnitBytes, units * part / parts, units * (part + 1) / parts);
     const int p = recv_src[i], src = p / T, t = p % T;
     const int row = lane < kr ? recv_rows[size_t(i) * kr + lane] : -1;
     const float w = lane < kr ? (weights ? weights[size_t(i) * kr + lane] : 1.f) : 0.f;
-    const uint8_t* my_row = row >= 0 ? y + size_t(row) * row_bytes + b0 : nullptr;
+    const uint8_t* my_row = row >= 0 ? y + size_t(row) * row_bytes + b.begin : nullptr;
     uint8_t* dst;
     float* extra_dst = nullptr;
     if (src == r.rank && home_only(a, r, t)) {
@@ -92,7 +91,7 @@ __global__ void __launch_bounds__(kHtThreads) ht_combine_send(HtCombineArgs a) {
       if (net && lane == 0 && part == 0)
         *net_combine_tag(c.layout, c.peers[relay], r.parity, slot, t) = uint32_t(r.seq);
     }
-    weighted_sum_rows(my_row, w, kr, false, a.dtype, int((b1 - b0) / esize), dst + b0);
+    weighted_sum_rows(my_row, w, kr, false, a.dtype, int((b.end - b.begin) / esize), dst + b.begin);
     if (part == 0 && lane < a.num_extra) extra_dst[lane] = a.extra[(local * RT + i) * a.num_extra + lane];
   }
   if (R == 1) {  // every routed token is home-only: this kernel writes the whole output, and ends the op

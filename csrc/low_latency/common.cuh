@@ -62,22 +62,8 @@ __device__ __forceinline__ uint64_t ll_signal(uint64_t seq, uint32_t value) {
 
 constexpr int kCopyUnitBytes = 32 * 4 * 16;        // copy_row_multi<int4>: 32 lanes x 4 x 16 bytes
 constexpr int kQuantUnitChannels = 2 * kFp8Group;  // quantize_row_multi<16, 1>: a 128-channel group per half warp
-constexpr int kSumUnitBytes = 32 * 16;             // weighted_sum_rows: 16 bytes per lane
-
-// Units of a row; a row that is not a multiple of 16 bytes stays whole, so every
-// piece keeps the vector width (and alignment) the movers pick for the whole row.
-JAX_EP_HD inline int row_units(size_t bytes, int unit_bytes) {
-  return bytes % 16 ? 1 : int((bytes + unit_bytes - 1) / unit_bytes);
-}
-
-struct ByteRange {
-  size_t begin, end;
-};
-
-__device__ inline ByteRange unit_range(size_t bytes, int units, int unit_bytes, int u0, int u1) {
-  if (units == 1) return {0, bytes};
-  return {size_t(u0) * unit_bytes, min(bytes, size_t(u1) * unit_bytes)};
-}
+// (kSumUnitBytes, row_units and unit_range: common/rows.cuh, shared with the
+// high-throughput combine)
 
 // Blocks per rank for `pieces` (row, unit) pairs spread over warps of `warps_per_block`,
 // at most `limit`: a launch sized to the most rows its buffers can hold, so a small
