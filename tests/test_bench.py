@@ -145,8 +145,17 @@ def test_a_chain_runs_every_op_on_arguments_fed_by_the_previous_result(tmp_path)
     out = jax.jit(cases._chained(op, 3, cases._feed_routing))(x, idx)
     assert len(seen) == 3  # three calls traced, each on the previous call's fed routing
     assert seen[0] is not seen[1] and seen[1] is not seen[2]
-    assert len(out) == 3  # every call's result is an output: nothing of it can be dropped
-    assert int(out[-1][0]) == 6  # the flag is false for real results: the routing is unchanged
+    assert int(out[0]) == 6  # the flag is false for real results: the routing is unchanged
+    # every leaf goes whole through a barrier and into the flag, NaN included
+    nan = jax.numpy.array([jax.numpy.nan, 1.0])
+    (kept, _), flag = cases.consumed(((nan, x), idx))
+    assert not bool(flag) and kept is not nan
+    hlo = jax.jit(lambda v: cases.consumed(v)[1]).lower((nan, x)).as_text()
+    assert "optimization_barrier" in hlo
+    # jax_ep's custom calls go without it (it cuts XLA's command buffers): XLA runs them whole
+    hlo = jax.jit(lambda v: cases.consumed(v, False)[1]).lower((nan, x)).as_text()
+    assert "optimization_barrier" not in hlo
+    assert [cases.needs_barrier(b) for b in ("cuda", "reference", "local")] == [False, True, True]
     assert cases._chained(op, 1, cases._feed_routing) is op
     assert cases._per_call(dict(median_us=8.0, calls=5), 4) == dict(median_us=2.0, calls=5)
     record = _run(tmp_path, "--chain", "2", "--baselines", "local")

@@ -342,7 +342,7 @@ def _backend_case(
             rows = tr["received_tokens"] if layout == "per_rank" else tr["expert_rows"]
             for fp8 in (False, True):
                 op = functools.partial(_dispatch_only, group=group, layout=layout, fp8=fp8)
-                disp = setup.per_rank(_chained(op, chain, _feed_routing))
+                disp = setup.per_rank(_chained(op, chain, _feed_routing, needs_barrier(backend)))
                 run = functools.partial(disp, xd, idxd, wd)
                 res = _per_call(measure(run, calls=calls, repeats=repeats), chain)
                 row_b = wire_row_bytes(H, fp8)
@@ -356,7 +356,7 @@ def _backend_case(
             first = setup.per_rank(functools.partial(_dispatch_full, group=group, layout=layout))
             y, handle = first(xd, idxd, wd)
             op = functools.partial(_combine_only, group=group)
-            comb = setup.per_rank(_chained(op, chain, _feed_handle))
+            comb = setup.per_rank(_chained(op, chain, _feed_handle, needs_barrier(backend)))
             run = functools.partial(comb, y, handle)
             res = _per_call(measure(run, calls=calls, repeats=repeats), chain)
             link = tr["remote_token_rank_pairs"] * 2 * H
@@ -428,27 +428,48 @@ def _baseline_case(setup, inputs, name, calls, repeats, chain, done, out) -> Non
 
 # high-throughput chains: `chain` dependent ops in one program, as a model step runs
 # them (the host's per-call dispatch is paid once per program, not once per op); each
-# call's arguments depend on the previous result through a select on one of its
-# scalars, which XLA cannot fold, so no call is merged with another or reordered. Every
-# call's whole result is an output of the program: a result used only through that
-# scalar would let XLA compute just the part the scalar needs (a pure-JAX op's gather
-# shrinks to one row), and the chain would time less than the op.
+# call's arguments depend on the previous result through a select on a scalar made of
+# every leaf of it (``consumed``), which XLA cannot fold, so no call is merged with
+# another or reordered, and none is computed in part.
 
 
-def _chained(op, chain: int, feed):
+def _chained(op, chain: int, feed, whole: bool = True):
     if chain == 1:
         return op
 
     def run(*args):
-        outs = []
         for _ in range(chain):
-            out = op(*args)
-            outs.append(out)
-            leaf = min(jax.tree.leaves(out), key=lambda a: a.size)
-            args = feed(args, leaf.reshape(-1)[0].astype(jnp.float32) < -1e30)
-        return tuple(outs)
+            out, flag = consumed(op(*args), whole)
+            args = feed(args, flag)
+        return out
 
     return run
+
+
+def needs_barrier(backend: str) -> bool:
+    """Whether ``backend``'s ops need ``consumed``'s barrier: not jax_ep's CUDA ops, which
+    are custom calls that XLA runs whole or not at all."""
+    return backend != check.JAX_EP
+
+
+def consumed(out, whole: bool = True):
+    """``out``, and a scalar that is always false yet depends on one element of every
+    leaf of it: the next op's feed. With ``whole``, the leaves pass through an
+    optimization barrier first.
+
+    XLA cannot narrow a computation through the barrier, so every leaf of a pure-JAX op
+    is computed whole, as when a model consumes it. Without it such a result, used only
+    through one element, shrinks to that element (a gather to one row) and the chain
+    times less than the op. Returning every op's result instead kept it whole but timed
+    the host: each output of a program costs host time (a decode chain of 32 empty ops
+    returning 9 leaves each took 78 us per op on an H200, 19 us with 4 outputs). The
+    barrier also cuts XLA's command buffers into pieces (the same empty op: 32 us), so
+    jax_ep's custom calls, which XLA cannot narrow, go without it (``needs_barrier``)."""
+    leaves, tree = jax.tree.flatten(out)
+    if whole:
+        leaves = jax.lax.optimization_barrier(leaves)
+    s = sum(leaf.reshape(-1)[0].astype(jnp.float32) for leaf in leaves)
+    return jax.tree.unflatten(tree, leaves), (s != s) & (s > 0)  # false for NaN too
 
 
 def _per_call(res: dict, chain: int) -> dict:
@@ -547,7 +568,14 @@ def ll_cases(
         )
         for what in ("dispatch", "combine", "pair"):
             chain_fn = setup.per_rank(
-                functools.partial(_ll_chain, group=group, what=what, fp8=fp8, chain=chain)
+                functools.partial(
+                    _ll_chain,
+                    group=group,
+                    what=what,
+                    fp8=fp8,
+                    chain=chain,
+                    whole=needs_barrier(backend),
+                )
             )
             step = functools.partial(_with_expert_inputs, chain_fn, y, handle)
             calls_before = _handler_calls(group)
@@ -597,7 +625,14 @@ def _overlap_rows(setup, group, backend, xd, idxd, *, fp8, chain, calls, repeats
     times = {}
     for mode in ("comm", "compute", "both"):
         fn = setup.per_rank(
-            functools.partial(_ll_overlap, group=group, fp8=fp8, chain=chain, mode=mode)
+            functools.partial(
+                _ll_overlap,
+                group=group,
+                fp8=fp8,
+                chain=chain,
+                mode=mode,
+                whole=needs_barrier(backend),
+            )
         )
         res = measure(lambda f=fn: f(xd, idxd, wd), calls=calls, repeats=repeats)
         times[mode] = res["median_us"] / chain
@@ -624,8 +659,9 @@ def _overlap_rows(setup, group, backend, xd, idxd, *, fp8, chain, calls, repeats
     ]
 
 
-def _ll_overlap(x, idx, wmat, *, group, fp8, chain, mode):
-    """``chain`` steps of: dispatch send, [H x H] matmul on an independent chain, receive."""
+def _ll_overlap(x, idx, wmat, *, group, fp8, chain, mode, whole):
+    """``chain`` steps of: dispatch send, [H x H] matmul on an independent chain, receive
+    (every receive's result consumed whole, as in ``_ll_chain``)."""
     h = x
     for _ in range(chain):
         if mode != "compute":
@@ -633,8 +669,8 @@ def _ll_overlap(x, idx, wmat, *, group, fp8, chain, mode):
         if mode != "comm":
             h = jnp.tanh(h @ wmat)
         if mode != "compute":
-            o = jax_ep.low_latency_dispatch_recv(ticket)
-            idx = jnp.where(o.counts[0] < -1, idx + 1, idx)
+            o, flag = consumed(jax_ep.low_latency_dispatch_recv(ticket), whole)
+            idx = jnp.where(flag, idx + 1, idx)
     return idx, h
 
 
@@ -680,25 +716,26 @@ def _ll_expert_inputs(x, idx, *, group, fp8):
     return rows.astype(jnp.bfloat16), out.handle
 
 
-def _ll_chain(x, idx, w, y, handle, *, group, what, fp8, chain):
-    """``chain`` dependent low-latency ops in one program (a decode loop's shape)."""
-    acc = jnp.zeros((), jnp.float32)
+def _ll_chain(x, idx, w, y, handle, *, group, what, fp8, chain, whole):
+    """``chain`` dependent low-latency ops in one program (a decode loop's shape); every
+    op's result is consumed whole (``consumed``)."""
     for _ in range(chain):
         # the next call depends on this one through a tiny select XLA cannot fold away
         if what == "dispatch":
-            o = jax_ep.low_latency_dispatch(x, idx, group=group, fp8=fp8)
-            idx = jnp.where(o.counts[0] < -1, idx + 1, idx)
+            o, flag = consumed(jax_ep.low_latency_dispatch(x, idx, group=group, fp8=fp8), whole)
+            idx = jnp.where(flag, idx + 1, idx)
         elif what == "combine":
-            c = jax_ep.low_latency_combine(y, idx, w, handle, group=group)
-            w = jnp.where(c[0, 0] > 1e30, w * 2, w)
+            c, flag = consumed(jax_ep.low_latency_combine(y, idx, w, handle, group=group), whole)
+            w = jnp.where(flag, w * 2, w)
             # the send reads only (y, handle): without a dependence XLA would merge the
             # chain's identical sends into one (a custom call without side effects)
             handle = dataclasses.replace(
-                handle,
-                recv_count=jnp.where(c[0, 0] > 1e30, handle.recv_count + 1, handle.recv_count),
+                handle, recv_count=jnp.where(flag, handle.recv_count + 1, handle.recv_count)
             )
         else:
             o = jax_ep.low_latency_dispatch(x, idx, group=group, fp8=fp8)
-            x = jax_ep.low_latency_combine(y, idx, w, o.handle, group=group)
-        acc = acc + 1
-    return x, w, idx, acc
+            (o, x), flag = consumed(
+                (o, jax_ep.low_latency_combine(y, idx, w, o.handle, group=group)), whole
+            )
+            idx = jnp.where(flag, idx + 1, idx)
+    return x, w, idx
