@@ -63,14 +63,20 @@ def _forward_only(op: str):
     return wrap
 
 
-@_forward_only("low_latency_dispatch")
-def _ll_dispatch_send(spec, x, topk_idx, active, token):
-    return backend_for(spec).ll_dispatch_send(x, topk_idx, active, token, spec)
+def _forward_op(op: str, method: str):
+    """The backend's ``method`` (arguments, then the spec), marked forward-only as ``op``."""
+
+    @_forward_only(op)
+    def run(spec, *args):
+        return getattr(backend_for(spec), method)(*args, spec)
+
+    return run
 
 
-@_forward_only("low_latency_combine")
-def _ll_combine_send(spec, y, handle, topk_idx, topk_weights, token):
-    return backend_for(spec).ll_combine_send(y, handle, topk_idx, topk_weights, token, spec)
+_ll_dispatch_send = _forward_op("low_latency_dispatch", "ll_dispatch_send")
+_ll_combine_send = _forward_op("low_latency_combine", "ll_combine_send")
+_ll_dispatch = _forward_op("low_latency_dispatch", "ll_dispatch")
+_ll_combine = _forward_op("low_latency_combine", "ll_combine")
 
 
 def _receive_token(ticket: LowLatencyTicket):
@@ -104,6 +110,25 @@ def _active(active_ranks, num_ranks):
     return active_ranks.astype(jnp.int32)
 
 
+def _dispatch_spec(x, topk_idx, group, fp8, round_scale, active_ranks, op: str):
+    """The checks of a low-latency dispatch (either form): its spec and operands."""
+    validation.check_tokens(x)
+    topk_idx, _ = validation.check_routing(topk_idx, None, x.shape[0])
+    validation.check_fp8(x.shape[1], fp8)
+    num_ranks = _check_ll(x, topk_idx, group, op)
+    group.check_fits(x.shape[1], x.dtype, x.shape[0], topk_idx.shape[1], op, low_latency=True)
+    t_max = group.num_max_low_latency_tokens_per_rank
+    spec = group.spec(
+        layout="expert_major",
+        capacity=num_ranks * t_max,
+        fp8=fp8,
+        round_scale=round_scale,
+        max_tokens_per_rank=t_max,
+    )
+    active = _active(active_ranks, num_ranks)
+    return (spec, *_compat.match_varying(x, topk_idx, active))
+
+
 def low_latency_dispatch_send(
     x: jax.Array,
     topk_idx: jax.Array,
@@ -117,23 +142,9 @@ def low_latency_dispatch_send(
 
     At most two sends may be outstanding (the receive buffers are double-buffered).
     """
-    validation.check_tokens(x)
-    topk_idx, _ = validation.check_routing(topk_idx, None, x.shape[0])
-    validation.check_fp8(x.shape[1], fp8)
-    num_ranks = _check_ll(x, topk_idx, group, "low_latency_dispatch")
-    group.check_fits(
-        x.shape[1], x.dtype, x.shape[0], topk_idx.shape[1], "low_latency_dispatch", low_latency=True
+    spec, x, topk_idx, active = _dispatch_spec(
+        x, topk_idx, group, fp8, round_scale, active_ranks, "low_latency_dispatch"
     )
-    t_max = group.num_max_low_latency_tokens_per_rank
-    spec = group.spec(
-        layout="expert_major",
-        capacity=num_ranks * t_max,
-        fp8=fp8,
-        round_scale=round_scale,
-        max_tokens_per_rank=t_max,
-    )
-    active = _active(active_ranks, num_ranks)
-    x, topk_idx, active = _compat.match_varying(x, topk_idx, active)
     payload, token = _ll_dispatch_send(spec, x, topk_idx, active, group.take_token(x))
     group.put_token(token)
     return LowLatencyTicket(payload, spec)
@@ -170,11 +181,12 @@ def low_latency_dispatch(
       :class:`LowLatencyOut` with ``x`` of shape
       ``[E_loc, R * num_max_low_latency_tokens_per_rank, H]``.
     """
-    return low_latency_dispatch_recv(
-        low_latency_dispatch_send(
-            x, topk_idx, group=group, fp8=fp8, round_scale=round_scale, active_ranks=active_ranks
-        )
+    spec, x, topk_idx, active = _dispatch_spec(
+        x, topk_idx, group, fp8, round_scale, active_ranks, "low_latency_dispatch"
     )
+    out, token = _ll_dispatch(spec, x, topk_idx, active, group.take_token(x))
+    group.put_token(token)
+    return LowLatencyOut(*out)
 
 
 def _check_ll_combine(y, topk_idx, topk_weights, handle, group):
@@ -203,13 +215,18 @@ def _check_ll_combine(y, topk_idx, topk_weights, handle, group):
     return topk_idx, topk_weights
 
 
+def _combine_spec(y, topk_idx, topk_weights, handle, group):
+    """The checks of a low-latency combine (either form): its spec and operands."""
+    topk_idx, topk_weights = _check_ll_combine(y, topk_idx, topk_weights, handle, group)
+    spec = group.spec(max_tokens_per_rank=handle.max_tokens_per_rank)
+    return (spec, *_compat.match_varying(y, topk_idx, topk_weights))
+
+
 def low_latency_combine_send(
     y: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array, handle: LowLatencyHandle, *, group
 ) -> LowLatencyTicket:
     """Send half of :func:`low_latency_combine` (expert side pushes its rows home)."""
-    topk_idx, topk_weights = _check_ll_combine(y, topk_idx, topk_weights, handle, group)
-    spec = group.spec(max_tokens_per_rank=handle.max_tokens_per_rank)
-    y, topk_idx, topk_weights = _compat.match_varying(y, topk_idx, topk_weights)
+    spec, y, topk_idx, topk_weights = _combine_spec(y, topk_idx, topk_weights, handle, group)
     payload, token = _ll_combine_send(
         spec, y, handle, topk_idx, topk_weights, group.take_token(topk_idx)
     )
@@ -240,5 +257,7 @@ def low_latency_combine(
       topk_idx, topk_weights: ``[num_tokens, num_topk]``, the routing given to dispatch.
       handle: ``LowLatencyOut.handle``.
     """
-    ticket = low_latency_combine_send(y, topk_idx, topk_weights, handle, group=group)
-    return low_latency_combine_recv(ticket, topk_idx, topk_weights, handle)
+    spec, y, topk_idx, topk_weights = _combine_spec(y, topk_idx, topk_weights, handle, group)
+    out, token = _ll_combine(spec, y, handle, topk_idx, topk_weights, group.take_token(topk_idx))
+    group.put_token(token)
+    return out

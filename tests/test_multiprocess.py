@@ -103,3 +103,33 @@ def test_launcher_runs_a_module():
     from jax_ep.launch import main
 
     assert main(["-n", "2", "-m", "platform"]) == 0
+
+
+def test_ranks_of_other_processes_on_this_gpu_keep_the_low_latency_ops_in_two_launches(
+    monkeypatch,
+):
+    """A one-launch low-latency op waits inside its kernel for every rank's send phase:
+    with another process's rank on the same GPU (MPS) the two kernels could each hold
+    part of the SMs and wait for each other, so the group gets two launches there."""
+    from jax_ep.transports import cuda_ipc, kv_store
+
+    store = {}
+    monkeypatch.setattr(kv_store, "publish", lambda key, value: store.__setitem__(key, value))
+    monkeypatch.setattr(kv_store, "fetch", lambda key, timeout_s, what="": store[key])
+
+    class Ext:
+        def __init__(self, uuids):
+            self.uuids = uuids
+
+        def device_uuid(self, ordinal):
+            return self.uuids[ordinal]
+
+    # every rank in this process (one per GPU): nothing to exchange
+    assert cuda_ipc.gpus_unshared(Ext(["a", "b"]), "k0", [0, 1])
+    assert not store
+    # rank 1 in another process, which published its GPU's UUID
+    store["k1/gpu1"] = b"b"
+    assert cuda_ipc.gpus_unshared(Ext(["a"]), "k1", [0, None])
+    assert store["k1/gpu0"] == b"a"
+    store["k2/gpu1"] = b"a"  # the same GPU as rank 0: shared
+    assert not cuda_ipc.gpus_unshared(Ext(["a"]), "k2", [0, None])

@@ -104,6 +104,7 @@ CommContext comm_of(const DeviceState* state) {
   c.copy_blocks = state->copy_blocks;
   c.fault_inject_rank = state->fault_inject_rank;
   c.sys_scope = state->num_local_ranks < state->num_ranks;
+  c.ll_one_launch = state->ll_one_launch;
   c.net = state->net;
   return c;
 }

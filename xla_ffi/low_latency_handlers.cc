@@ -1,4 +1,4 @@
-// FFI handlers of the low-latency (decode) dispatch and combine halves: read shapes
+// FFI handlers of the low-latency (decode) dispatch and combine, whole and in halves: read shapes
 // from the buffers (shape-polymorphic), check them against the group's low-latency
 // buffers, fill the launch parameters. Semantics live in jax_ep/reference.py
 // (low_latency_dispatch / low_latency_combine), kernels in csrc/low_latency.
@@ -81,16 +81,12 @@ ffi::Error open_after_dispatch(GroupCall& call, ExecState* exec, int32_t device,
   return check_order(order_in, order_out, call.state()->num_local_ranks);
 }
 
-template <bool kSync>
-ffi::Error LlDispatchSend(cudaStream_t stream, int32_t device, ExecState* exec, LlDispatchSendAttrs attrs,
-                          ffi::AnyBuffer x, ffi::AnyBuffer topk_idx, ffi::AnyBuffer active_ranks,
-                          ffi::AnyBuffer order_in, ffi::Result<ffi::AnyBuffer> ticket,
-                          ffi::Result<ffi::AnyBuffer> num_dropped) {
-  GroupCall call;
-  JAX_EP_CHECK(call.open(exec, device, stream));
-  DeviceState* state = call.state();
+// The dispatch send's operands checked and its launch parameters filled (`ticket`: where
+// the send writes the op's sequence number).
+ffi::Error dispatch_send_args(const DeviceState* state, const LlDispatchSendAttrs& attrs, const ffi::AnyBuffer& x,
+                              const ffi::AnyBuffer& topk_idx, const ffi::AnyBuffer& active_ranks,
+                              const ffi::AnyBuffer& num_dropped, void* ticket, LlDispatchSendArgs* a) {
   const int num_local = state->num_local_ranks, R = state->num_ranks;
-  JAX_EP_CHECK(check_order(order_in, *ticket, num_local));
   ffi::Span<const int64_t> xd, id;
   JAX_EP_CHECK(per_rank_dims(x, "x", 2, num_local, &xd));
   JAX_EP_CHECK(per_rank_dims(topk_idx, "topk_idx", 2, num_local, &id));
@@ -99,21 +95,134 @@ ffi::Error LlDispatchSend(cudaStream_t stream, int32_t device, ExecState* exec, 
   JAX_EP_CHECK(payload_dtype(x.element_type(), "x", &dtype));
   JAX_EP_CHECK(expect(topk_idx, "topk_idx", {T, K}, kS32, num_local));
   JAX_EP_CHECK(expect(active_ranks, "active_ranks", {R}, kS32, num_local));
-  JAX_EP_CHECK(expect(*num_dropped, "num_dropped", {}, kS32, num_local));
+  JAX_EP_CHECK(expect(num_dropped, "num_dropped", {}, kS32, num_local));
   JAX_EP_CHECK(check_group(state, attrs.num_experts));
   JAX_EP_CHECK(check_routing_shape(state, T, K, true));
   JAX_EP_CHECK(check_row(state, H, element_bytes(x.element_type()), attrs.fp8, true));
 
+  set_sizes(*a, state, H, K, attrs.num_experts, dtype);
+  a->num_tokens = int(T);
+  a->fp8 = int(attrs.fp8);
+  a->round_scale = int(attrs.round_scale);
+  a->x = x.untyped_data();
+  a->topk_idx = topk_idx.typed_data<int32_t>();
+  a->active_ranks = active_ranks.typed_data<int32_t>();
+  a->num_dropped = static_cast<int*>(num_dropped.untyped_data());
+  a->ticket = static_cast<int*>(ticket);
+  return ffi::Error::Success();
+}
+
+// The dispatch receive's outputs checked and its launch parameters filled (`ticket`:
+// the op's sequence number, `order`: where its ordering token goes).
+ffi::Error dispatch_recv_args(const DeviceState* state, int64_t num_experts, bool fp8,
+                              const ffi::AnyBuffer& active_ranks, const ffi::AnyBuffer& out_x,
+                              const ffi::AnyBuffer& out_scales, const ffi::AnyBuffer& out_counts,
+                              const ffi::AnyBuffer& src_info, const ffi::AnyBuffer& topk_slot,
+                              const ffi::AnyBuffer& layout_range, const void* ticket, void* order,
+                              LlDispatchRecvArgs* a) {
+  const int num_local = state->num_local_ranks, R = state->num_ranks;
+  const int64_t e_loc = num_experts / R, RT = recv_rows(state);
+  JAX_EP_CHECK(expect(active_ranks, "active_ranks", {R}, kS32, num_local));
+  ffi::Span<const int64_t> xd;
+  JAX_EP_CHECK(per_rank_dims(out_x, "x", 3, num_local, &xd));
+  const int64_t H = xd[2];
+  int dtype = kBF16;
+  if (fp8) {
+    JAX_EP_CHECK(expect(out_x, "x (fp8)", {e_loc, RT, H}, ffi::DataType::F8E4M3FN, num_local));
+    JAX_EP_CHECK(expect(out_scales, "scales", {e_loc, RT, H / kFp8Group}, ffi::DataType::F32, num_local));
+  } else {
+    JAX_EP_CHECK(payload_dtype(out_x.element_type(), "x", &dtype, " without fp8"));
+    JAX_EP_CHECK(expect(out_x, "x", {e_loc, RT, H}, out_x.element_type(), num_local));
+  }
+  JAX_EP_CHECK(check_row(state, H, element_bytes(out_x.element_type()), fp8, true));
+  JAX_EP_CHECK(expect(out_counts, "counts", {e_loc}, kS32, num_local));
+  JAX_EP_CHECK(expect(src_info, "recv_src_info", {e_loc, RT}, kS32, num_local));
+  JAX_EP_CHECK(expect(topk_slot, "recv_topk_slot", {e_loc, RT}, kS32, num_local));
+  JAX_EP_CHECK(expect(layout_range, "layout_range", {e_loc, R, 2}, kS32, num_local));
+
+  set_sizes(*a, state, H, state->layout.sizes.num_topk, num_experts, dtype);
+  a->fp8 = int(fp8);
+  a->ticket = static_cast<const int*>(ticket);
+  a->active_ranks = active_ranks.typed_data<int32_t>();
+  a->out_x = out_x.untyped_data();
+  a->out_scales = fp8 ? static_cast<float*>(out_scales.untyped_data()) : nullptr;
+  a->out_counts = static_cast<int*>(out_counts.untyped_data());
+  a->src_info = static_cast<int*>(src_info.untyped_data());
+  a->topk_slot = static_cast<int*>(topk_slot.untyped_data());
+  a->layout_range = static_cast<int*>(layout_range.untyped_data());
+  a->order = static_cast<int*>(order);
+  return ffi::Error::Success();
+}
+
+// The combine send's operands checked and its launch parameters filled.
+ffi::Error combine_send_args(const DeviceState* state, int64_t num_experts, const ffi::AnyBuffer& y,
+                             const ffi::AnyBuffer& src_info, const ffi::AnyBuffer& topk_slot,
+                             const ffi::AnyBuffer& recv_count, const ffi::AnyBuffer& active_ranks, void* ticket,
+                             LlCombineSendArgs* a) {
+  const int num_local = state->num_local_ranks, R = state->num_ranks;
+  const int64_t e_loc = num_experts / R, RT = recv_rows(state);
+  ffi::Span<const int64_t> yd;
+  JAX_EP_CHECK(per_rank_dims(y, "y", 3, num_local, &yd));
+  const int64_t H = yd[2];
+  int dtype;
+  JAX_EP_CHECK(payload_dtype(y.element_type(), "y", &dtype));
+  JAX_EP_CHECK(expect(y, "y", {e_loc, RT, H}, y.element_type(), num_local));
+  JAX_EP_CHECK(check_row(state, H, element_bytes(y.element_type()), false, false));
+  JAX_EP_CHECK(expect(src_info, "recv_src_info", {e_loc, RT}, kS32, num_local));
+  JAX_EP_CHECK(expect(topk_slot, "recv_topk_slot", {e_loc, RT}, kS32, num_local));
+  JAX_EP_CHECK(expect(recv_count, "recv_count", {e_loc}, kS32, num_local));
+  JAX_EP_CHECK(expect(active_ranks, "active_ranks", {R}, kS32, num_local));
+
+  set_sizes(*a, state, H, state->layout.sizes.num_topk, num_experts, dtype);
+  a->y = y.untyped_data();
+  a->src_info = src_info.typed_data<int32_t>();
+  a->topk_slot = topk_slot.typed_data<int32_t>();
+  a->recv_count = recv_count.typed_data<int32_t>();
+  a->active_ranks = active_ranks.typed_data<int32_t>();
+  a->ticket = static_cast<int*>(ticket);
+  return ffi::Error::Success();
+}
+
+// The combine receive's operands checked and its launch parameters filled.
+ffi::Error combine_recv_args(const DeviceState* state, int64_t num_experts, const ffi::AnyBuffer& topk_idx,
+                             const ffi::AnyBuffer& topk_weights, const ffi::AnyBuffer& active_ranks,
+                             const ffi::AnyBuffer& out, const void* ticket, void* order, LlCombineRecvArgs* a) {
+  const int num_local = state->num_local_ranks, R = state->num_ranks;
+  ffi::Span<const int64_t> id, od;
+  JAX_EP_CHECK(per_rank_dims(topk_idx, "topk_idx", 2, num_local, &id));
+  const int64_t T = id[0], K = id[1];
+  JAX_EP_CHECK(expect(topk_idx, "topk_idx", {T, K}, kS32, num_local));
+  JAX_EP_CHECK(expect(topk_weights, "topk_weights", {T, K}, ffi::DataType::F32, num_local));
+  JAX_EP_CHECK(expect(active_ranks, "active_ranks", {R}, kS32, num_local));
+  JAX_EP_CHECK(per_rank_dims(out, "out", 2, num_local, &od));
+  const int64_t H = od[1];
+  int dtype;
+  JAX_EP_CHECK(payload_dtype(out.element_type(), "out", &dtype));
+  JAX_EP_CHECK(check_routing_shape(state, T, K, true));
+  JAX_EP_CHECK(check_row(state, H, element_bytes(out.element_type()), false, false));
+
+  set_sizes(*a, state, H, K, num_experts, dtype);
+  a->num_tokens = int(T);
+  a->ticket = static_cast<const int*>(ticket);
+  a->topk_idx = topk_idx.typed_data<int32_t>();
+  a->topk_weights = topk_weights.typed_data<float>();
+  a->active_ranks = active_ranks.typed_data<int32_t>();
+  a->out = out.untyped_data();
+  a->order = static_cast<int*>(order);
+  return ffi::Error::Success();
+}
+
+template <bool kSync>
+ffi::Error LlDispatchSend(cudaStream_t stream, int32_t device, ExecState* exec, LlDispatchSendAttrs attrs,
+                          ffi::AnyBuffer x, ffi::AnyBuffer topk_idx, ffi::AnyBuffer active_ranks,
+                          ffi::AnyBuffer order_in, ffi::Result<ffi::AnyBuffer> ticket,
+                          ffi::Result<ffi::AnyBuffer> num_dropped) {
+  GroupCall call;
+  JAX_EP_CHECK(call.open(exec, device, stream));
+  DeviceState* state = call.state();
+  JAX_EP_CHECK(check_order(order_in, *ticket, state->num_local_ranks));
   LlDispatchSendArgs a;
-  set_sizes(a, state, H, K, attrs.num_experts, dtype);
-  a.num_tokens = int(T);
-  a.fp8 = int(attrs.fp8);
-  a.round_scale = int(attrs.round_scale);
-  a.x = x.untyped_data();
-  a.topk_idx = topk_idx.typed_data<int32_t>();
-  a.active_ranks = active_ranks.typed_data<int32_t>();
-  a.num_dropped = static_cast<int*>(num_dropped->untyped_data());
-  a.ticket = static_cast<int*>(ticket->untyped_data());
+  JAX_EP_CHECK(dispatch_send_args(state, attrs, x, topk_idx, active_ranks, *num_dropped, ticket->untyped_data(), &a));
   return finish(stream, state, launch_ll_dispatch_send(a, stream), kSync);
 }
 
@@ -127,40 +236,34 @@ ffi::Error LlDispatchRecv(cudaStream_t stream, int32_t device, ExecState* exec, 
   GroupCall call;
   JAX_EP_CHECK(open_after_dispatch(call, exec, device, stream, attrs.num_experts, order_in, *order_out));
   DeviceState* state = call.state();
-  const int num_local = state->num_local_ranks, R = state->num_ranks;
-  const int64_t e_loc = attrs.num_experts / R, RT = recv_rows(state);
-  JAX_EP_CHECK(expect(ticket, "ticket", {2}, kS32, num_local));
-  JAX_EP_CHECK(expect(active_ranks, "active_ranks", {R}, kS32, num_local));
-  ffi::Span<const int64_t> xd;
-  JAX_EP_CHECK(per_rank_dims(*out_x, "x", 3, num_local, &xd));
-  const int64_t H = xd[2];
-  int dtype = kBF16;
-  if (attrs.fp8) {
-    JAX_EP_CHECK(expect(*out_x, "x (fp8)", {e_loc, RT, H}, ffi::DataType::F8E4M3FN, num_local));
-    JAX_EP_CHECK(expect(*out_scales, "scales", {e_loc, RT, H / kFp8Group}, ffi::DataType::F32, num_local));
-  } else {
-    JAX_EP_CHECK(payload_dtype(out_x->element_type(), "x", &dtype, " without fp8"));
-    JAX_EP_CHECK(expect(*out_x, "x", {e_loc, RT, H}, out_x->element_type(), num_local));
-  }
-  JAX_EP_CHECK(check_row(state, H, element_bytes(out_x->element_type()), attrs.fp8, true));
-  JAX_EP_CHECK(expect(*out_counts, "counts", {e_loc}, kS32, num_local));
-  JAX_EP_CHECK(expect(*src_info, "recv_src_info", {e_loc, RT}, kS32, num_local));
-  JAX_EP_CHECK(expect(*topk_slot, "recv_topk_slot", {e_loc, RT}, kS32, num_local));
-  JAX_EP_CHECK(expect(*layout_range, "layout_range", {e_loc, R, 2}, kS32, num_local));
-
+  JAX_EP_CHECK(expect(ticket, "ticket", {2}, kS32, state->num_local_ranks));
   LlDispatchRecvArgs a;
-  set_sizes(a, state, H, state->layout.sizes.num_topk, attrs.num_experts, dtype);
-  a.fp8 = int(attrs.fp8);
-  a.ticket = ticket.typed_data<int32_t>();
-  a.active_ranks = active_ranks.typed_data<int32_t>();
-  a.out_x = out_x->untyped_data();
-  a.out_scales = attrs.fp8 ? static_cast<float*>(out_scales->untyped_data()) : nullptr;
-  a.out_counts = static_cast<int*>(out_counts->untyped_data());
-  a.src_info = static_cast<int*>(src_info->untyped_data());
-  a.topk_slot = static_cast<int*>(topk_slot->untyped_data());
-  a.layout_range = static_cast<int*>(layout_range->untyped_data());
-  a.order = static_cast<int*>(order_out->untyped_data());
+  JAX_EP_CHECK(dispatch_recv_args(state, attrs.num_experts, attrs.fp8, active_ranks, *out_x, *out_scales, *out_counts,
+                                  *src_info, *topk_slot, *layout_range, ticket.untyped_data(),
+                                  order_out->untyped_data(), &a));
   return finish(stream, state, launch_ll_dispatch_recv(a, stream), kSync);
+}
+
+// Both halves in one call: the op's ordering token is also the ticket the receive
+// phase reads (the send phase writes it first; docs/protocol.md).
+template <bool kSync>
+ffi::Error LlDispatch(cudaStream_t stream, int32_t device, ExecState* exec, LlDispatchSendAttrs attrs, ffi::AnyBuffer x,
+                      ffi::AnyBuffer topk_idx, ffi::AnyBuffer active_ranks, ffi::AnyBuffer order_in,
+                      ffi::Result<ffi::AnyBuffer> out_x, ffi::Result<ffi::AnyBuffer> out_scales,
+                      ffi::Result<ffi::AnyBuffer> out_counts, ffi::Result<ffi::AnyBuffer> src_info,
+                      ffi::Result<ffi::AnyBuffer> topk_slot, ffi::Result<ffi::AnyBuffer> layout_range,
+                      ffi::Result<ffi::AnyBuffer> num_dropped, ffi::Result<ffi::AnyBuffer> order_out) {
+  GroupCall call;
+  JAX_EP_CHECK(call.open(exec, device, stream));
+  DeviceState* state = call.state();
+  JAX_EP_CHECK(check_order(order_in, *order_out, state->num_local_ranks));
+  void* order = order_out->untyped_data();
+  LlDispatchSendArgs send;
+  JAX_EP_CHECK(dispatch_send_args(state, attrs, x, topk_idx, active_ranks, *num_dropped, order, &send));
+  LlDispatchRecvArgs recv;
+  JAX_EP_CHECK(dispatch_recv_args(state, attrs.num_experts, attrs.fp8, active_ranks, *out_x, *out_scales, *out_counts,
+                                  *src_info, *topk_slot, *layout_range, order, order, &recv));
+  return finish(stream, state, launch_ll_dispatch(send, recv, stream), kSync);
 }
 
 template <bool kSync>
@@ -169,30 +272,10 @@ ffi::Error LlCombineSend(cudaStream_t stream, int32_t device, ExecState* exec, L
                          ffi::AnyBuffer active_ranks, ffi::AnyBuffer order_in, ffi::Result<ffi::AnyBuffer> ticket) {
   GroupCall call;
   JAX_EP_CHECK(open_after_dispatch(call, exec, device, stream, attrs.num_experts, order_in, *ticket));
-  DeviceState* state = call.state();
-  const int num_local = state->num_local_ranks, R = state->num_ranks;
-  const int64_t e_loc = attrs.num_experts / R, RT = recv_rows(state);
-  ffi::Span<const int64_t> yd;
-  JAX_EP_CHECK(per_rank_dims(y, "y", 3, num_local, &yd));
-  const int64_t H = yd[2];
-  int dtype;
-  JAX_EP_CHECK(payload_dtype(y.element_type(), "y", &dtype));
-  JAX_EP_CHECK(expect(y, "y", {e_loc, RT, H}, y.element_type(), num_local));
-  JAX_EP_CHECK(check_row(state, H, element_bytes(y.element_type()), false, false));
-  JAX_EP_CHECK(expect(src_info, "recv_src_info", {e_loc, RT}, kS32, num_local));
-  JAX_EP_CHECK(expect(topk_slot, "recv_topk_slot", {e_loc, RT}, kS32, num_local));
-  JAX_EP_CHECK(expect(recv_count, "recv_count", {e_loc}, kS32, num_local));
-  JAX_EP_CHECK(expect(active_ranks, "active_ranks", {R}, kS32, num_local));
-
   LlCombineSendArgs a;
-  set_sizes(a, state, H, state->layout.sizes.num_topk, attrs.num_experts, dtype);
-  a.y = y.untyped_data();
-  a.src_info = src_info.typed_data<int32_t>();
-  a.topk_slot = topk_slot.typed_data<int32_t>();
-  a.recv_count = recv_count.typed_data<int32_t>();
-  a.active_ranks = active_ranks.typed_data<int32_t>();
-  a.ticket = static_cast<int*>(ticket->untyped_data());
-  return finish(stream, state, launch_ll_combine_send(a, stream), kSync);
+  JAX_EP_CHECK(combine_send_args(call.state(), attrs.num_experts, y, src_info, topk_slot, recv_count, active_ranks,
+                                 ticket->untyped_data(), &a));
+  return finish(stream, call.state(), launch_ll_combine_send(a, stream), kSync);
 }
 
 template <bool kSync>
@@ -203,64 +286,87 @@ ffi::Error LlCombineRecv(cudaStream_t stream, int32_t device, ExecState* exec, L
   GroupCall call;
   JAX_EP_CHECK(open_after_dispatch(call, exec, device, stream, attrs.num_experts, order_in, *order_out));
   DeviceState* state = call.state();
-  const int num_local = state->num_local_ranks, R = state->num_ranks;
-  JAX_EP_CHECK(expect(ticket, "ticket", {2}, kS32, num_local));
-  ffi::Span<const int64_t> id, od;
-  JAX_EP_CHECK(per_rank_dims(topk_idx, "topk_idx", 2, num_local, &id));
-  const int64_t T = id[0], K = id[1];
-  JAX_EP_CHECK(expect(topk_idx, "topk_idx", {T, K}, kS32, num_local));
-  JAX_EP_CHECK(expect(topk_weights, "topk_weights", {T, K}, ffi::DataType::F32, num_local));
-  JAX_EP_CHECK(expect(active_ranks, "active_ranks", {R}, kS32, num_local));
-  JAX_EP_CHECK(per_rank_dims(*out, "out", 2, num_local, &od));
-  const int64_t H = od[1];
-  int dtype;
-  JAX_EP_CHECK(payload_dtype(out->element_type(), "out", &dtype));
-  JAX_EP_CHECK(check_routing_shape(state, T, K, true));
-  JAX_EP_CHECK(check_row(state, H, element_bytes(out->element_type()), false, false));
-
+  JAX_EP_CHECK(expect(ticket, "ticket", {2}, kS32, state->num_local_ranks));
   LlCombineRecvArgs a;
-  set_sizes(a, state, H, K, attrs.num_experts, dtype);
-  a.num_tokens = int(T);
-  a.ticket = ticket.typed_data<int32_t>();
-  a.topk_idx = topk_idx.typed_data<int32_t>();
-  a.topk_weights = topk_weights.typed_data<float>();
-  a.active_ranks = active_ranks.typed_data<int32_t>();
-  a.out = out->untyped_data();
-  a.order = static_cast<int*>(order_out->untyped_data());
+  JAX_EP_CHECK(combine_recv_args(state, attrs.num_experts, topk_idx, topk_weights, active_ranks, *out,
+                                 ticket.untyped_data(), order_out->untyped_data(), &a));
   return finish(stream, state, launch_ll_combine_recv(a, stream), kSync);
 }
 
+// Both halves in one call (as LlDispatch).
+template <bool kSync>
+ffi::Error LlCombine(cudaStream_t stream, int32_t device, ExecState* exec, LlCombineAttrs attrs, ffi::AnyBuffer y,
+                     ffi::AnyBuffer src_info, ffi::AnyBuffer topk_slot, ffi::AnyBuffer recv_count,
+                     ffi::AnyBuffer active_ranks, ffi::AnyBuffer topk_idx, ffi::AnyBuffer topk_weights,
+                     ffi::AnyBuffer order_in, ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> order_out) {
+  GroupCall call;
+  JAX_EP_CHECK(open_after_dispatch(call, exec, device, stream, attrs.num_experts, order_in, *order_out));
+  DeviceState* state = call.state();
+  void* order = order_out->untyped_data();
+  LlCombineSendArgs send;
+  JAX_EP_CHECK(
+      combine_send_args(state, attrs.num_experts, y, src_info, topk_slot, recv_count, active_ranks, order, &send));
+  LlCombineRecvArgs recv;
+  JAX_EP_CHECK(
+      combine_recv_args(state, attrs.num_experts, topk_idx, topk_weights, active_ranks, *out, order, order, &recv));
+  return finish(stream, state, launch_ll_combine(send, recv, stream), kSync);
+}
+
+// Operands of a dispatch send (and of the one-call dispatch).
+template <typename Binding>
+auto dispatch_send_operands(Binding b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()   // x
+      .template Arg<ffi::AnyBuffer>()   // topk_idx
+      .template Arg<ffi::AnyBuffer>()   // active_ranks
+      .template Arg<ffi::AnyBuffer>();  // order token
+}
+
+// What a dispatch receive delivers (and the one-call dispatch).
+template <typename Binding>
+auto received_rows(Binding b) {
+  return std::move(b)
+      .template Ret<ffi::AnyBuffer>()   // x
+      .template Ret<ffi::AnyBuffer>()   // scales
+      .template Ret<ffi::AnyBuffer>()   // counts
+      .template Ret<ffi::AnyBuffer>()   // recv_src_info
+      .template Ret<ffi::AnyBuffer>()   // recv_topk_slot
+      .template Ret<ffi::AnyBuffer>();  // layout_range
+}
+
+// The expert side's operands of a combine send (and of the one-call combine).
+template <typename Binding>
+auto expert_rows(Binding b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()   // y
+      .template Arg<ffi::AnyBuffer>()   // recv_src_info
+      .template Arg<ffi::AnyBuffer>()   // recv_topk_slot
+      .template Arg<ffi::AnyBuffer>()   // recv_count
+      .template Arg<ffi::AnyBuffer>();  // active_ranks
+}
+
 auto dispatch_send_binding() {
-  return group_op_binding<LlDispatchSendAttrs>()
-      .Arg<ffi::AnyBuffer>()   // x
-      .Arg<ffi::AnyBuffer>()   // topk_idx
-      .Arg<ffi::AnyBuffer>()   // active_ranks
-      .Arg<ffi::AnyBuffer>()   // order token
+  return dispatch_send_operands(group_op_binding<LlDispatchSendAttrs>())
       .Ret<ffi::AnyBuffer>()   // ticket (= order token)
       .Ret<ffi::AnyBuffer>();  // num_dropped
 }
 
 auto dispatch_recv_binding() {
-  return group_op_binding<LlDispatchRecvAttrs>()
-      .Arg<ffi::AnyBuffer>()   // ticket
-      .Arg<ffi::AnyBuffer>()   // active_ranks
-      .Arg<ffi::AnyBuffer>()   // order token
-      .Ret<ffi::AnyBuffer>()   // x
-      .Ret<ffi::AnyBuffer>()   // scales
-      .Ret<ffi::AnyBuffer>()   // counts
-      .Ret<ffi::AnyBuffer>()   // recv_src_info
-      .Ret<ffi::AnyBuffer>()   // recv_topk_slot
-      .Ret<ffi::AnyBuffer>()   // layout_range
+  return received_rows(group_op_binding<LlDispatchRecvAttrs>()
+                           .Arg<ffi::AnyBuffer>()   // ticket
+                           .Arg<ffi::AnyBuffer>()   // active_ranks
+                           .Arg<ffi::AnyBuffer>())  // order token
+      .Ret<ffi::AnyBuffer>();                       // order token
+}
+
+auto dispatch_binding() {
+  return received_rows(dispatch_send_operands(group_op_binding<LlDispatchSendAttrs>()))
+      .Ret<ffi::AnyBuffer>()   // num_dropped
       .Ret<ffi::AnyBuffer>();  // order token
 }
 
 auto combine_send_binding() {
-  return group_op_binding<LlCombineAttrs>()
-      .Arg<ffi::AnyBuffer>()   // y
-      .Arg<ffi::AnyBuffer>()   // recv_src_info
-      .Arg<ffi::AnyBuffer>()   // recv_topk_slot
-      .Arg<ffi::AnyBuffer>()   // recv_count
-      .Arg<ffi::AnyBuffer>()   // active_ranks
+  return expert_rows(group_op_binding<LlCombineAttrs>())
       .Arg<ffi::AnyBuffer>()   // order token
       .Ret<ffi::AnyBuffer>();  // ticket (= order token)
 }
@@ -276,7 +382,18 @@ auto combine_recv_binding() {
       .Ret<ffi::AnyBuffer>();  // order token
 }
 
+auto combine_binding() {
+  return expert_rows(group_op_binding<LlCombineAttrs>())
+      .Arg<ffi::AnyBuffer>()   // topk_idx
+      .Arg<ffi::AnyBuffer>()   // topk_weights
+      .Arg<ffi::AnyBuffer>()   // order token
+      .Ret<ffi::AnyBuffer>()   // out
+      .Ret<ffi::AnyBuffer>();  // order token
+}
+
 JAX_EP_DEFINE_OP_HANDLERS(kLlDispatchSend, LlDispatchSend, dispatch_send_binding());
+JAX_EP_DEFINE_OP_HANDLERS(kLlDispatch, LlDispatch, dispatch_binding());
+JAX_EP_DEFINE_OP_HANDLERS(kLlCombine, LlCombine, combine_binding());
 JAX_EP_DEFINE_OP_HANDLERS(kLlDispatchRecv, LlDispatchRecv, dispatch_recv_binding());
 JAX_EP_DEFINE_OP_HANDLERS(kLlCombineSend, LlCombineSend, combine_send_binding());
 JAX_EP_DEFINE_OP_HANDLERS(kLlCombineRecv, LlCombineRecv, combine_recv_binding());
@@ -288,6 +405,8 @@ void add_low_latency_handlers(HandlerTable& table) {
   add_group_op(table, "low_latency_dispatch_recv", kLlDispatchRecv, kLlDispatchRecvSync);
   add_group_op(table, "low_latency_combine_send", kLlCombineSend, kLlCombineSendSync);
   add_group_op(table, "low_latency_combine_recv", kLlCombineRecv, kLlCombineRecvSync);
+  add_group_op(table, "low_latency_dispatch", kLlDispatch, kLlDispatchSync);
+  add_group_op(table, "low_latency_combine", kLlCombine, kLlCombineSync);
 }
 
 }  // namespace jax_ep::ffi_layer

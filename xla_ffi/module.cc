@@ -123,7 +123,7 @@ NB_MODULE(_jax_ep_cuda, m) {
       "register_state",
       [](const std::string& key, int device, const nb::dict& sizes, int first_rank, int num_local_ranks,
          int send_blocks, int copy_blocks, double timeout_s, int fault_inject_rank, std::vector<uint64_t> peer_bases,
-         uint64_t net_ops) {
+         uint64_t net_ops, bool ll_one_launch) {
         DeviceStateConfig cfg;
         cfg.device = device;
         cfg.sizes = sizes_from(sizes);
@@ -135,11 +135,12 @@ NB_MODULE(_jax_ep_cuda, m) {
         cfg.fault_inject_rank = fault_inject_rank;
         cfg.peer_bases = std::move(peer_bases);
         cfg.net_ops = net_ops;
+        cfg.ll_one_launch = ll_one_launch;
         register_state(*live_group(key), cfg);
       },
       nb::arg("key"), nb::arg("device"), nb::arg("sizes"), nb::arg("first_rank"), nb::arg("num_local_ranks"),
       nb::arg("send_blocks"), nb::arg("copy_blocks"), nb::arg("timeout_s"), nb::arg("fault_inject_rank"),
-      nb::arg("peer_bases"), nb::arg("net_ops") = 0,
+      nb::arg("peer_bases"), nb::arg("net_ops") = 0, nb::arg("ll_one_launch") = false,
       "Adds a group's state on one device (buffers of every rank must already be mapped there).");
   m.def("close_group", &close_group, nb::arg("key"), nb::arg("instance"),
         "Closes the group (programs that use it fail cleanly from now on) and drains its devices; "
@@ -198,6 +199,7 @@ NB_MODULE(_jax_ep_cuda, m) {
   m.def("ipc_close", &ipc_close, nb::arg("device"), nb::arg("ptr"));
   m.def("enable_peer_access", &enable_peer_access, nb::arg("device"), nb::arg("peer"));
   m.def("num_sms", &num_sms, nb::arg("device"));
+  m.def("device_uuid", &device_uuid, nb::arg("device"), "The GPU's UUID, in hex.");
   m.def("device_memory", &device_memory, nb::arg("device"), "(free, total) bytes of device memory.");
   m.def("live_device_states", &DeviceState::live_count,
         "Group states alive in this process (closed groups are released with their last program).");

@@ -109,8 +109,9 @@ enum Counter : int {
   kLlCombineSendSeq = 4,
   kLlCombineRecvSeq = 5,
   kAbortFlag = 6,
-  kDoneBlocks = 7,  // blocks of the running op that finished (see finish_op)
-  kNumCounters = 8,
+  kDoneBlocks = 7,      // blocks of the running op that finished (see finish_op)
+  kDoneRecvBlocks = 8,  // the same for the receive phase of a one-launch low-latency op
+  kNumCounters = 9,
 };
 
 JAX_EP_HD inline BufferLayout make_layout(const BufferSizes& sizes) {

@@ -33,6 +33,8 @@ struct CommContext {
   // 1 when a peer is another GPU: flags are released/acquired at system scope. 0 when
   // every rank runs in this launch (loopback, EP=1): GPU scope is enough and cheaper.
   int sys_scope = 1;
+  // 1: the low-latency ops may run send and receive in one launch (DeviceStateConfig).
+  int ll_one_launch = 0;
   // Host-side table of the launchers that use NVSHMEM (set when layout.sizes.num_nodes
   // > 1); kernels never read it.
   const NetOps* net = nullptr;

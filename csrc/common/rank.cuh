@@ -108,7 +108,10 @@ __device__ inline void publish_arrival(const CommContext& c, const RankCtx& r, s
 
 // True in every thread of the rank's last block to get here (the blocks' earlier work
 // is ordered before what that block does next: fence + arrival, arrival + fence).
-__device__ inline bool last_block(const CommContext& c, const RankCtx& r, int blocks_per_rank) {
+// `done` is the counter of arrivals: a kernel that elects a last block twice (the two
+// phases of a one-launch low-latency op) uses one per election, since a block can
+// reach the second while others are still on their way to the first.
+__device__ inline bool last_block(const CommContext& c, const RankCtx& r, int blocks_per_rank, int done = kDoneBlocks) {
   __shared__ int last;
   __syncthreads();
   // a rank served by one block (a small decode batch) is its own last block: the
@@ -117,10 +120,10 @@ __device__ inline bool last_block(const CommContext& c, const RankCtx& r, int bl
   if (threadIdx.x == 0) {
     uint64_t* ctr = counters_of(c, r.self);
     __threadfence();
-    const unsigned long long done = atomicAdd(reinterpret_cast<unsigned long long*>(ctr + kDoneBlocks), 1ull);
-    last = done + 1 == uint64_t(blocks_per_rank);
+    const unsigned long long arrived = atomicAdd(reinterpret_cast<unsigned long long*>(ctr + done), 1ull);
+    last = arrived + 1 == uint64_t(blocks_per_rank);
     if (last) {
-      ctr[kDoneBlocks] = 0;  // the next kernel starts after this one ends
+      ctr[done] = 0;  // the next kernel starts after this one ends
       __threadfence();
     }
   }

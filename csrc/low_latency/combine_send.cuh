@@ -10,25 +10,28 @@
 namespace jax_ep {
 namespace {
 
+// The send phase, run by block `block` of rank `local` (c.send_blocks per rank): the
+// ll_combine_send kernel, or the first half of the one-launch ll_combine. `peers` and
+// `active` are the kernel's shared tables (filled here); `*rank` gets the op's
+// context. False when the group is closed: nothing was touched.
 template <class Net>
-__global__ void __launch_bounds__(kLlSendThreads, 1) ll_combine_send(LlCombineSendArgs a) {
-  if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
+__device__ __forceinline__ bool combine_send_phase(const LlCombineSendArgs& a, int local, int block, uint8_t** peers,
+                                                   int* active, RankCtx* rank) {
   extern __shared__ int smem[];
-  __shared__ uint8_t* peers[kMaxRanks];
-  __shared__ int active[kMaxRanks];
   const CommContext& c = a.c;
   const BufferLayout& layout = c.layout;
   const int R = c.num_ranks, e_loc = a.num_experts / R, T_max = layout.sizes.ll_max_tokens;
   const size_t RT = size_t(R) * T_max;
   int* counts = smem;           // [E_loc] rows per local expert
   int* offsets = smem + e_loc;  // [E_loc + 1] flat exclusive prefix
-  const int local = blockIdx.x / c.send_blocks, block = blockIdx.x % c.send_blocks;
-  const RankCtx r = rank_ctx(c, local, kLlCombineSendSeq);
 
+  // XLA operands before the closed check, whose barrier publishes them (one round trip)
   for (int e = threadIdx.x; e < e_loc; e += kLlSendThreads)
     counts[e] = min(max(a.recv_count[size_t(local) * e_loc + e], 0), int(RT));
   load_peer_table(c, a.active_ranks, local, peers, active);
-  __syncthreads();
+  if (returns_closed(c)) return false;  // docs/protocol.md, "Ordering and lifetime"
+  const RankCtx r = rank_ctx(c, local, kLlCombineSendSeq);
+  *rank = r;
   const bool sends = active[r.rank] && r.rank != c.fault_inject_rank;
   bool ok = !sends || peer_received<Net>(c, r, active, kLlCombineRecvSeq, kPhaseLlCombineReuse);
   block_exclusive_scan(counts, offsets, e_loc);
@@ -72,18 +75,31 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_combine_send(LlCombineSe
           c, r, peers, peer, [&](uint8_t* base) { return ll_combine_signal(layout, base, r.parity, r.rank); },
           ll_signal(r.seq, 1));
   }
+  return true;
 }
 
-// Blocks for the most rows a dispatch can deliver here, spread over every warp (as the
-// dispatch send, launch_ll_dispatch_send_with says why), at most copy_blocks.
+template <class Net>
+__global__ void __launch_bounds__(kLlSendThreads, 1) ll_combine_send(LlCombineSendArgs a) {
+  run_send_kernel(a, [](auto&&... p) { return combine_send_phase<Net>(p...); });
+}
+
+// Blocks per rank of a combine send: the most rows a dispatch can deliver here, spread
+// over every warp (as the dispatch send: launch_ll_dispatch_send_with says why).
+inline int ll_combine_send_blocks(const LlCombineSendArgs& a) {
+  const size_t row_bytes = size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);
+  return blocks_for(ll_max_recv_rows(a.c.layout) * row_units(row_bytes, kCopyUnitBytes), kLlSendWarps,
+                    ll_block_limit(a.c));
+}
+
+inline size_t ll_combine_send_smem(const LlCombineSendArgs& a) {
+  return (size_t(2) * (a.num_experts / a.c.num_ranks) + 1) * sizeof(int);
+}
+
 template <class Net>
 cudaError_t launch_ll_combine_send_with(const LlCombineSendArgs& args, cudaStream_t stream) {
   LlCombineSendArgs a = args;
-  const size_t row_bytes = size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);
-  a.c.send_blocks = blocks_for(ll_max_recv_rows(a.c.layout) * row_units(row_bytes, kCopyUnitBytes), kLlSendWarps,
-                               ll_block_limit(a.c));
-  const size_t smem = (size_t(2) * (a.num_experts / a.c.num_ranks) + 1) * sizeof(int);
-  ll_combine_send<Net><<<a.c.num_local_ranks * a.c.send_blocks, kLlSendThreads, smem, stream>>>(a);
+  a.c.send_blocks = ll_combine_send_blocks(a);
+  ll_combine_send<Net><<<a.c.num_local_ranks * a.c.send_blocks, kLlSendThreads, ll_combine_send_smem(a), stream>>>(a);
   return cudaGetLastError();
 }
 

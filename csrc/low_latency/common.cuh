@@ -4,6 +4,9 @@
 // "Low-latency dispatch/combine".
 #pragma once
 
+#include <algorithm>
+#include <utility>
+
 #include "common/rank.cuh"
 #include "common/rows.cuh"
 #include "low_latency/params.h"
@@ -82,15 +85,18 @@ inline int ll_block_limit(const CommContext& c) {
   return share > 1 ? share : 1;
 }
 
-// The launch's peer bases and this rank's live-rank flags ([R] of active_ranks), copied
-// to shared memory by threads < R: the send kernels read them per message. The caller
-// synchronises the block before reading them.
+// Rank `local`'s live-rank flags ([R] of active_ranks) copied to shared memory by
+// threads < R. An XLA operand, not group memory: kernels read it before their closed
+// check (returns_closed), whose barrier publishes it, so both reads share a round trip.
+__device__ __forceinline__ void load_live_ranks(const CommContext& c, const int* active_ranks, int local, int* live) {
+  if (threadIdx.x < c.num_ranks) live[threadIdx.x] = active_ranks[size_t(local) * c.num_ranks + threadIdx.x] != 0;
+}
+
+// The same, with the launch's peer bases: the send kernels read both per message.
 __device__ __forceinline__ void load_peer_table(const CommContext& c, const int* active_ranks, int local,
                                                 uint8_t** peers, int* active) {
-  if (threadIdx.x < c.num_ranks) {
-    peers[threadIdx.x] = c.peers[threadIdx.x];
-    active[threadIdx.x] = active_ranks[size_t(local) * c.num_ranks + threadIdx.x] != 0;
-  }
+  load_live_ranks(c, active_ranks, local, active);
+  if (threadIdx.x < c.num_ranks) peers[threadIdx.x] = c.peers[threadIdx.x];
 }
 
 // Most rows one rank can receive in a low-latency dispatch: each source token sends
@@ -209,14 +215,21 @@ template <class Net>
 __device__ inline bool peer_received(const CommContext& c, const RankCtx& r, const int* active, int recv_counter,
                                      int phase) {
   const int peer = threadIdx.x;
-  if (r.seq <= 2 || peer >= c.num_ranks || !active[peer]) return true;
-  const uint64_t target = 2 * (r.seq - 2);
+  if (peer >= c.num_ranks || !active[peer]) return true;
   if (is_far<Net>(c, r, peer)) {
+    if (r.seq <= 2) return true;
     const uint64_t* word = counters_of(c, r.self) + recv_counter;  // symmetric: p's copy
     uint64_t seen;
-    return wait_word([&] { return Net::get_u64(word, peer); }, target, false, peer, wait_ctx(c, r, phase), &seen);
+    return wait_word([&] { return Net::get_u64(word, peer); }, 2 * (r.seq - 2), false, peer, wait_ctx(c, r, phase),
+                     &seen);
   }
-  return wait_geq(counters_of(c, c.peers[peer]) + recv_counter, target, peer, wait_ctx(c, r, phase));
+  // read before r.seq is looked at: the load leaves with rank_ctx's read of the op
+  // counter, and both come back in one round trip
+  const uint64_t* word = counters_of(c, c.peers[peer]) + recv_counter;
+  const uint64_t first = ld_acquire(word, c.sys_scope != 0);
+  if (r.seq <= 2) return true;
+  const uint64_t target = 2 * (r.seq - 2);
+  return first >= target || wait_geq(word, target, peer, wait_ctx(c, r, phase));
 }
 
 // End of a send kernel's data phase. The last block to get here publishes the op's
@@ -233,16 +246,112 @@ __device__ inline bool finish_send(const CommContext& c, const RankCtx& r, int c
   return last;
 }
 
-// End of a receive kernel: the last block publishes the receive record with a release
+// End of a receive phase: the last block publishes the receive record with a release
 // store, after every block's reads of the half (peers wait for it before reusing it),
-// and writes the op's ordering token `order` ([L, 2] int32).
-__device__ inline void finish_recv(const CommContext& c, const RankCtx& r, int counter, int blocks_per_rank,
-                                   int* order) {
-  if (last_block(c, r, blocks_per_rank) && threadIdx.x == 0) {
+// and writes the op's ordering token `order` ([L, 2] int32). `done`: see last_block.
+__device__ inline void finish_recv(const CommContext& c, const RankCtx& r, int counter, int blocks_per_rank, int* order,
+                                   int done) {
+  if (last_block(c, r, blocks_per_rank, done) && threadIdx.x == 0) {
     uint64_t* word = counters_of(c, r.self) + counter;
     st_release(word, received_record(*word, r.seq), c.sys_scope != 0);
     write_seq(order, r.local, r.seq);
   }
+}
+
+// ---------------------------------------------------------------------------
+// one-launch ops: the send and receive phases of a low-latency op in one kernel
+// ---------------------------------------------------------------------------
+
+// Whether an op may run as one launch: its receive phase waits inside the kernel for
+// the send phases of every rank, so every rank's kernel must be resident as a whole
+// (no other process's ranks on this GPU, CommContext::ll_one_launch); ranks on other
+// nodes are reached by the NVSHMEM module's send kernels, which this module does not
+// build into one launch.
+inline bool one_launch(const CommContext& c) {
+  return c.ll_one_launch != 0 && c.layout.sizes.num_nodes == 1;
+}
+
+// Blocks per rank of a one-launch op: `want`, at most what lets every block of the
+// launch be resident at once (one block per SM: __launch_bounds__(..., 1) and 512
+// threads of up to 128 registers).
+inline int one_wave_blocks(const CommContext& c, int want) {
+  int device = 0, sms = 1;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int most = sms / c.num_local_ranks;
+  return std::max(1, std::min(want, most));
+}
+
+// The body of a send kernel: `phase` (dispatch_send_phase or combine_send_phase) on
+// this block, with the kernel's shared peer and live-rank tables.
+template <typename Args, typename Phase>
+__device__ __forceinline__ void run_send_kernel(const Args& a, Phase phase) {
+  __shared__ uint8_t* peers[kMaxRanks];
+  __shared__ int active[kMaxRanks];
+  RankCtx r;
+  phase(a, int(blockIdx.x) / a.c.send_blocks, int(blockIdx.x) % a.c.send_blocks, peers, active, &r);
+}
+
+// The body of a receive kernel: the op's context from its ticket and the live ranks
+// (XLA operands, not group memory: read in the closed flag's round trip), then
+// `phase` (dispatch_recv_phase or combine_recv_phase) unless the group is closed.
+template <typename Args, typename Phase>
+__device__ __forceinline__ void run_recv_kernel(const Args& a, Phase phase) {
+  const int local = int(blockIdx.x) / a.c.copy_blocks;
+  const RankCtx r = ll_recv_ctx(a.c, local, a.ticket);
+  __shared__ int live[kMaxRanks];
+  load_live_ranks(a.c, a.active_ranks, local, live);
+  if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
+  phase(a, local, int(blockIdx.x) % a.c.copy_blocks, r, live, kDoneBlocks);
+}
+
+// The body of a one-launch kernel: the send phase, then the receive phase of the op it
+// numbered (no ticket needed), on every block (c.send_blocks == c.copy_blocks).
+template <typename SendArgs, typename RecvArgs, typename SendPhase, typename RecvPhase>
+__device__ __forceinline__ void run_both_phases(const SendArgs& send, const RecvArgs& recv, SendPhase send_phase,
+                                                RecvPhase recv_phase) {
+  __shared__ uint8_t* peers[kMaxRanks];
+  __shared__ int active[kMaxRanks];
+  const int local = int(blockIdx.x) / send.c.send_blocks, block = int(blockIdx.x) % send.c.send_blocks;
+  RankCtx r;
+  if (!send_phase(send, local, block, peers, active, &r)) return;
+  __syncthreads();  // the phases may share the dynamic shared memory
+  recv_phase(recv, local, block, r, active, kDoneRecvBlocks);
+}
+
+// A cooperative launch: the driver starts the grid only with every block resident
+// (or fails the launch), so blocks that wait for other blocks of the grid cannot wait
+// for one that never gets an SM, whatever else runs on the GPU.
+template <typename... Params, typename... Args>
+cudaError_t launch_one_wave(void (*kernel)(Params...), int grid, int threads, size_t smem, cudaStream_t stream,
+                            Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
+// A one-call op: both phases in one cooperative launch of `kernel` (blocks per rank: the
+// larger of the phases' counts, within one wave) where the group allows it, else the
+// split form's two launches.
+template <typename Send, typename Recv, typename... Params>
+cudaError_t launch_one_call(void (*kernel)(Params...), Send send, Recv recv, int send_blocks, int recv_blocks,
+                            size_t smem, cudaStream_t stream, cudaError_t (*launch_send)(const Send&, cudaStream_t),
+                            cudaError_t (*launch_recv)(const Recv&, cudaStream_t)) {
+  if (!one_launch(send.c)) {
+    const cudaError_t err = launch_send(send, stream);
+    return err != cudaSuccess ? err : launch_recv(recv, stream);
+  }
+  const int blocks = one_wave_blocks(send.c, std::max(send_blocks, recv_blocks));
+  send.c.send_blocks = recv.c.copy_blocks = blocks;
+  return launch_one_wave(kernel, send.c.num_local_ranks * blocks, kLlSendThreads, smem, stream, send, recv);
 }
 
 cudaError_t prepare_ll_dispatch_kernels();

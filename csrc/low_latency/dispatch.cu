@@ -1,10 +1,12 @@
-// Low-latency dispatch (docs/protocol.md, "Low-latency dispatch/combine"). Two
-// launches, each serving all ranks of this launch, so XLA can schedule work between
-// them:
+// Low-latency dispatch (docs/protocol.md, "Low-latency dispatch/combine"). The split
+// form is two launches, each serving all ranks of this launch, so XLA can schedule
+// work between them:
 //   send  low_latency/dispatch_send.cuh (built here for peers on this node; the
 //         NVSHMEM module builds it for groups spanning nodes);
 //   recv  wait for every live source's count of every local expert, then copy the
 //         messages out in (source rank, j) order: exactly the reference's row order.
+// The one-call form (low_latency_dispatch) runs both phases in one launch, ll_dispatch,
+// where the group allows it (ll_one_launch): a launch and its fixed start fewer.
 #include "common/load_kernels.h"
 #include "low_latency/dispatch_send.cuh"
 #include "nvshmem/launchers.h"
@@ -16,8 +18,11 @@ namespace {
 // recv
 // ---------------------------------------------------------------------------
 
-__global__ void __launch_bounds__(kLlRecvThreads) ll_dispatch_recv(LlDispatchRecvArgs a) {
-  if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
+// The receive phase, run by block `block` of rank `local` (c.copy_blocks per rank):
+// the ll_dispatch_recv kernel, or the second half of ll_dispatch. `live`: the rank's
+// active_ranks in shared memory; `done`: the arrival counter of its last block.
+__device__ __forceinline__ void dispatch_recv_phase(const LlDispatchRecvArgs& a, int local, int block, const RankCtx& r,
+                                                    const int* live, int done) {
   extern __shared__ int smem[];
   const CommContext& c = a.c;
   const BufferLayout& layout = c.layout;
@@ -25,17 +30,14 @@ __global__ void __launch_bounds__(kLlRecvThreads) ll_dispatch_recv(LlDispatchRec
   const int T_max = layout.sizes.ll_max_tokens;
   int* counts = smem;     // [E_loc][R] messages of (local expert, source)
   int* start = smem + E;  // [E_loc * R + 1] flat exclusive prefix: expert-major, then source
-  const int local = blockIdx.x / c.copy_blocks, block = blockIdx.x % c.copy_blocks;
-  const RankCtx r = ll_recv_ctx(c, local, a.ticket);
-  const int* active = a.active_ranks + size_t(local) * R;
   // nobody sends to a failed rank: it waits for no one and receives nothing
-  const bool me_active = active[r.rank] != 0;
+  const bool me_active = live[r.rank] != 0;
 
   bool ok = true;
   for (int i = threadIdx.x; i < E; i += kLlRecvThreads) {
     const int s = i % R;
     uint32_t n = 0;
-    if (ok && me_active && active[s]) {
+    if (ok && me_active && live[s]) {
       uint64_t v = 0;
       ok = wait_tag(ll_dispatch_signal(layout, r.self, r.parity, i / R, s), uint32_t(r.seq), s,
                     wait_ctx(c, r, kPhaseLlDispatchSignal), &v);
@@ -94,13 +96,34 @@ __global__ void __launch_bounds__(kLlRecvThreads) ll_dispatch_recv(LlDispatchRec
                    out_x + out_row * payload_bytes + b.begin, 1);
     });
   }
-  finish_recv(c, r, kLlDispatchRecvSeq, c.copy_blocks, a.order);
+  finish_recv(c, r, kLlDispatchRecvSeq, c.copy_blocks, a.order, done);
+}
+
+__global__ void __launch_bounds__(kLlRecvThreads) ll_dispatch_recv(LlDispatchRecvArgs a) {
+  run_recv_kernel(a, [](auto&&... p) { dispatch_recv_phase(p...); });
+}
+
+// Both phases in one launch (every block resident: launch_one_wave).
+__global__ void __launch_bounds__(kLlSendThreads, 1) ll_dispatch(LlDispatchSendArgs send, LlDispatchRecvArgs recv) {
+  run_both_phases(
+      send, recv, [](auto&&... p) { return dispatch_send_phase<PeerStores>(p...); },
+      [](auto&&... p) { dispatch_recv_phase(p...); });
+}
+
+int ll_dispatch_recv_blocks(const LlDispatchRecvArgs& a) {
+  const size_t payload = a.fp8 ? size_t(a.hidden) : size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);
+  return blocks_for(ll_max_recv_rows(a.c.layout) * row_units(payload, kCopyUnitBytes), kLlRecvWarps,
+                    ll_block_limit(a.c));
+}
+
+size_t ll_dispatch_recv_smem(const LlDispatchRecvArgs& a) {
+  return (size_t(2) * a.num_experts + 1) * sizeof(int);
 }
 
 }  // namespace
 
 cudaError_t prepare_ll_dispatch_kernels() {
-  return load_kernels(ll_dispatch_send<PeerStores>, ll_dispatch_recv);
+  return load_kernels(ll_dispatch_send<PeerStores>, ll_dispatch_recv, ll_dispatch);
 }
 
 cudaError_t launch_ll_dispatch_send(const LlDispatchSendArgs& a, cudaStream_t stream) {
@@ -110,12 +133,15 @@ cudaError_t launch_ll_dispatch_send(const LlDispatchSendArgs& a, cudaStream_t st
 
 cudaError_t launch_ll_dispatch_recv(const LlDispatchRecvArgs& args, cudaStream_t stream) {
   LlDispatchRecvArgs a = args;
-  const size_t payload = a.fp8 ? size_t(a.hidden) : size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);
-  a.c.copy_blocks =
-      blocks_for(ll_max_recv_rows(a.c.layout) * row_units(payload, kCopyUnitBytes), kLlRecvWarps, ll_block_limit(a.c));
-  const size_t smem = (size_t(2) * a.num_experts + 1) * sizeof(int);
-  ll_dispatch_recv<<<a.c.num_local_ranks * a.c.copy_blocks, kLlRecvThreads, smem, stream>>>(a);
+  a.c.copy_blocks = ll_dispatch_recv_blocks(a);
+  ll_dispatch_recv<<<a.c.num_local_ranks * a.c.copy_blocks, kLlRecvThreads, ll_dispatch_recv_smem(a), stream>>>(a);
   return cudaGetLastError();
+}
+
+cudaError_t launch_ll_dispatch(const LlDispatchSendArgs& send, const LlDispatchRecvArgs& recv, cudaStream_t stream) {
+  return launch_one_call(ll_dispatch, send, recv, ll_dispatch_send_blocks(send), ll_dispatch_recv_blocks(recv),
+                         std::max(ll_dispatch_send_smem(send), ll_dispatch_recv_smem(recv)), stream,
+                         launch_ll_dispatch_send, launch_ll_dispatch_recv);
 }
 
 }  // namespace jax_ep

@@ -183,18 +183,19 @@ __device__ __forceinline__ void publish_counts(const CommContext& c, const RankC
   }
 }
 
+// The send phase, run by block `block` of rank `local` (c.send_blocks per rank): the
+// ll_dispatch_send kernel, or the first half of the one-launch ll_dispatch. `peers`
+// and `active` are the kernel's shared tables (filled here; the receive phase reads
+// `active` too); `*rank` gets the op's context. False when the group is closed:
+// nothing was touched and the kernel returns.
 template <class Net>
-__global__ void __launch_bounds__(kLlSendThreads, 1) ll_dispatch_send(LlDispatchSendArgs a) {
-  if (returns_closed(a.c)) return;        // docs/protocol.md, "Ordering and lifetime"
-  extern __shared__ int expert_counts[];  // [2][E]: before this block's tokens, in all tokens
-  __shared__ uint8_t* peers[kMaxRanks];
-  __shared__ int active[kMaxRanks];
+__device__ __forceinline__ bool dispatch_send_phase(const LlDispatchSendArgs& a, int local, int block, uint8_t** peers,
+                                                    int* active, RankCtx* rank) {
+  extern __shared__ int expert_counts[];       // [2][E]: before this block's tokens, in all tokens
   __shared__ int chunk_expert[kChunkEntries];  // [token][k] expert id, -1 when invalid
   __shared__ int chunk_slot[kChunkEntries];    // [token][k] slot j, -1 when nothing is sent
   __shared__ int dropped;
   const CommContext& c = a.c;
-  const int local = blockIdx.x / c.send_blocks, block = blockIdx.x % c.send_blocks;
-  const RankCtx r = rank_ctx(c, local, kLlDispatchSendSeq);
   const LlDispatchShape shape = dispatch_send_shape(a);
   const int T = shape.T, K = shape.K, E = shape.E, e_loc = shape.e_loc;
   const int lane = lane_id(), warp = warp_id();
@@ -202,10 +203,14 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_dispatch_send(LlDispatch
   int* total = expert_counts + E;
   const int* topk = a.topk_idx + size_t(local) * T * K;
 
+  // shared state and XLA operands first: the closed check's barrier publishes them, and
+  // the operand reads share its round trip
   for (int e = threadIdx.x; e < 2 * E; e += kLlSendThreads) expert_counts[e] = 0;
   load_peer_table(c, a.active_ranks, local, peers, active);
   if (threadIdx.x == 0) dropped = 0;
-  __syncthreads();
+  if (returns_closed(c)) return false;  // docs/protocol.md, "Ordering and lifetime"
+  const RankCtx r = rank_ctx(c, local, kLlDispatchSendSeq);
+  *rank = r;
   // a failed rank sends nothing; fault injection (testing) makes a peer that never arrives
   const bool sends = active[r.rank] && r.rank != c.fault_inject_rank;
   bool ok = !sends || peer_received<Net>(c, r, active, kLlDispatchRecvSeq, kPhaseLlDispatchReuse);
@@ -257,6 +262,21 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_dispatch_send(LlDispatch
   Net::quiet();
   if (finish_send(c, r, kLlDispatchSendSeq, c.send_blocks) && sends && !aborted(c, r))
     publish_counts<Net>(c, r, peers, active, total, E, e_loc);
+  return true;
+}
+
+template <class Net>
+__global__ void __launch_bounds__(kLlSendThreads, 1) ll_dispatch_send(LlDispatchSendArgs a) {
+  run_send_kernel(a, [](auto&&... p) { return dispatch_send_phase<Net>(p...); });
+}
+
+// Blocks per rank of a dispatch send: the launcher below says why.
+inline int ll_dispatch_send_blocks(const LlDispatchSendArgs& a) {
+  return blocks_for(a.num_tokens, 1, ll_block_limit(a.c));
+}
+
+inline size_t ll_dispatch_send_smem(const LlDispatchSendArgs& a) {
+  return size_t(2) * a.num_experts * sizeof(int);
 }
 
 // As many blocks as the receive may use (ll_block_limit: Config.num_copy_sms, every SM
@@ -266,9 +286,8 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_dispatch_send(LlDispatch
 template <class Net>
 cudaError_t launch_ll_dispatch_send_with(const LlDispatchSendArgs& args, cudaStream_t stream) {
   LlDispatchSendArgs a = args;
-  a.c.send_blocks = blocks_for(a.num_tokens, 1, ll_block_limit(a.c));
-  const size_t smem = size_t(2) * a.num_experts * sizeof(int);
-  ll_dispatch_send<Net><<<a.c.num_local_ranks * a.c.send_blocks, kLlSendThreads, smem, stream>>>(a);
+  a.c.send_blocks = ll_dispatch_send_blocks(a);
+  ll_dispatch_send<Net><<<a.c.num_local_ranks * a.c.send_blocks, kLlSendThreads, ll_dispatch_send_smem(a), stream>>>(a);
   return cudaGetLastError();
 }
 

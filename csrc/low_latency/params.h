@@ -76,6 +76,11 @@ cudaError_t launch_ll_dispatch_send(const LlDispatchSendArgs& args, cudaStream_t
 cudaError_t launch_ll_dispatch_recv(const LlDispatchRecvArgs& args, cudaStream_t stream);
 cudaError_t launch_ll_combine_send(const LlCombineSendArgs& args, cudaStream_t stream);
 cudaError_t launch_ll_combine_recv(const LlCombineRecvArgs& args, cudaStream_t stream);
+// The one-call forms: both halves, in one launch where the group allows it
+// (low_latency/common.cuh, one_launch), else the two launches above. The send's
+// ticket and the receive's ticket and order may all be the op's ordering token.
+cudaError_t launch_ll_dispatch(const LlDispatchSendArgs& send, const LlDispatchRecvArgs& recv, cudaStream_t stream);
+cudaError_t launch_ll_combine(const LlCombineSendArgs& send, const LlCombineRecvArgs& recv, cudaStream_t stream);
 // Loads the kernels on the current device (see runtime.h, preload_kernels).
 cudaError_t prepare_ll_kernels();
 

@@ -199,6 +199,7 @@ void register_state(GroupControl& group, const DeviceStateConfig& cfg) {
   state->copy_blocks = cfg.copy_blocks;
   state->timeout_ns = uint64_t(cfg.timeout_s * 1e9);
   state->fault_inject_rank = cfg.fault_inject_rank;
+  state->ll_one_launch = cfg.ll_one_launch;
   for (uint64_t base : cfg.peer_bases) state->peers.push_back(reinterpret_cast<uint8_t*>(base));
   alloc_error_record(state.get());
   preload_kernels(cfg.device);
@@ -365,6 +366,18 @@ int num_sms(int device) {
   int n = 0;
   check_cuda(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
   return n;
+}
+
+std::string device_uuid(int device) {
+  cudaDeviceProp prop;
+  check_cuda(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  for (unsigned char b : prop.uuid.bytes) {
+    out += hex[b >> 4];
+    out += hex[b & 15];
+  }
+  return out;
 }
 
 void preload_kernels(int device) {

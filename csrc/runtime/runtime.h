@@ -54,6 +54,7 @@ struct DeviceState {
   int copy_blocks = 1;
   uint64_t timeout_ns = 0;
   int fault_inject_rank = -1;
+  int ll_one_launch = 0;              // see DeviceStateConfig
   int num_sms = 0;                    // the device's SMs (looked up once, when the state is made)
   std::vector<uint8_t*> peers;        // [num_ranks] buffer bases (null: another node), copied into each launch
   const NetOps* net = nullptr;        // the NVSHMEM module's launchers (groups spanning nodes)
@@ -90,6 +91,11 @@ struct DeviceStateConfig {
   int fault_inject_rank;
   std::vector<uint64_t> peer_bases;  // [num_ranks] buffer base of every rank, valid on `device` (0: another node)
   uint64_t net_ops = 0;              // address of the NVSHMEM module's NetOps (sizes.num_nodes > 1)
+  // The low-latency ops may run their send and receive phases in one launch: the
+  // receive phase waits inside the kernel for every rank's send phase, which is safe
+  // only when no other process runs ranks of the group on this GPU (under MPS two
+  // such kernels could each hold part of the SMs and wait for each other).
+  bool ll_one_launch = false;
 };
 
 // A group in this process: its states on the local devices and whether it is closed.
@@ -158,6 +164,8 @@ uint64_t ipc_open(int device, const std::string& handle);
 void ipc_close(int device, uint64_t ptr);
 void enable_peer_access(int device, int peer);
 int num_sms(int device);
+// The GPU's UUID (hex): ranks of different processes compare them to find a shared GPU.
+std::string device_uuid(int device);
 // (free, total) bytes of device memory (tests: nothing leaks across groups).
 std::pair<size_t, size_t> device_memory(int device);
 

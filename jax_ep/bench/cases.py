@@ -563,20 +563,12 @@ def ll_cases(
     out = []
     for backend in backends:
         group = setup.group(backend, low_latency=True, max_tokens=T, config=config)
+        common = dict(group=group, fp8=fp8, chain=chain, whole=needs_barrier(backend))
         y, handle = setup.per_rank(functools.partial(_ll_expert_inputs, group=group, fp8=fp8))(
             xd, idxd
         )
         for what in ("dispatch", "combine", "pair"):
-            chain_fn = setup.per_rank(
-                functools.partial(
-                    _ll_chain,
-                    group=group,
-                    what=what,
-                    fp8=fp8,
-                    chain=chain,
-                    whole=needs_barrier(backend),
-                )
-            )
+            chain_fn = setup.per_rank(functools.partial(_ll_chain, what=what, **common))
             step = functools.partial(_with_expert_inputs, chain_fn, y, handle)
             calls_before = _handler_calls(group)
             res = measure(lambda s=step: s(xd, idxd, wd), calls=calls, repeats=repeats)
@@ -607,33 +599,23 @@ def ll_cases(
                 row["profile"] = _per_op(kernel_breakdown(lambda s=step: s(xd, idxd, wd)), chain)
                 _print_profile(row["profile"])
             out.append(row)
-        out += _overlap_rows(
-            setup, group, backend, xd, idxd, fp8=fp8, chain=chain, calls=calls, repeats=repeats
-        )
+        out += _overlap_rows(setup, backend, xd, idxd, calls=calls, repeats=repeats, **common)
         group.close()
     return out
 
 
-def _overlap_rows(setup, group, backend, xd, idxd, *, fp8, chain, calls, repeats) -> list[dict]:
+def _overlap_rows(setup, backend, xd, idxd, *, calls, repeats, **common) -> list[dict]:
     """Dispatch split into send / receive with an expert-sized matmul between them
     (DeepEP's receive hook, in JAX form): the time the overlap hides is
     t(send + recv) + t(matmul) - t(send, matmul, recv)."""
+    fp8, chain = common["fp8"], common["chain"]
     H = setup.hidden
     rng = np.random.default_rng(setup.seed + 1)
     wmat = rng.standard_normal((setup.num_ranks, H, H), dtype=np.float32) / np.sqrt(H)
     (wd,) = setup.put(wmat.astype(jnp.bfloat16))
     times = {}
     for mode in ("comm", "compute", "both"):
-        fn = setup.per_rank(
-            functools.partial(
-                _ll_overlap,
-                group=group,
-                fp8=fp8,
-                chain=chain,
-                mode=mode,
-                whole=needs_barrier(backend),
-            )
-        )
+        fn = setup.per_rank(functools.partial(_ll_overlap, mode=mode, **common))
         res = measure(lambda f=fn: f(xd, idxd, wd), calls=calls, repeats=repeats)
         times[mode] = res["median_us"] / chain
     hidden_us = times["comm"] + times["compute"] - times["both"]

@@ -76,3 +76,24 @@ def release(ext, opened: list[tuple[int, int]], owned: list[tuple[int, int]]) ->
             ext.free_buffer(ordinal, ptr)
         except RuntimeError:
             pass
+
+
+def gpus_unshared(ext, key: str, member_ordinals: list[int | None]) -> bool:
+    """True when no two ranks of the EP group run on one GPU (the low-latency ops may then
+    run send and receive in one launch; see ``DeviceStateConfig.ll_one_launch``).
+
+    Ranks of this process are on distinct GPUs (only loopback puts several on one, and
+    it does not come here); ranks of other processes publish their GPU's UUID, which
+    the processes compare.
+    """
+    uuids = {r: ext.device_uuid(o) for r, o in enumerate(member_ordinals) if o is not None}
+    if len(uuids) == len(member_ordinals):
+        return True
+    for rank, uuid in uuids.items():
+        kv_store.publish(f"{key}/gpu{rank}", uuid.encode())
+    for rank, o in enumerate(member_ordinals):
+        if o is None:
+            uuids[rank] = kv_store.fetch(
+                f"{key}/gpu{rank}", KV_TIMEOUT_S, what=f"GPU of EP rank {rank}"
+            ).decode()
+    return len(set(uuids.values())) == len(uuids)

@@ -33,6 +33,8 @@ class CudaBackend:
     ll_dispatch_recv = staticmethod(low_latency.ll_dispatch_recv)
     ll_combine_send = staticmethod(low_latency.ll_combine_send)
     ll_combine_recv = staticmethod(low_latency.ll_combine_recv)
+    ll_dispatch = staticmethod(low_latency.ll_dispatch)
+    ll_combine = staticmethod(low_latency.ll_combine)
 
 
 BACKEND = CudaBackend()

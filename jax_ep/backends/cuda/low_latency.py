@@ -74,11 +74,12 @@ def ll_dispatch_send(x, topk_idx, active_ranks, token, spec: OpSpec):
     return DispatchTicket(ticket, num_dropped, active_ranks, x.shape[1], np.dtype(x.dtype)), ticket
 
 
-def ll_dispatch_recv(payload: DispatchTicket, token, spec: OpSpec):
-    e_loc, num_ranks, hidden = spec.num_local_experts, spec.num_ranks, payload.hidden
+def _dispatch_results(spec: OpSpec, hidden: int, dtype) -> list:
+    """Shapes and dtypes of a dispatch receive's outputs (ordering token last)."""
+    e_loc, num_ranks = spec.num_local_experts, spec.num_ranks
     rows = num_ranks * spec.max_tokens_per_rank
-    results = [
-        ((e_loc, rows, hidden), _fp8.FP8_DTYPE if spec.fp8 else payload.dtype),
+    return [
+        ((e_loc, rows, hidden), _fp8.FP8_DTYPE if spec.fp8 else dtype),
         ((e_loc, rows, hidden // _fp8.GROUP) if spec.fp8 else (0,), jnp.float32),
         ((e_loc,), jnp.int32),
         ((e_loc, rows), jnp.int32),
@@ -86,12 +87,30 @@ def ll_dispatch_recv(payload: DispatchTicket, token, spec: OpSpec):
         ((e_loc, num_ranks, 2), jnp.int32),
         (TOKEN_SHAPE, jnp.int32),
     ]
+
+
+def _dispatch_out(spec: OpSpec, received, num_dropped, active_ranks) -> tuple:
+    x, scales, counts, src_info, topk_slot, layout_range = received
+    handle = LowLatencyHandle(
+        src_info,
+        topk_slot,
+        layout_range,
+        counts,
+        active_ranks,
+        spec.num_experts,
+        spec.num_ranks,
+        spec.max_tokens_per_rank,
+    )
+    return x, scales if spec.fp8 else None, counts, num_dropped, handle
+
+
+def ll_dispatch_recv(payload: DispatchTicket, token, spec: OpSpec):
     # a receive is never dropped as dead code: its send has run, and peers wait for the
     # receive before they reuse the buffer half (docs/protocol.md)
-    x, scales, counts, src_info, topk_slot, layout_range, token = call(
+    *received, token = call(
         "low_latency_dispatch_recv",
         spec,
-        results,
+        _dispatch_results(spec, payload.hidden, payload.dtype),
         payload.ticket,
         payload.active_ranks,
         token,
@@ -100,17 +119,29 @@ def ll_dispatch_recv(payload: DispatchTicket, token, spec: OpSpec):
         num_experts=spec.num_experts,
         fp8=bool(spec.fp8),
     )
-    handle = LowLatencyHandle(
-        src_info,
-        topk_slot,
-        layout_range,
-        counts,
-        payload.active_ranks,
-        spec.num_experts,
-        num_ranks,
-        spec.max_tokens_per_rank,
+    return _dispatch_out(spec, received, payload.num_dropped, payload.active_ranks), token
+
+
+def ll_dispatch(x, topk_idx, active_ranks, token, spec: OpSpec):
+    """Both halves in one custom call (one kernel launch where the group allows it)."""
+    active_ranks = batched_like(active_ranks, topk_idx)
+    results = _dispatch_results(spec, x.shape[1], np.dtype(x.dtype))
+    # never dropped as dead code: peers wait for its receive phase (as ll_dispatch_recv)
+    *received, num_dropped, token = call(
+        "low_latency_dispatch",
+        spec,
+        results[:-1] + [((), jnp.int32), results[-1]],
+        x,
+        topk_idx,
+        active_ranks,
+        token,
+        has_side_effect=True,
+        group=spec.group_key,
+        num_experts=spec.num_experts,
+        fp8=bool(spec.fp8),
+        round_scale=bool(spec.round_scale),
     )
-    return (x, scales if spec.fp8 else None, counts, payload.num_dropped, handle), token
+    return _dispatch_out(spec, received, num_dropped, active_ranks), token
 
 
 def ll_combine_send(y, handle: LowLatencyHandle, topk_idx, topk_weights, token, spec: OpSpec):
@@ -142,6 +173,27 @@ def ll_combine_recv(
         topk_idx,
         topk_weights,
         handle.active_ranks,
+        token,
+        has_side_effect=True,
+        group=spec.group_key,
+        num_experts=spec.num_experts,
+    )
+    return out, token
+
+
+def ll_combine(y, handle: LowLatencyHandle, topk_idx, topk_weights, token, spec: OpSpec):
+    """Both halves in one custom call (one kernel launch where the group allows it)."""
+    out, token = call(
+        "low_latency_combine",
+        spec,
+        [((topk_idx.shape[0], y.shape[-1]), y.dtype), (TOKEN_SHAPE, jnp.int32)],
+        y,
+        handle.recv_src_info,
+        handle.recv_topk_slot,
+        handle.recv_count,
+        handle.active_ranks,
+        topk_idx,
+        topk_weights,
         token,
         has_side_effect=True,
         group=spec.group_key,

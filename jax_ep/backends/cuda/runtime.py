@@ -81,7 +81,7 @@ class GroupRuntime:
             dev = group.devices[0]
             ordinal = dev.local_hardware_id
             bases = [self._alloc(ordinal) for _ in range(group.num_ranks)]
-            self._register(ordinal, 0, group.num_ranks, bases, common, cfg)
+            self._register(ordinal, 0, group.num_ranks, bases, common, cfg, one_launch=True)
         else:
             for members in ep_groups(group.mesh, group.axis_name):
                 self._wire_ep_group(members, common, cfg)
@@ -103,7 +103,7 @@ class GroupRuntime:
         self._owned.append((ordinal, ptr))
         return ptr
 
-    def _register(self, ordinal, first_rank, num_local, bases, common, cfg):
+    def _register(self, ordinal, first_rank, num_local, bases, common, cfg, one_launch=False):
         copy_blocks = cfg.num_copy_sms or self._ext.num_sms(ordinal)
         self._ext.register_state(
             key=self.key,
@@ -112,6 +112,7 @@ class GroupRuntime:
             num_local_ranks=num_local,
             copy_blocks=copy_blocks,
             peer_bases=bases,
+            ll_one_launch=one_launch,
             **common,
         )
         self._devices.append(ordinal)
@@ -127,8 +128,9 @@ class GroupRuntime:
         own = {r: self._alloc(o) for r, o in enumerate(ordinals) if o is not None}
         key = f"{self.key}/ep{members[0].id}"
         tables = cuda_ipc.peer_tables(self._ext, key, ordinals, own, self._opened)
+        one_launch = cuda_ipc.gpus_unshared(self._ext, key, ordinals)
         for rank, bases in tables.items():
-            self._register(ordinals[rank], rank, 1, bases, common, cfg)
+            self._register(ordinals[rank], rank, 1, bases, common, cfg, one_launch)
         cuda_ipc.wait_until_mapped(key, spans_processes=None in ordinals)
 
     def _wire_nvshmem(self, members, common, cfg):
