@@ -55,6 +55,12 @@ class Config:
       use fewer when their buffers cannot hold enough rows to need them, and in loopback
       the virtual ranks of a launch share them (one wave). Lower it when several
       processes share one GPU (CUDA MPS), so spinning receivers leave SMs to senders.
+    low_latency_one_launch: ``low_latency_dispatch`` / ``low_latency_combine`` run their
+      send and receive phases in one kernel launch (a launch and its fixed start fewer
+      per op) where that is safe: one node, and no other process running a rank of the
+      group on the same GPU. With peers on other GPUs the launch takes at most half the
+      SMs, so that a collective XLA runs alongside it still finds SMs. False = always
+      the split forms' two launches.
     timeout_s: budget of every wait on a peer inside a kernel (default 100 s, or
       ``JAX_EP_TIMEOUT_S``); on expiry the
       kernel records (rank, peer, phase, counters) and the op fails with that text.
@@ -100,6 +106,7 @@ class Config:
 
     num_sms: int = 0
     num_copy_sms: int = 0
+    low_latency_one_launch: bool = True
     timeout_s: float = dataclasses.field(default_factory=_env.default_timeout_s)
     sync_errors: bool = False
     fault_inject_rank: int = -1

@@ -44,9 +44,14 @@ if HAS_KERNELS:
 IDS = [str(r) for r in RUNNERS]
 
 
-def ll_group(runner):
+def ll_group(runner, **config):
     return runner.group(
-        num_experts=E, num_topk=K, hidden=H, num_max_tokens_per_rank=T_MAX, low_latency=True
+        num_experts=E,
+        num_topk=K,
+        hidden=H,
+        num_max_tokens_per_rank=T_MAX,
+        low_latency=True,
+        config=jax_ep.Config(**config),
     )
 
 
@@ -89,11 +94,11 @@ def check_rows(out, want, fp8, x):
 @pytest.mark.parametrize(
     "routing,num_tokens", [("random", T_MAX), ("masked", 5), ("duplicates", 1)]
 )
-def test_dispatch_and_combine(runner, fp8, routing, num_tokens):
+def test_dispatch_and_combine(runner, fp8, routing, num_tokens, one_launch=True):
     R = runner.num_ranks
     idx, w = make_routing(routing, R, num_tokens, K, E, seed=R + num_tokens)
     x = make_tokens(R, num_tokens, H)
-    group = ll_group(runner)
+    group = ll_group(runner, low_latency_one_launch=one_launch)
 
     def fn(x, idx, w):
         out = jax_ep.low_latency_dispatch(x, idx, group=group, fp8=fp8)
@@ -106,6 +111,13 @@ def test_dispatch_and_combine(runner, fp8, routing, num_tokens):
     check_rows(out, want, fp8, x)
     assert_equal(out.num_dropped, np.array(dropped, np.int32), "num_dropped")
     check_combine(runner, combined, oracle_low_latency_combine(y, idx, w, E, T_MAX, jnp.bfloat16))
+
+
+@pytest.mark.parametrize("runner", runner_params(RUNNERS, "cuda-shard_map-R1", "cuda-loopback-R4"))
+def test_one_call_forms_in_two_launches(runner):
+    """Config(low_latency_one_launch=False): the one-call ops launch the split forms'
+    two kernels (what a GPU shared with another process's rank gets), same results."""
+    test_dispatch_and_combine(runner, True, "masked", 5, one_launch=False)
 
 
 @pytest.mark.parametrize(

@@ -105,6 +105,7 @@ CommContext comm_of(const DeviceState* state) {
   c.fault_inject_rank = state->fault_inject_rank;
   c.sys_scope = state->num_local_ranks < state->num_ranks;
   c.ll_one_launch = state->ll_one_launch;
+  c.num_sms = state->num_sms;
   c.net = state->net;
   return c;
 }

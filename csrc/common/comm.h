@@ -35,6 +35,7 @@ struct CommContext {
   int sys_scope = 1;
   // 1: the low-latency ops may run send and receive in one launch (DeviceStateConfig).
   int ll_one_launch = 0;
+  int num_sms = 1;  // the device's SMs (host side: sizes a one-launch op's grid)
   // Host-side table of the launchers that use NVSHMEM (set when layout.sizes.num_nodes
   // > 1); kernels never read it.
   const NetOps* net = nullptr;

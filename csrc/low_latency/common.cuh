@@ -264,22 +264,23 @@ __device__ inline void finish_recv(const CommContext& c, const RankCtx& r, int c
 
 // Whether an op may run as one launch: its receive phase waits inside the kernel for
 // the send phases of every rank, so every rank's kernel must be resident as a whole
-// (no other process's ranks on this GPU, CommContext::ll_one_launch); ranks on other
-// nodes are reached by the NVSHMEM module's send kernels, which this module does not
-// build into one launch.
+// (no other process's ranks on this GPU, CommContext::ll_one_launch, and a block per
+// rank must fit one wave); ranks on other nodes are reached by the NVSHMEM module's
+// send kernels, which this module does not build into one launch.
 inline bool one_launch(const CommContext& c) {
-  return c.ll_one_launch != 0 && c.layout.sizes.num_nodes == 1;
+  return c.ll_one_launch != 0 && c.layout.sizes.num_nodes == 1 && c.num_local_ranks <= c.num_sms;
 }
 
 // Blocks per rank of a one-launch op: `want`, at most what lets every block of the
 // launch be resident at once (one block per SM: __launch_bounds__(..., 1) and 512
-// threads of up to 128 registers).
+// threads of up to 128 registers). With peers on other GPUs, at most half the SMs: the
+// grid starts only when all its blocks fit, and a kernel on another stream that waits
+// for a peer GPU (a collective XLA overlaps with the op) must find SMs to finish on
+// while this GPU's own one-launch kernel waits for that peer; with every rank on this
+// GPU nothing in the launch waits for anything outside it.
 inline int one_wave_blocks(const CommContext& c, int want) {
-  int device = 0, sms = 1;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  const int most = sms / c.num_local_ranks;
-  return std::max(1, std::min(want, most));
+  const int sms = c.num_local_ranks == c.num_ranks ? c.num_sms : c.num_sms / 2;
+  return std::max(1, std::min(want, sms / c.num_local_ranks));
 }
 
 // The body of a send kernel: `phase` (dispatch_send_phase or combine_send_phase) on
@@ -307,6 +308,7 @@ __device__ __forceinline__ void run_recv_kernel(const Args& a, Phase phase) {
 
 // The body of a one-launch kernel: the send phase, then the receive phase of the op it
 // numbered (no ticket needed), on every block (c.send_blocks == c.copy_blocks).
+static_assert(kLlSendThreads == kLlRecvThreads, "a one-launch kernel runs the receive phase with the send's threads");
 template <typename SendArgs, typename RecvArgs, typename SendPhase, typename RecvPhase>
 __device__ __forceinline__ void run_both_phases(const SendArgs& send, const RecvArgs& recv, SendPhase send_phase,
                                                 RecvPhase recv_phase) {
@@ -321,7 +323,7 @@ __device__ __forceinline__ void run_both_phases(const SendArgs& send, const Recv
 
 // A cooperative launch: the driver starts the grid only with every block resident
 // (or fails the launch), so blocks that wait for other blocks of the grid cannot wait
-// for one that never gets an SM, whatever else runs on the GPU.
+// for one of them that never gets an SM (what else runs on the GPU: one_wave_blocks).
 template <typename... Params, typename... Args>
 cudaError_t launch_one_wave(void (*kernel)(Params...), int grid, int threads, size_t smem, cudaStream_t stream,
                             Args&&... args) {

@@ -112,7 +112,7 @@ class GroupRuntime:
             num_local_ranks=num_local,
             copy_blocks=copy_blocks,
             peer_bases=bases,
-            ll_one_launch=one_launch,
+            ll_one_launch=one_launch and cfg.low_latency_one_launch,
             **common,
         )
         self._devices.append(ordinal)
