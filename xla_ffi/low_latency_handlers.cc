@@ -212,6 +212,14 @@ ffi::Error combine_recv_args(const DeviceState* state, int64_t num_experts, cons
   return ffi::Error::Success();
 }
 
+// A one-call op's input and output rows must agree (the halves check them apart).
+ffi::Error same_rows(const char* in, int hidden_in, int dtype_in, const char* out, int hidden_out, int dtype_out) {
+  if (hidden_in == hidden_out && dtype_in == dtype_out) return ffi::Error::Success();
+  return invalid(std::string(in) + " has rows of " + std::to_string(hidden_in) + " elements of dtype " +
+                 std::to_string(dtype_in) + " but " + out + " has " + std::to_string(hidden_out) + " of dtype " +
+                 std::to_string(dtype_out));
+}
+
 template <bool kSync>
 ffi::Error LlDispatchSend(cudaStream_t stream, int32_t device, ExecState* exec, LlDispatchSendAttrs attrs,
                           ffi::AnyBuffer x, ffi::AnyBuffer topk_idx, ffi::AnyBuffer active_ranks,
@@ -263,6 +271,8 @@ ffi::Error LlDispatch(cudaStream_t stream, int32_t device, ExecState* exec, LlDi
   LlDispatchRecvArgs recv;
   JAX_EP_CHECK(dispatch_recv_args(state, attrs.num_experts, attrs.fp8, active_ranks, *out_x, *out_scales, *out_counts,
                                   *src_info, *topk_slot, *layout_range, order, order, &recv));
+  JAX_EP_CHECK(
+      same_rows("x", send.hidden, send.dtype, "the received rows", recv.hidden, attrs.fp8 ? send.dtype : recv.dtype));
   return finish(stream, state, launch_ll_dispatch(send, recv, stream), kSync);
 }
 
@@ -309,6 +319,7 @@ ffi::Error LlCombine(cudaStream_t stream, int32_t device, ExecState* exec, LlCom
   LlCombineRecvArgs recv;
   JAX_EP_CHECK(
       combine_recv_args(state, attrs.num_experts, topk_idx, topk_weights, active_ranks, *out, order, order, &recv));
+  JAX_EP_CHECK(same_rows("y", send.hidden, send.dtype, "out", recv.hidden, recv.dtype));
   return finish(stream, state, launch_ll_combine(send, recv, stream), kSync);
 }
 
