@@ -160,3 +160,24 @@ def test_a_chain_runs_every_op_on_arguments_fed_by_the_previous_result(tmp_path)
     assert cases._per_call(dict(median_us=8.0, calls=5), 4) == dict(median_us=2.0, calls=5)
     record = _run(tmp_path, "--chain", "2", "--baselines", "local")
     assert record["config"]["chain"] == 2
+
+
+def test_low_latency_run_records_its_launch_form(tmp_path):
+    argv = ["--mode", "low-latency", "--ranks", "1", "--tokens", "2", "--experts", "8"]
+    argv += [
+        "--topk",
+        "2",
+        "--graphs",
+        "off",
+        "--chain",
+        "2",
+        "--ll-launches",
+        "two",
+        "--tag",
+        "two",
+    ]
+    assert bench_cli.main([*QUICK, *argv, "--hidden", "128", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*_low-latency_*two.json")
+    record = json.loads(path.read_text())
+    assert record["config"]["ll_launches"] == "two"
+    assert {r["op"] for r in record["results"]} >= {"ll_dispatch", "ll_combine", "ll_pair"}

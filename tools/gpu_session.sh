@@ -56,6 +56,9 @@ for stage in "$@"; do
       { timeout 200 $B --loopback 2 --tokens 128 --experts 288 --profile
         timeout 150 $B --ranks 1 --tokens 1 --hidden 128 --experts 8 --topk 1 --chain 32 --backends cuda \
           --tag empty --profile
+        # the same with the one-call ops as two launches: what the one-launch form gains
+        timeout 100 $B --ranks 1 --tokens 1 --hidden 128 --experts 8 --topk 1 --chain 32 --backends cuda \
+          --tag empty-two-launches --ll-launches two --graphs on --profile
       } 2>&1 | tee "$OUT/llbench.log" | grep -v "^ *$" ;;
     internode)  # one process per rank on one GPU (MPS): numbers show the path, not link speed
       B="python3 -m jax_ep.launch -n 2 --share-gpu --timeout 280 -m jax_ep.bench --transport nvshmem

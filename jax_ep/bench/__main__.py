@@ -64,6 +64,13 @@ def _parse(argv=None):
         "--num-copy-sms", type=int, default=0, help="SMs of the copy kernels (0: all SMs)"
     )
     p.add_argument(
+        "--ll-launches",
+        choices=["one", "two"],
+        default="one",
+        help="low-latency: the one-call ops as one launch where the group allows it (the "
+        "default, Config.low_latency_one_launch) or always the split forms' two launches",
+    )
+    p.add_argument(
         "--transport",
         choices=["ipc", "nvshmem"],
         default="ipc",
@@ -217,6 +224,7 @@ def _run(args) -> int:
     config = jax_ep.Config(
         num_sms=args.num_sms,
         num_copy_sms=args.num_copy_sms,
+        low_latency_one_launch=args.ll_launches == "one",
         transport=args.transport,
         node_size=args.node_size,
     )
@@ -262,7 +270,9 @@ def _run(args) -> int:
     path = _json_path(args, env, ranks, loopback, setup.node_size)
     write = (lambda: None) if jax.process_index() != 0 else (lambda: _write(path, record))
     if ll:
-        record["config"].update(graphs=args.graphs, fp8=not args.no_fp8)
+        record["config"].update(
+            graphs=args.graphs, fp8=not args.no_fp8, ll_launches=args.ll_launches
+        )
         record["results"] = cases.ll_cases(
             setup,
             backends=backends,

@@ -56,6 +56,8 @@ def table(record: dict, source: str) -> str:
         head += f"; plain copy in the same run: {record['copy_bandwidth_GBps']:.0f} GB/s"
     if record["mode"] == "low-latency":
         head += f"; command buffers {c.get('graphs', '?')}, {c.get('chain')} ops per program"
+        if c.get("ll_launches") == "two":
+            head += "; one-call ops as two launches (--ll-launches two)"
     elif c.get("chain", 1) > 1:
         head += f"; {c['chain']} dependent ops per program (time per op)"
     rows = [
