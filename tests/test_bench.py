@@ -5,6 +5,7 @@ failing case, ends with the jax_ep-vs-rest check, and ``report --plot`` draws th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
@@ -148,8 +149,8 @@ def test_a_chain_runs_every_op_on_arguments_fed_by_the_previous_result(tmp_path)
     assert int(out[0]) == 6  # the flag is false for real results: the routing is unchanged
     # every leaf goes whole through a barrier and into the flag, NaN included
     nan = jax.numpy.array([jax.numpy.nan, 1.0])
-    (kept, _), flag = cases.consumed(((nan, x), idx))
-    assert not bool(flag) and kept is not nan
+    ((kept, _), _), flag = cases.consumed(((nan, x), idx))
+    assert not bool(flag) and kept is not nan  # passed through the barrier
     hlo = jax.jit(lambda v: cases.consumed(v)[1]).lower((nan, x)).as_text()
     assert "optimization_barrier" in hlo
     # jax_ep's custom calls go without it (it cuts XLA's command buffers): XLA runs them whole
@@ -181,3 +182,23 @@ def test_low_latency_run_records_its_launch_form(tmp_path):
     record = json.loads(path.read_text())
     assert record["config"]["ll_launches"] == "two"
     assert {r["op"] for r in record["results"]} >= {"ll_dispatch", "ll_combine", "ll_pair"}
+
+
+def test_a_pure_jax_chain_shares_no_work_between_its_ops():
+    """With only the weights fed, XLA computed the local combine's unsort once for a whole
+    chain; every operand but the rows fed, each op has its own."""
+    import re
+
+    from jax_ep import baselines
+
+    setup = cases.Setup(1, True, 16, 256, 2, 8)
+    x, idx, _ = setup.put(*setup.routing(16))
+    y, state = setup.per_rank(functools.partial(cases._local_dispatch, num_experts=8))(x, idx)
+    w = setup.put(setup.routing(16)[2])[0]
+
+    def scatters(whole):  # (whole=False, one dependence, gave 1 with jax 0.10)
+        chain = cases._chained(baselines.local_combine, 4, cases._feed_weights, whole)
+        hlo = setup.per_rank(chain).lower(y, w, state).compile().as_text()
+        return len(re.findall(r" scatter\(", hlo))
+
+    assert scatters(True) == 4

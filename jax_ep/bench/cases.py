@@ -440,7 +440,7 @@ def _chained(op, chain: int, feed, whole: bool = True):
     def run(*args):
         for _ in range(chain):
             out, flag = consumed(op(*args), whole)
-            args = feed(args, flag)
+            args = feed(args, flag, whole)
         return out
 
     return run
@@ -476,11 +476,39 @@ def _per_call(res: dict, chain: int) -> dict:
     return {k: (v / chain if k.endswith("_us") else v) for k, v in res.items()}
 
 
+def fed(tree, flag):
+    """Every array of ``tree`` made to depend on ``flag`` (always false: values unchanged)."""
+
+    def one(a):
+        if a.dtype == jnp.bool_:
+            return jnp.where(flag, ~a, a)
+        return jnp.where(flag, a + 1 if jnp.issubdtype(a.dtype, jnp.integer) else a * 2, a)
+
+    return jax.tree.map(one, tree)
+
+
+def _feed(minimal):
+    """A chain's feed (``_chained``). For a pure-JAX op (``whole``) every argument but the
+    first, the token or expert rows, depends on the previous result: work that reads the
+    routing, the handle or the weights cannot be computed once for the whole chain (the
+    reference combine's scatter, the local path's unsort were, when only the weights or
+    the token list were fed). Work on the rows alone still can be (an FP8 quantisation of
+    ``x``): feeding the rows would add a pass over them to every op. A custom call cannot
+    be split, so it gets only ``minimal``: one dependence on the previous op."""
+
+    def feed(args, flag, whole):
+        return (args[0], *fed(args[1:], flag)) if whole else minimal(args, flag)
+
+    return feed
+
+
+@_feed
 def _feed_routing(args, flag):  # dispatch(x, idx, ...): the routing
     x, idx, *rest = args
     return (x, jnp.where(flag, idx + 1, idx), *rest)
 
 
+@_feed
 def _feed_handle(args, flag):  # jax_ep combine(y, handle): the handle's token list
     y, handle = args
     return y, dataclasses.replace(
@@ -488,6 +516,7 @@ def _feed_handle(args, flag):  # jax_ep combine(y, handle): the handle's token l
     )
 
 
+@_feed
 def _feed_weights(args, flag):  # baseline combine(y, weights, state): the router weights
     y, w, state = args
     return y, jnp.where(flag, w * 2, w), state
@@ -708,12 +737,9 @@ def _ll_chain(x, idx, w, y, handle, *, group, what, fp8, chain, whole):
             idx = jnp.where(flag, idx + 1, idx)
         elif what == "combine":
             c, flag = consumed(jax_ep.low_latency_combine(y, idx, w, handle, group=group), whole)
-            w = jnp.where(flag, w * 2, w)
-            # the send reads only (y, handle): without a dependence XLA would merge the
-            # chain's identical sends into one (a custom call without side effects)
-            handle = dataclasses.replace(
-                handle, recv_count=jnp.where(flag, handle.recv_count + 1, handle.recv_count)
-            )
+            # every operand but the rows (see _feed): the reference's scatter reads only
+            # (y, handle), and was computed once per chain when only (w, recv_count) were fed
+            w, handle = fed((w, handle), flag) if whole else (jnp.where(flag, w * 2, w), handle)
         else:
             o = jax_ep.low_latency_dispatch(x, idx, group=group, fp8=fp8)
             (o, x), flag = consumed(
