@@ -430,7 +430,8 @@ def _baseline_case(setup, inputs, name, calls, repeats, chain, done, out) -> Non
 # them (the host's per-call dispatch is paid once per program, not once per op); each
 # call's arguments depend on the previous result through a select on a scalar made of
 # every leaf of it (``consumed``), which XLA cannot fold, so no call is merged with
-# another or reordered, and none is computed in part.
+# another or reordered, none is computed in part, and none shares work that reads the
+# routing, handle or weights with another (``_feed``).
 
 
 def _chained(op, chain: int, feed, whole: bool = True):
@@ -731,19 +732,21 @@ def _ll_chain(x, idx, w, y, handle, *, group, what, fp8, chain, whole):
     """``chain`` dependent low-latency ops in one program (a decode loop's shape); every
     op's result is consumed whole (``consumed``)."""
     for _ in range(chain):
-        # the next call depends on this one through a tiny select XLA cannot fold away
         if what == "dispatch":
-            o, flag = consumed(jax_ep.low_latency_dispatch(x, idx, group=group, fp8=fp8), whole)
-            idx = jnp.where(flag, idx + 1, idx)
+            out = jax_ep.low_latency_dispatch(x, idx, group=group, fp8=fp8)
         elif what == "combine":
-            c, flag = consumed(jax_ep.low_latency_combine(y, idx, w, handle, group=group), whole)
-            # every operand but the rows (see _feed): the reference's scatter reads only
-            # (y, handle), and was computed once per chain when only (w, recv_count) were fed
-            w, handle = fed((w, handle), flag) if whole else (jnp.where(flag, w * 2, w), handle)
+            out = jax_ep.low_latency_combine(y, idx, w, handle, group=group)
         else:
             o = jax_ep.low_latency_dispatch(x, idx, group=group, fp8=fp8)
-            (o, x), flag = consumed(
-                (o, jax_ep.low_latency_combine(y, idx, w, o.handle, group=group)), whole
-            )
+            out = (o, jax_ep.low_latency_combine(y, idx, w, o.handle, group=group))
+        out, flag = consumed(out, whole)
+        if what == "pair":
+            x = out[1]
+        # every operand but the rows (x, y) depends on this op (see _feed): the reference
+        # combine's scatter, which reads only (y, handle), was computed once per chain when
+        # only the weights were fed; a custom call needs one dependence, the routing
+        if whole:
+            idx, w, handle = fed((idx, w, handle), flag)
+        else:
             idx = jnp.where(flag, idx + 1, idx)
     return x, w, idx
