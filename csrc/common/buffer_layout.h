@@ -9,11 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define JAX_EP_HD __host__ __device__
-#else
-#define JAX_EP_HD
-#endif
+#include "common/device_types.h"
 
 namespace jax_ep {
 

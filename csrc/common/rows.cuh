@@ -249,7 +249,7 @@ __device__ inline void weighted_sum_rows16(const uint8_t* my_row, float my_w, in
 __device__ inline void weighted_sum_rows(const uint8_t* my_row, float my_w, int n, bool from_peer, int dtype,
                                          int hidden, uint8_t* out) {
   const int lane = lane_id();
-  const int esize = dtype == kF32 ? 4 : 2;
+  const int esize = dtype_bytes(dtype);
   const size_t bytes = size_t(hidden) * esize;
   if (bytes % 16 == 0) {
     // loads in flight per lane: up to 8 rows' chunk, or 4 chunks of a single row (per_rank's

@@ -3,7 +3,7 @@
 // forward already settled. The send phase is the dispatch's own (same slots, arrival
 // words and sequence number); the receive copies each received token's row to its
 // place in the handle's list (recv_src), with no routing pass (no bitmap, no scan):
-// two launches (one when the group has one rank) instead of four.
+// two launches (one when the whole group runs in this launch: whole_group_here) instead of four.
 #include "common/load_kernels.h"
 #include "common/rows.cuh"
 #include "high_throughput/common.cuh"
@@ -18,11 +18,11 @@ __global__ void __launch_bounds__(kHtThreads) ht_cached_copy(HtDispatchArgs a) {
   const RankCtx r = rank_ctx(c, local, kHtDispatchSeq);
   const int T = a.num_tokens;
   const size_t RT = size_t(c.num_ranks) * T;
-  const size_t bytes = size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);
+  const size_t bytes = size_t(a.hidden) * dtype_bytes(a.dtype);
   const uint64_t target = r.seq * uint64_t(c.send_blocks);
-  if (wait_all_peers(c, r, c.layout.ht_dispatch_arrival, target, kPhaseHtDispatchArrival)) {
+  if (whole_group_here(c) || wait_all_peers(c, r, c.layout.ht_dispatch_arrival, target, kPhaseHtDispatchArrival)) {
     const int* recv_src = a.recv_src + local * RT;
-    const uint8_t* x = static_cast<const uint8_t*>(a.x) + size_t(local) * T * bytes;
+    const uint8_t* x = static_cast<const uint8_t*>(a.x);  // [L, T, H]: sources in this launch
     uint8_t* out = static_cast<uint8_t*>(a.out_x) + size_t(local) * RT * bytes;
     for (size_t i = size_t(block) * kHtWarps + warp_id(); i < RT; i += size_t(c.copy_blocks) * kHtWarps) {
       const int p = recv_src[i];
@@ -32,9 +32,10 @@ __global__ void __launch_bounds__(kHtThreads) ht_cached_copy(HtDispatchArgs a) {
         continue;
       }
       const int src = p / T, t = p % T;
-      const bool own = src == r.rank;
-      const uint8_t* row = own ? x + size_t(t) * bytes : dispatch_row(c.layout, r.self, r.parity, src, t);
-      copy_row_any(row, !own, bytes, lane_id() == 0 ? dst : nullptr, 1);
+      const bool here = reads_operands(c, r.rank, src);
+      const uint8_t* row =
+          here ? x + (size_t(src - c.first_rank) * T + t) * bytes : dispatch_row(c.layout, r.self, r.parity, src, t);
+      copy_row_any(row, !here, bytes, lane_id() == 0 ? dst : nullptr, 1);
     }
   }
   finish_op(c, r, kHtDispatchSeq, c.copy_blocks, a.order);

@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kHtThreads) ht_combine_send(HtCombineArgs a) {
   const int lane = lane_id();
   const int T = a.num_tokens, R = c.num_ranks, kr = a.rows_per_token;
   const size_t RT = size_t(R) * T;
-  const int esize = a.dtype == kF32 ? 4 : 2;
+  const int esize = dtype_bytes(a.dtype);
   const size_t row_bytes = size_t(a.hidden) * esize;
   const uint8_t* y = static_cast<const uint8_t*>(a.y) + size_t(local) * a.num_y_rows * row_bytes;
   const int* recv_src = a.recv_src + local * RT;
@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kHtThreads) ht_combine_recv(HtCombineArgs a) {
                       : wait_all_peers(c, r, layout.ht_combine_arrival, target, kPhaseHtCombineArrival);
   if (ok) {
     const int T = a.num_tokens;
-    const int esize = a.dtype == kF32 ? 4 : 2;
+    const int esize = dtype_bytes(a.dtype);
     uint8_t* out = static_cast<uint8_t*>(a.out) + size_t(local) * T * a.hidden * esize;
     for (int t = block * kHtWarps + warp_id(); t < T; t += c.copy_blocks * kHtWarps) {
       const uint64_t ranks = token_ranks(a, local, t);

@@ -38,4 +38,20 @@ __device__ inline float* combine_extra(const BufferLayout& layout, uint8_t* base
          ht_slot(layout, parity, layout.sizes.num_ranks, src, t) * layout.sizes.num_topk;
 }
 
+// Every rank of the group runs in this launch (EP=1, or loopback with all its virtual
+// ranks): each source's routing and rows are XLA operands of the launch ([L, T, ...],
+// index src - first_rank), so the receive side reads them there and nothing is sent,
+// staged or waited for; each token row moves once (x to the output), as in the local
+// path, instead of twice through the wire slots. Not with fault injection, whose
+// tests need a sender that never arrives.
+__host__ __device__ inline bool whole_group_here(const CommContext& c) {
+  return c.num_local_ranks == c.num_ranks && c.fault_inject_rank < 0;
+}
+
+// Whether source rank `src`'s operands are in this launch (its index: src - first_rank):
+// always for the rank itself, for every source when the whole group is.
+__device__ inline bool reads_operands(const CommContext& c, int rank, int src) {
+  return src == rank || whole_group_here(c);
+}
+
 }  // namespace jax_ep

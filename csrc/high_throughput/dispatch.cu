@@ -1,7 +1,9 @@
 // High-throughput dispatch over NVLink peer memory (docs/protocol.md, "HT dispatch").
 //
-// Four launches per call (three when the group has one rank: nothing to send), each
-// serving all ranks of this launch (one rank, or all virtual ranks in loopback):
+// Four launches per call, each serving all ranks of this launch (one rank, or all
+// virtual ranks in loopback). When the whole group runs in this launch (EP=1, loopback:
+// whole_group_here) nothing is sent, and the other three are one launch where its
+// counts fit (high_throughput/dispatch_here.cu), else three.
 //   send     push routing rows to every peer and token rows to their destination
 //            ranks ([source][token] slots: no queues, no count exchange), then add
 //            one to each peer's arrival word per block;
@@ -9,20 +11,20 @@
 //            tokens came here (bucket 0) and which local experts they chose (first,
 //            before any wait: report expert ids out of range in our own routing);
 //   scan     exclusive popcount prefix of every bucket's words;
-//   copy     token-major copy-out: read each received token once (our own tokens
-//            straight from x), write it to its rows (one per rank, or one per
-//            distinct local expert), fill the handle; then fill the handle entries
-//            past the received tokens (-1, 0) and, for per_rank, the routing of rows
-//            past the kept ones. Output rows past the valid ones are left as they
-//            are: nobody reads them (the contract in jax_ep/reference.py), and a
-//            consumer that needs zeros there masks them.
+//   copy     token-major copy-out: read each received token once (our own tokens,
+//            and in a whole group here every source's, straight from x), write it
+//            to its rows (one per rank, or one per distinct local expert), fill the
+//            handle; then fill the handle entries past the received tokens (-1, 0)
+//            and, for per_rank, the routing of rows past the kept ones. Output
+//            rows past the valid ones are left as they are: nobody reads them (the
+//            contract in jax_ep/reference.py), and a consumer that needs zeros
+//            there masks them.
 // Internode groups replace the send by two hops (high_throughput/relay_forward.cu), which fill
 // the same slots and arrival words.
 // Slot of (token, expert) = number of earlier received tokens that chose the expert,
 // exactly the reference's order (jax_ep/reference.py).
 #include "common/load_kernels.h"
-#include "common/rows.cuh"
-#include "high_throughput/common.cuh"
+#include "high_throughput/dispatch_rows.cuh"
 #include "nvshmem/launchers.h"
 
 namespace jax_ep {
@@ -30,35 +32,6 @@ namespace {
 
 constexpr int kBitmapThreads = 256;
 constexpr int kScanThreads = 1024;
-
-struct Shape {
-  int T, K, H, E, E_loc, R, esize, num_buckets, rows_out;
-};
-
-__device__ inline Shape shape_of(const HtDispatchArgs& a) {
-  Shape shape;
-  shape.T = a.num_tokens;
-  shape.K = a.num_topk;
-  shape.H = a.hidden;
-  shape.E = a.num_experts;
-  shape.R = a.c.num_ranks;
-  shape.E_loc = shape.E / shape.R;
-  shape.esize = a.dtype == kF32 ? 4 : 2;
-  shape.num_buckets = a.layout_kind == kPerRank ? 1 : shape.E_loc + 1;
-  shape.rows_out = a.layout_kind == kExpertMajor ? shape.E_loc * a.capacity : a.capacity;
-  return shape;
-}
-
-// Expert id of (source rank, token, k) as this rank sees it; -1 when masked or out of
-// range (senders canonicalise their rows, our own input is checked here).
-__device__ inline int routing_id(const HtDispatchArgs& a, const Shape& shape, const RankCtx& r, int src, int t, int k) {
-  if (src == r.rank) {
-    int e = a.topk_idx[(size_t(r.local) * shape.T + t) * shape.K + k];
-    return e >= 0 && e < shape.E ? e : -1;
-  }
-  const int* meta = reinterpret_cast<const int*>(dispatch_meta(a.c.layout, r.self, r.parity, src, t));
-  return __ldcg(meta + k);
-}
 
 // Records the first expert id of this rank's own routing outside [-1, E) (the kernels
 // treat it as masked; the error reaches the caller at the group's next check). Before
@@ -70,17 +43,6 @@ __device__ inline void report_bad_ids(const HtDispatchArgs& a, const Shape& shap
     const int e = ids[i];
     if (e < -1 || e >= shape.E) record_error(a.c.err, kErrBadExpert, r.rank, i / shape.K, i % shape.K, shape.E, e, 0);
   }
-}
-
-__device__ inline float routing_weight(const HtDispatchArgs& a, const Shape& shape, const RankCtx& r, int src, int t,
-                                       int k) {
-  if (src == r.rank) return a.topk_weights ? a.topk_weights[(size_t(r.local) * shape.T + t) * shape.K + k] : 0.f;
-  const float* meta = reinterpret_cast<const float*>(dispatch_meta(a.c.layout, r.self, r.parity, src, t));
-  return __ldcg(meta + shape.K + k);
-}
-
-__device__ inline int local_id(int e, int rank, int e_loc) {
-  return e >= 0 && e / e_loc == rank ? e - rank * e_loc : -1;
 }
 
 // ---------------------------------------------------------------------------
@@ -148,7 +110,8 @@ __global__ void __launch_bounds__(kBitmapThreads) ht_dispatch_bitmap(HtDispatchA
   const RankCtx r = rank_ctx(c, local, kHtDispatchSeq);
   report_bad_ids(a, shape, r, block, c.copy_blocks);
   const uint64_t target = r.seq * uint64_t(c.send_blocks);
-  if (!wait_all_peers(c, r, c.layout.ht_dispatch_arrival, target, kPhaseHtDispatchArrival)) return;
+  if (!whole_group_here(c) && !wait_all_peers(c, r, c.layout.ht_dispatch_arrival, target, kPhaseHtDispatchArrival))
+    return;
 
   const int lane = lane_id(), warp = threadIdx.x / 32, warps = kBitmapThreads / 32;
   const int num_words = (shape.R * shape.T + 31) / 32;
@@ -229,211 +192,33 @@ inline int scan_threads(int num_words) {
 // copy-out
 // ---------------------------------------------------------------------------
 
-// Rows kept per expert and ragged offsets, from the bucket totals.
-__device__ inline void expert_offsets(const HtDispatchArgs& a, const Shape& shape, const int* totals, int* offsets) {
-  if (threadIdx.x == 0) {
-    int run = 0;
-    for (int e = 0; e < shape.E_loc; ++e) {
-      offsets[e] = run;
-      run += totals[1 + e];
-    }
-  }
-  __syncthreads();
-}
-
-__device__ inline int kept_rows(const HtDispatchArgs& a, const Shape& shape, const int* totals, const int* offsets,
-                                int e) {
-  const int n = totals[1 + e];
-  if (a.layout_kind == kExpertMajor) return min(n, a.capacity);
-  return max(0, min(n, a.capacity - offsets[e]));
-}
-
-// Block 0's summary outputs: tokens received, rows kept (per local expert, or in the
-// per_rank list) and selections dropped for want of capacity.
-__device__ __forceinline__ void write_counts(const HtDispatchArgs& a, const Shape& shape, int local, const int* totals,
-                                             const int* offsets) {
-  const int n = totals[0];
-  a.num_recv[local] = n;
-  if (a.layout_kind == kPerRank) {
-    const int kept = min(n, a.capacity);
-    a.out_counts[local] = kept;
-    a.out_dropped[local] = n - kept;
-  } else {
-    int dropped = 0;
-    for (int e = 0; e < shape.E_loc; ++e) {
-      const int kept = kept_rows(a, shape, totals, offsets, e);
-      a.out_counts[size_t(local) * shape.E_loc + e] = kept;
-      dropped += totals[1 + e] - kept;
-    }
-    a.out_dropped[local] = dropped;
-  }
-}
-
-// The handle entry of received token i, candidate p = src * T + t: recv_src, and per
-// k (lane) its local expert id le (-1: another rank's expert) and weight w.
-__device__ __forceinline__ void write_handle_entry(const Shape& shape, int i, int p, int le, float w, int* recv_src,
-                                                   int* recv_topk_idx, float* recv_weights) {
-  const int lane = lane_id();
-  if (lane == 0) recv_src[i] = p;
-  if (lane < shape.K) {
-    recv_topk_idx[size_t(i) * shape.K + lane] = le;
-    recv_weights[size_t(i) * shape.K + lane] = w;
-  }
-}
-
-// The output row of received token i for lane k's selection (local expert le, weight
-// w), -1 when it has none (another rank's expert, or past the capacity); per_rank:
-// the token's one row, lane 0's, whose routing it also writes. Writes the handle's
-// recv_rows and returns whether this lane stores the payload: the first k choosing
-// its expert (a repeated expert keeps the first k's copy). The expert layouts' row is
-// the token's slot in its expert's bucket: the bucket word's prefix plus the bits
-// before it. Warp-uniform (shuffles): the whole warp calls it for one token.
-__device__ __forceinline__ bool output_row(const HtDispatchArgs& a, const Shape& shape, int local, int i, int word_idx,
-                                           int bit, int le, float w, const uint32_t* bitmaps, const uint32_t* prefixes,
-                                           const int* offsets, int* recv_rows, int* row) {
-  const int lane = lane_id();
-  const bool per_rank = a.layout_kind == kPerRank;
-  const size_t bw = a.c.layout.bitmap_words;
-  *row = -1;
-  bool first = true;
-  if (per_rank) {
-    *row = i < a.capacity ? i : -1;
-    if (lane == 0) recv_rows[i] = *row;
-    if (*row >= 0 && lane < shape.K) {
-      a.out_topk_idx[(size_t(local) * a.capacity + *row) * shape.K + lane] = le;
-      a.out_topk_weights[(size_t(local) * a.capacity + *row) * shape.K + lane] = w;
-    }
-    first = lane == 0;
-  } else if (le >= 0) {
-    const uint32_t below = (1u << bit) - 1u;
-    const int slot = prefixes[(1 + le) * bw + word_idx] + __popc(bitmaps[(1 + le) * bw + word_idx] & below);
-    if (a.layout_kind == kExpertMajor)
-      *row = slot < a.capacity ? le * a.capacity + slot : -1;
-    else
-      *row = offsets[le] + slot < a.capacity ? offsets[le] + slot : -1;
-  }
-  if (!per_rank) {
-    for (int k2 = 0; k2 < shape.K; ++k2) {
-      const int other = __shfl_sync(kFullMask, le, k2);
-      if (k2 < lane && other == le) first = false;
-    }
-    if (lane < shape.K) recv_rows[size_t(i) * shape.K + lane] = *row;
-  }
-  return first && *row >= 0 && (per_rank ? lane == 0 : lane < shape.K);
-}
-
-// The destination list of one token: lane j (< the returned count) gets the payload
-// and scale addresses of output row `row` of the j-th lane that `writes`, through the
-// warp's slots in shared memory. Warp-uniform (ballot).
-__device__ __forceinline__ int gather_destinations(const HtDispatchArgs& a, bool writes, int row, uint8_t* out_x,
-                                                   float* out_scales, size_t payload_bytes, int scale_cols,
-                                                   uint8_t** warp_payload, float** warp_scales, uint8_t** my_payload,
-                                                   float** my_scales) {
-  const int lane = lane_id();
-  const unsigned writers = __ballot_sync(kFullMask, writes);
-  const int ndst = __popc(writers);
-  if (writes) {
-    const int pos = __popc(writers & lanemask_lt());
-    warp_payload[pos] = out_x + size_t(row) * payload_bytes;
-    warp_scales[pos] = a.fp8 ? out_scales + size_t(row) * scale_cols : nullptr;
-  }
-  __syncwarp();
-  *my_payload = lane < ndst ? warp_payload[lane] : nullptr;
-  *my_scales = lane < ndst ? warp_scales[lane] : nullptr;
-  __syncwarp();
-  return ndst;
-}
-
-// Copies token t of source src to the ndst destinations, reading it once: our own
-// input row (quantised here for FP8), or the wire row the source sent (payload, then
-// FP8 scales) with L1-bypassing loads. Warp-uniform.
-__device__ __forceinline__ void copy_token(const HtDispatchArgs& a, const Shape& shape, const RankCtx& r,
-                                           const uint8_t* x, int src, int t, size_t payload_bytes, int scale_cols,
-                                           uint8_t* my_payload, float* my_scales, int ndst) {
-  if (src == r.rank) {
-    const uint8_t* x_row = x + size_t(t) * shape.H * shape.esize;
-    if (a.fp8)
-      quantize_row_multi(x_row, a.dtype, shape.H, a.round_scale, my_payload, my_scales, ndst);
-    else
-      copy_row_any(x_row, false, payload_bytes, my_payload, ndst);
-  } else {
-    const uint8_t* wire = dispatch_row(a.c.layout, r.self, r.parity, src, t);
-    copy_row_any(wire, true, payload_bytes, my_payload, ndst);
-    if (a.fp8) copy_row_any(wire + shape.H, true, size_t(scale_cols) * 4, reinterpret_cast<uint8_t*>(my_scales), ndst);
-  }
-}
-
 // The received tokens of rank r that block `block` owns: handle entries and rows.
 __device__ __forceinline__ void copy_out(const HtDispatchArgs& a, const Shape& shape, const RankCtx& r, int block,
                                          const int* totals, const int* offsets, uint8_t** warp_payload,
                                          float** warp_scales) {
   const CommContext& c = a.c;
-  const int local = r.local, lane = lane_id(), warp = warp_id();
+  const int lane = lane_id(), warp = warp_id();
   const uint32_t* bitmaps = reinterpret_cast<const uint32_t*>(r.self + c.layout.bitmaps);
   const uint32_t* prefixes = reinterpret_cast<const uint32_t*>(r.self + c.layout.prefixes);
-  const bool per_rank = a.layout_kind == kPerRank;
-
-  const size_t RT = size_t(shape.R) * shape.T;
-  const int kr = per_rank ? 1 : shape.K;
-  int* recv_src = a.recv_src + local * RT;
-  int* recv_topk_idx = a.recv_topk_idx + local * RT * shape.K;
-  float* recv_weights = a.recv_weights + local * RT * shape.K;
-  int* recv_rows = a.recv_rows + local * RT * kr;
-  const size_t payload_bytes = a.fp8 ? size_t(shape.H) : size_t(shape.H) * shape.esize;
-  const int scale_cols = shape.H / kFp8Group;
-  uint8_t* out_x = static_cast<uint8_t*>(a.out_x) + size_t(local) * shape.rows_out * payload_bytes;
-  float* out_scales = a.fp8 ? a.out_scales + size_t(local) * shape.rows_out * scale_cols : nullptr;
-  const uint8_t* x = static_cast<const uint8_t*>(a.x) + size_t(local) * shape.T * shape.H * shape.esize;
-
-  if (block == 0 && threadIdx.x == 0) write_counts(a, shape, local, totals, offsets);
+  const size_t bw = c.layout.bitmap_words;
+  const RankOutputs o = rank_outputs(a, shape, r.local);
+  if (block == 0 && threadIdx.x == 0) write_counts(a, shape, r.local, totals, offsets);
 
   // one warp per candidate token (not per 32-token word: a word per warp leaves most
-  // of the GPU idle); a token's list index is its word's prefix plus the bits before it
-  for (int p = block * kHtWarps + warp; p < int(RT); p += c.copy_blocks * kHtWarps) {
-    const int word_idx = p / 32, bit = p % 32;
-    const uint32_t bits = bitmaps[word_idx];
-    if (!((bits >> bit) & 1u)) continue;
-    const int i = prefixes[word_idx] + __popc(bits & ((1u << bit) - 1u));
-    const int src = p / shape.T, t = p % shape.T;
-    const int e = lane < shape.K ? routing_id(a, shape, r, src, t, lane) : -1;
+  // of the GPU idle); a token's list index is its word's prefix plus the bits before
+  // it, and so is its slot in each expert's bucket
+  const int RT = shape.R * shape.T;
+  for (int p = block * kHtWarps + warp; p < RT; p += c.copy_blocks * kHtWarps) {
+    const int word_idx = p / 32;
+    const uint32_t bits = bitmaps[word_idx], below = (1u << (p % 32)) - 1u;
+    if (!((bits >> (p % 32)) & 1u)) continue;
+    const int i = prefixes[word_idx] + __popc(bits & below);
+    const int e = lane < shape.K ? routing_id(a, shape, r, p / shape.T, p % shape.T, lane) : -1;
     const int le = local_id(e, r.rank, shape.E_loc);
-    const float w = le >= 0 ? routing_weight(a, shape, r, src, t, lane) : 0.f;
-    write_handle_entry(shape, i, p, le, w, recv_src, recv_topk_idx, recv_weights);
-    int row;
-    const bool writes =
-        output_row(a, shape, local, i, word_idx, bit, le, w, bitmaps, prefixes, offsets, recv_rows, &row);
-    uint8_t* my_payload;
-    float* my_scales;
-    const int ndst = gather_destinations(a, writes, row, out_x, out_scales, payload_bytes, scale_cols,
-                                         warp_payload + warp * 32, warp_scales + warp * 32, &my_payload, &my_scales);
-    if (ndst > 0) copy_token(a, shape, r, x, src, t, payload_bytes, scale_cols, my_payload, my_scales, ndst);
-  }
-}
-
-// Handle entries past the n received tokens (-1, 0) and, for per_rank, the routing
-// of the rows past the kept ones (masked): block `block`'s share.
-__device__ __forceinline__ void pad_handle(const HtDispatchArgs& a, const Shape& shape, int local, int block, int n) {
-  const CommContext& c = a.c;
-  const bool per_rank = a.layout_kind == kPerRank;
-  const size_t RT = size_t(shape.R) * shape.T;
-  const int kr = per_rank ? 1 : shape.K;
-  const int gthreads = c.copy_blocks * kHtThreads, gtid = block * kHtThreads + threadIdx.x;
-  for (size_t i = size_t(n) + gtid; i < RT; i += gthreads) {
-    a.recv_src[local * RT + i] = -1;
-    for (int k = 0; k < shape.K; ++k) {
-      a.recv_topk_idx[(local * RT + i) * shape.K + k] = -1;
-      a.recv_weights[(local * RT + i) * shape.K + k] = 0.f;
-    }
-    for (int k = 0; k < kr; ++k) a.recv_rows[(local * RT + i) * kr + k] = -1;
-  }
-  if (per_rank) {
-    const int gwarps = c.copy_blocks * kHtWarps, gwarp = block * kHtWarps + warp_id();
-    for (int row = min(n, a.capacity) + gwarp; row < a.capacity; row += gwarps) {
-      if (lane_id() < shape.K) {
-        a.out_topk_idx[(size_t(local) * a.capacity + row) * shape.K + lane_id()] = -1;
-        a.out_topk_weights[(size_t(local) * a.capacity + row) * shape.K + lane_id()] = 0.f;
-      }
-    }
+    const int slot = le >= 0 && shape.num_buckets > 1
+                         ? int(prefixes[(1 + le) * bw + word_idx]) + __popc(bitmaps[(1 + le) * bw + word_idx] & below)
+                         : -1;
+    place_token(a, shape, r, o, i, p, le, slot, offsets, warp_payload + warp * 32, warp_scales + warp * 32);
   }
 }
 
@@ -464,8 +249,9 @@ cudaError_t prepare_ht_dispatch_kernels() {
 
 cudaError_t launch_ht_dispatch_send(const HtDispatchArgs& a, cudaStream_t stream) {
   const CommContext& c = a.c;
-  // one rank: the copy kernels read its tokens from x, and no peer waits for an arrival
-  if (c.num_ranks == 1) return cudaSuccess;
+  // the whole group in this launch: the copy kernels read every source's tokens from its
+  // operands, and no peer waits for an arrival
+  if (whole_group_here(c)) return cudaSuccess;
   if (c.layout.sizes.num_nodes > 1) {
     // two hops: NVSHMEM to each destination node's relay, NVLink from there
     if (cudaError_t err = c.net->ht_dispatch_send(a, stream); err != cudaSuccess) return err;
@@ -476,6 +262,7 @@ cudaError_t launch_ht_dispatch_send(const HtDispatchArgs& a, cudaStream_t stream
 }
 
 cudaError_t launch_ht_dispatch(const HtDispatchArgs& a, cudaStream_t stream) {
+  if (ht_dispatch_here_applies(a)) return launch_ht_dispatch_here(a, stream);
   const CommContext& c = a.c;
   const int L = c.num_local_ranks;
   const int e_loc = a.num_experts / c.num_ranks;

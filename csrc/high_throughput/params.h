@@ -63,6 +63,10 @@ struct HtCombineArgs {
 };
 
 cudaError_t launch_ht_dispatch(const HtDispatchArgs& args, cudaStream_t stream);
+// The dispatch of a group that runs whole in this launch (EP=1, loopback) as one
+// launch (dispatch_here.cu), where its counts fit a block's shared memory.
+bool ht_dispatch_here_applies(const HtDispatchArgs& args);
+cudaError_t launch_ht_dispatch_here(const HtDispatchArgs& args, cudaStream_t stream);
 // The send phase alone: token rows into the destinations' [source][token] slots,
 // arrival words bumped (intranode send, or the two internode hops).
 cudaError_t launch_ht_dispatch_send(const HtDispatchArgs& args, cudaStream_t stream);
@@ -79,5 +83,6 @@ cudaError_t prepare_ht_dispatch_kernels();
 cudaError_t prepare_ht_combine_kernels();
 cudaError_t prepare_ht_forward_kernels();
 cudaError_t prepare_ht_cached_dispatch_kernels();
+cudaError_t prepare_ht_dispatch_here_kernels();
 
 }  // namespace jax_ep

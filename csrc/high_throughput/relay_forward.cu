@@ -26,7 +26,7 @@ __global__ void __launch_bounds__(kHtThreads) ht_dispatch_forward(HtDispatchArgs
     return;
 
   const int lane = lane_id(), span = t_end - t_begin;
-  const size_t payload = wire_payload_bytes(a.hidden, a.dtype == kF32 ? 4 : 2, a.fp8);
+  const size_t payload = wire_payload_bytes(a.hidden, dtype_bytes(a.dtype), a.fp8);
   const uint64_t node_ranks = node_peers(c, r.rank);
   for (int i = warp_id(); i < nd.N * span; i += kHtWarps) {
     const int m = i / span, t = t_begin + i % span, src = relay_of(m);

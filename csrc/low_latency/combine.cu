@@ -33,7 +33,7 @@ __device__ __forceinline__ void combine_recv_phase(const LlCombineRecvArgs& a, i
                   wait_ctx(c, r, kPhaseLlCombineSignal), &v);
   }
   if (__syncthreads_and(ok)) {
-    const int esize = a.dtype == kF32 ? 4 : 2;
+    const int esize = dtype_bytes(a.dtype);
     const size_t row_bytes = size_t(H) * esize;
     const int* topk = a.topk_idx + size_t(local) * T * K;
     const float* weights = a.topk_weights + size_t(local) * T * K;
@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_combine(LlCombineSendArg
 }
 
 int ll_combine_recv_blocks(const LlCombineRecvArgs& a) {
-  const size_t row_bytes = size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);
+  const size_t row_bytes = size_t(a.hidden) * dtype_bytes(a.dtype);
   return blocks_for((long long)a.num_tokens * row_units(row_bytes, kSumUnitBytes), kLlRecvWarps, ll_block_limit(a.c));
 }
 

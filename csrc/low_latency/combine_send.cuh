@@ -39,7 +39,7 @@ __device__ __forceinline__ bool combine_send_phase(const LlCombineSendArgs& a, i
   if (block == 0 && threadIdx.x == 0) write_seq(a.ticket, r.local, r.seq);
 
   if (sends && ok) {
-    const size_t row_bytes = size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);
+    const size_t row_bytes = size_t(a.hidden) * dtype_bytes(a.dtype);
     const uint8_t* y = static_cast<const uint8_t*>(a.y) + size_t(local) * e_loc * RT * row_bytes;
     const int* src_info = a.src_info + size_t(local) * e_loc * RT;
     const int* topk_slot = a.topk_slot + size_t(local) * e_loc * RT;
@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_combine_send(LlCombineSe
 // Blocks per rank of a combine send: the most rows a dispatch can deliver here, spread
 // over every warp (as the dispatch send: launch_ll_dispatch_send_with says why).
 inline int ll_combine_send_blocks(const LlCombineSendArgs& a) {
-  const size_t row_bytes = size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);
+  const size_t row_bytes = size_t(a.hidden) * dtype_bytes(a.dtype);
   return blocks_for(ll_max_recv_rows(a.c.layout) * row_units(row_bytes, kCopyUnitBytes), kLlSendWarps,
                     ll_block_limit(a.c));
 }

@@ -50,7 +50,7 @@ __device__ __forceinline__ void dispatch_recv_phase(const LlDispatchRecvArgs& a,
     block_exclusive_scan(counts, start, E);
     const size_t RT = size_t(R) * T_max;
     const int scale_cols = H / kFp8Group;
-    const size_t payload_bytes = a.fp8 ? size_t(H) : size_t(H) * (a.dtype == kF32 ? 4 : 2);
+    const size_t payload_bytes = a.fp8 ? size_t(H) : size_t(H) * dtype_bytes(a.dtype);
     uint8_t* out_x = static_cast<uint8_t*>(a.out_x) + size_t(local) * e_loc * RT * payload_bytes;
     float* out_scales = a.fp8 ? a.out_scales + size_t(local) * e_loc * RT * scale_cols : nullptr;
     int* src_info = a.src_info + size_t(local) * e_loc * RT;
@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_dispatch(LlDispatchSendA
 }
 
 int ll_dispatch_recv_blocks(const LlDispatchRecvArgs& a) {
-  const size_t payload = a.fp8 ? size_t(a.hidden) : size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);
+  const size_t payload = a.fp8 ? size_t(a.hidden) : size_t(a.hidden) * dtype_bytes(a.dtype);
   return blocks_for(ll_max_recv_rows(a.c.layout) * row_units(payload, kCopyUnitBytes), kLlRecvWarps,
                     ll_block_limit(a.c));
 }

@@ -31,7 +31,7 @@ struct LlDispatchShape {
 
 __device__ __forceinline__ LlDispatchShape dispatch_send_shape(const LlDispatchSendArgs& a) {
   const int E = a.num_experts;
-  return LlDispatchShape{a.num_tokens, a.num_topk, a.hidden, E, E / a.c.num_ranks, a.dtype == kF32 ? 4 : 2};
+  return LlDispatchShape{a.num_tokens, a.num_topk, a.hidden, E, E / a.c.num_ranks, dtype_bytes(a.dtype)};
 }
 
 // Counts: every block scans all T*K routing entries (cheap), so each knows the slots

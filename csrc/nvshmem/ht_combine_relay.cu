@@ -25,7 +25,7 @@ __global__ void __launch_bounds__(kHtThreads) ht_net_combine_relay(HtCombineArgs
                       node_peers(c, r.rank)))
     return;
   const int lane = lane_id(), T = a.num_tokens;
-  const size_t row_bytes = size_t(a.hidden) * (a.dtype == kF32 ? 4 : 2);
+  const size_t row_bytes = size_t(a.hidden) * dtype_bytes(a.dtype);
   int t_begin, t_end;
   block_tokens(T, gridDim.x, blockIdx.x, &t_begin, &t_end);
   const int span = t_end - t_begin;

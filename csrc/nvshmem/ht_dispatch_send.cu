@@ -21,7 +21,7 @@ __global__ void __launch_bounds__(kHtThreads) ht_net_dispatch_send(HtDispatchArg
   const CommContext& c = a.c;
   const BufferLayout& layout = c.layout;
   const int T = a.num_tokens, K = a.num_topk, H = a.hidden, E = a.num_experts, e_loc = E / c.num_ranks;
-  const int esize = a.dtype == kF32 ? 4 : 2, lane = lane_id();
+  const int esize = dtype_bytes(a.dtype), lane = lane_id();
   const size_t raw_bytes = size_t(H) * esize, meta_bytes = layout.meta_bytes_per_token();
   const size_t payload = wire_payload_bytes(H, esize, a.fp8);
   const uint8_t* x = static_cast<const uint8_t*>(a.x);

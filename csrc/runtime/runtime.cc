@@ -386,6 +386,7 @@ void preload_kernels(int device) {
   check_cuda(prepare_ht_dispatch_kernels(), "loading the dispatch kernels");
   check_cuda(prepare_ht_combine_kernels(), "loading the combine kernels");
   check_cuda(prepare_ht_cached_dispatch_kernels(), "loading the cached dispatch kernel");
+  check_cuda(prepare_ht_dispatch_here_kernels(), "loading the one-launch dispatch kernel");
   check_cuda(prepare_ll_kernels(), "loading the low-latency kernels");
   check_cuda(prepare_ht_forward_kernels(), "loading the internode kernels");
 }
