@@ -2,8 +2,8 @@
 //
 // Four launches per call, each serving all ranks of this launch (one rank, or all
 // virtual ranks in loopback). When the whole group runs in this launch (EP=1, loopback:
-// whole_group_here) nothing is sent, and the other three are one launch where its
-// counts fit (high_throughput/dispatch_here.cu), else three.
+// whole_group_here) nothing is sent; a group of one rank with a small batch runs the
+// other three as one launch (high_throughput/dispatch_here.cu).
 //   send     push routing rows to every peer and token rows to their destination
 //            ranks ([source][token] slots: no queues, no count exchange), then add
 //            one to each peer's arrival word per block;

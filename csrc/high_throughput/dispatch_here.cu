@@ -11,8 +11,8 @@
 //          indices and expert slots as the bitmap's prefix plus bits) and copies
 //          each token from x to its rows with place_token, as the copy kernel does.
 // No block waits for another, so the launch needs no co-residency (not cooperative).
-// Every block repeats the count, so it pays only up to a size (kHereMaxEntries: small
-// batches for the expert layouts, DeepSeek-V3's 4096 tokens at EP=1 for per_rank).
+// Every block repeats the count, so it pays only for a one-rank group's small batches
+// (kHereMaxEntries).
 #include "common/load_kernels.h"
 #include "high_throughput/dispatch_rows.cuh"
 
@@ -30,14 +30,15 @@ struct HereSmem {
   float** warp_scales;
 };
 
-// Routing ids a block counts at most (R * T * K): every block reads them all, so the
-// count grows with blocks x ids. The expert layouts add each (candidate, distinct
-// expert) with a shared-memory atomic: at EP=1 on an H200 (a review's harness, 8 ids
-// per token, against the bitmap form with a near-empty send), 512 tokens (4 K ids)
-// took 22 us in one launch against 37 us, and 8192 tokens (64 K ids) 268 us against
-// 229. per_rank counts only received tokens, one atomic per warp and counter.
+// Routing ids a block counts at most (R * T * K). Every block reads them all, one
+// dependent load per warp step, and adds each (candidate, distinct expert) with a
+// shared-memory atomic, so the count grows with blocks x ids and is latency-bound. On
+// an H200 at EP=1 (8 ids per token, DeepSeek-V3 sizes) it pays up to 1024 tokens:
+// dispatch 61 / 21 us (ragged / per_rank) against 74 / 30 in the bitmap form; at 4096
+// tokens per_rank took 93 us against 53 (with a count per warp, which was no faster),
+// and in loopback (2 and 4 ranks, every rank's blocks counting every rank's ids) it
+// lost to the bitmap form too: only a one-rank group takes it.
 constexpr long long kHereMaxEntries = 16 * 1024;
-constexpr long long kHereMaxEntriesPerRank = 64 * 1024;
 
 JAX_EP_HD inline size_t here_smem_ints(int num_buckets, int e_loc) {
   return size_t(num_buckets) * (2 + kHtWarps) + (num_buckets > 1 ? size_t((e_loc + 1) & ~1) : 0);
@@ -63,19 +64,6 @@ struct Runs {
   int p0, p1, per_warp;
 };
 
-// Bucket 0 of the lanes whose candidate p is `received`, added per warp (one atomic per
-// counter, not per lane: per_rank counts nothing else). Warp-uniform.
-__device__ __forceinline__ void add_received(int p, bool received, const Runs& runs, const HereSmem& s, int nb) {
-  const unsigned all = __ballot_sync(kFullMask, received);
-  const unsigned before = __ballot_sync(kFullMask, received && p < runs.p0);
-  const bool mine = received && p >= runs.p0 && p < runs.p1;
-  const int run = mine ? (p - runs.p0) / runs.per_warp : -1 - int(lane_id());
-  const unsigned same = __match_any_sync(kFullMask, run) & __ballot_sync(kFullMask, mine);
-  if (lane_id() == 0 && all) atomicAdd(&s.total[0], __popc(all));
-  if (lane_id() == 0 && before) atomicAdd(&s.before[0], __popc(before));
-  if (mine && (same & lanemask_lt()) == 0) atomicAdd(&s.runs[run * nb], __popc(same));
-}
-
 // count: warp = 32 / K whole candidates, lane = (candidate, k), over all R * T of them.
 // A candidate is received when one of its experts is local; an expert's bucket counts
 // a candidate once (its first k choosing it: lanes of one candidate share a warp).
@@ -91,7 +79,6 @@ __device__ __forceinline__ void count_candidates(const HtDispatchArgs& a, const 
     else if (p < runs.p1)
       atomicAdd(&s.runs[(p - runs.p0) / runs.per_warp * nb + bucket], 1);
   };
-#pragma unroll 4
   for (int first = warp_id() * per_warp; first < RT; first += kHtWarps * per_warp) {
     const int p = first + cand_in_warp;
     const bool in = cand_in_warp < per_warp && p < RT;
@@ -102,8 +89,7 @@ __device__ __forceinline__ void count_candidates(const HtDispatchArgs& a, const 
     const int le = valid ? local_id(e, r.rank, shape.E_loc) : -1;
     const unsigned here = __ballot_sync(kFullMask, le >= 0);
     const unsigned mask_of_k = K == 32 ? kFullMask : (1u << K) - 1u;
-    const bool received = in && k == 0 && ((here >> (cand_in_warp * K)) & mask_of_k);
-    add_received(p, received, runs, s, nb);
+    if (in && k == 0 && ((here >> (cand_in_warp * K)) & mask_of_k)) add(p, 0);
     if (nb > 1) {
       const unsigned same = __match_any_sync(kFullMask, le >= 0 ? (cand_in_warp << 16) | le : -1 - lane);
       if (le >= 0 && (same & lanemask_lt()) == 0) add(p, 1 + le);
@@ -182,7 +168,7 @@ static int here_buckets(const HtDispatchArgs& a) {
   return a.layout_kind == kPerRank ? 1 : a.num_experts / a.c.num_ranks + 1;
 }
 
-// Where the one launch applies: the whole group here, few routing ids, and a block's
+// Where the one launch applies: a group of one rank, few routing ids, and a block's
 // shared memory (dynamic, plus the kernel's own) within the default 48 KB.
 bool ht_dispatch_here_applies(const HtDispatchArgs& a) {
   static const size_t static_smem = [] {
@@ -190,9 +176,8 @@ bool ht_dispatch_here_applies(const HtDispatchArgs& a) {
     return cudaFuncGetAttributes(&attr, ht_dispatch_here) == cudaSuccess ? attr.sharedSizeBytes : size_t(48 * 1024);
   }();
   const long long ids = (long long)a.c.num_ranks * a.num_tokens * a.num_topk;
-  const long long max_ids = a.layout_kind == kPerRank ? kHereMaxEntriesPerRank : kHereMaxEntries;
   const size_t smem = here_smem_bytes(here_buckets(a), a.num_experts / a.c.num_ranks);
-  return whole_group_here(a.c) && ids <= max_ids && smem + static_smem <= 48 * 1024;
+  return whole_group_here(a.c) && a.c.num_ranks == 1 && ids <= kHereMaxEntries && smem + static_smem <= 48 * 1024;
 }
 
 cudaError_t launch_ht_dispatch_here(const HtDispatchArgs& a, cudaStream_t stream) {
