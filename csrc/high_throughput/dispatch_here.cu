@@ -1,8 +1,8 @@
-// High-throughput dispatch of a group that runs whole in one launch (EP=1, or loopback
-// with every virtual rank: whole_group_here) in one launch instead of three (bitmap,
-// scan, copy; docs/protocol.md, "HT dispatch"). Every source's routing and rows are
-// operands of the launch, so nothing is sent or waited for, and the numbering the
-// bitmap and scan kernels compute grid-wide each block computes for itself:
+// High-throughput dispatch of a one-rank group (EP=1) with a small batch in one launch
+// instead of three (bitmap, scan, copy; docs/protocol.md, "HT dispatch"). Its routing
+// and rows are operands of the launch (a group that runs whole here: whole_group_here),
+// so nothing is sent or waited for, and the numbering the bitmap and scan kernels
+// compute grid-wide each block computes for itself:
 //   count  every block reads the routing of every candidate token (R * T * K ids)
 //          and counts, per bucket (received; each local expert), the entries before
 //          its own candidates and the totals, and per warp the entries of the run
@@ -11,8 +11,8 @@
 //          indices and expert slots as the bitmap's prefix plus bits) and copies
 //          each token from x to its rows with place_token, as the copy kernel does.
 // No block waits for another, so the launch needs no co-residency (not cooperative).
-// Every block repeats the count, so it pays only for a one-rank group's small batches
-// (kHereMaxEntries).
+// Every block repeats the count, so it pays only for small batches (kHereMaxEntries);
+// the code serves any whole group, but loopback groups measured slower with it.
 #include "common/load_kernels.h"
 #include "high_throughput/dispatch_rows.cuh"
 
@@ -33,12 +33,13 @@ struct HereSmem {
 // Routing ids a block counts at most (R * T * K). Every block reads them all, one
 // dependent load per warp step, and adds each (candidate, distinct expert) with a
 // shared-memory atomic, so the count grows with blocks x ids and is latency-bound. On
-// an H200 at EP=1 (8 ids per token, DeepSeek-V3 sizes) it pays up to 1024 tokens:
-// dispatch 61 / 21 us (ragged / per_rank) against 74 / 30 in the bitmap form; at 4096
-// tokens per_rank took 93 us against 53 (with a count per warp, which was no faster),
-// and in loopback (2 and 4 ranks, every rank's blocks counting every rank's ids) it
-// lost to the bitmap form too: only a one-rank group takes it.
-constexpr long long kHereMaxEntries = 16 * 1024;
+// an H200 at EP=1 (8 ids per token, DeepSeek-V3 sizes) it paid at 1024 tokens (8 K
+// ids): dispatch 65 / 22 us (ragged / per_rank) against 74 / 30 in the bitmap form;
+// at 4096 tokens per_rank took 101 us per op against 53 (with a count per warp, which
+// was no faster), and in loopback (2 and 4 ranks, every rank's blocks counting every rank's
+// ids) it lost to the bitmap form too: only a one-rank group of at most 8 K ids (the
+// sizes measured) takes it.
+constexpr long long kHereMaxEntries = 8 * 1024;
 
 JAX_EP_HD inline size_t here_smem_ints(int num_buckets, int e_loc) {
   return size_t(num_buckets) * (2 + kHtWarps) + (num_buckets > 1 ? size_t((e_loc + 1) & ~1) : 0);
