@@ -3,7 +3,8 @@
 Each jax_ep row is compared with the rows of the same run that do the same work: the
 reference backend at the same op, tokens, layout and dtype; a baseline (always the ragged
 layout in BF16, the layout the baselines hand the experts) at the same op and tokens, against
-jax_ep's ragged BF16 row. A jax_ep row slower than any of them is a *loser*: listed at the end
+jax_ep's ragged BF16 row; in a layer run, the baseline's layer at the same target, tokens,
+expert path and pass. A jax_ep row slower than any of them is a *loser*: listed at the end
 of the run with the profiler's kernel breakdown when one was taken (GPU).
 """
 
@@ -23,27 +24,59 @@ def comparable(ours: dict, other: dict) -> bool:
     return ours.get("layout") == "ragged" and not ours.get("fp8")
 
 
-def check(rows: list[dict]) -> dict:
+# The layer benchmark (``--mode layer``): jax_ep's layer against the baseline's layer
+# (``impl`` local or reference) at the same target, tokens, expert path and pass.
+LAYER_RIVALS = ("local", "reference")
+
+
+def _layer_key(row: dict) -> tuple:
+    return (row.get("target"), row["tokens"], row.get("path"), row.get("pass"))
+
+
+def layer_comparable(ours: dict, other: dict) -> bool:
+    """Do ``ours`` (jax_ep's layer) and ``other`` time the same layer?"""
+    return (
+        other.get("impl") in LAYER_RIVALS
+        and "median_us" in other
+        and _layer_key(other) == _layer_key(ours)
+    )
+
+
+def _is_ours(row: dict) -> bool:
+    return row.get("backend") == JAX_EP and row.get("impl", "jax_ep") == "jax_ep"
+
+
+def _case(row: dict) -> str:
+    """A row's case as the check's lines name it."""
+    if row.get("op") == "layer":
+        return f"layer {row.get('target')} {row.get('path')} {row.get('pass')} T={row['tokens']}"
+    dtype = "fp8" if row.get("fp8") else "bf16"
+    return f"{row['op']} {row.get('layout') or 'll'} {dtype} T={row['tokens']}"
+
+
+def check(rows: list[dict], same_work=comparable) -> dict:
     """Marks every timed row in place and returns the run's verdict.
 
-    A jax_ep row gets ``faster_than`` ``{backend: bool}``; every other row gets
+    A jax_ep row gets ``faster_than`` ``{rival: bool}``; every other row gets
     ``jax_ep_faster``: ``True``/``False``, or ``None`` (n/a) when no jax_ep row times the
     same work (no CUDA backend here, or another layout). Returns ``jax_ep`` (the backend
     compared, or ``"n/a"``), ``compared`` (pairs compared) and ``losers``: one entry per
-    (jax_ep row, faster rival) with both times and the jax_ep row's ``profile`` if any.
+    (jax_ep row, faster rival) with the case, both times and the jax_ep row's ``profile``
+    if any. ``same_work``: ``comparable`` (dispatch/combine runs) or ``layer_comparable``.
     """
-    ours = [r for r in rows if r.get("backend") == JAX_EP and "median_us" in r]
+    ours = [r for r in rows if _is_ours(r) and "median_us" in r]
     for r in rows:
-        if r.get("backend") != JAX_EP and "median_us" in r:
+        if not _is_ours(r) and "median_us" in r:
             r["jax_ep_faster"] = None
     losers, compared = [], 0
     for mine in ours:
         mine["faster_than"] = {}
         for other in rows:
-            if not comparable(mine, other):
+            if not same_work(mine, other):
                 continue
+            rival = other["impl"] if same_work is layer_comparable else other["backend"]
             faster = mine["median_us"] < other["median_us"]
-            mine["faster_than"][other["backend"]] = faster
+            mine["faster_than"][rival] = faster
             other["jax_ep_faster"] = faster
             other["jax_ep_us"] = mine["median_us"]
             compared += 1
@@ -51,11 +84,12 @@ def check(rows: list[dict]) -> dict:
                 losers.append(
                     dict(
                         op=mine["op"],
+                        case=_case(mine),
                         tokens=mine["tokens"],
                         layout=mine.get("layout"),
                         fp8=mine.get("fp8"),
                         jax_ep_us=mine["median_us"],
-                        rival=other["backend"],
+                        rival=rival,
                         rival_us=other["median_us"],
                         profile=mine.get("profile") or None,
                     )
@@ -89,14 +123,19 @@ def print_summary(result: dict, rows: list[dict]) -> None:
             )
     if result["jax_ep"] == "n/a":
         print("  (no CUDA backend in this run: nothing to compare jax_ep with)")
+    print_losers(result)
+
+
+def print_losers(result: dict) -> None:
+    """The losers of a run, each with its profile when one was taken."""
     if not result["losers"]:
         print("== losers: none", flush=True)
         return
     print(f"== losers: {len(result['losers'])} case(s) where jax_ep is not the fastest")
     for lo in result["losers"]:
         print(
-            f"  {lo['op']} {lo['layout'] or ''} fp8={int(bool(lo['fp8']))} T={lo['tokens']}: "
-            f"jax_ep {lo['jax_ep_us']:.1f} us vs {lo['rival']} {lo['rival_us']:.1f} us"
+            f"  {lo['case']}: jax_ep {lo['jax_ep_us']:.1f} us vs {lo['rival']} "
+            f"{lo['rival_us']:.1f} us"
         )
         p = lo.get("profile")
         if p:
@@ -107,3 +146,27 @@ def print_summary(result: dict, rows: list[dict]) -> None:
                 f"{p['span_us_per_call']:.1f} us span per call"
             )
     print(flush=True)
+
+
+def check_text(record: dict) -> str:
+    """The run's check as the README tables end with it (files from before the check have none)."""
+    c = record.get("check")
+    if not c:
+        return ""
+    skipped = "".join(
+        f"; {s['baseline']} skipped: {s['reason']}"
+        for s in {s["baseline"]: s for s in record.get("skipped", [])}.values()
+    )
+    if c["jax_ep"] == "n/a":
+        return f"\n\nCheck: n/a (no CUDA backend in this run){skipped}."
+    if not c["compared"]:  # e.g. the empty ops, timed for the CUDA backend alone
+        return f"\n\nCheck: nothing to compare (only jax_ep was timed in this run){skipped}."
+    losers = "; ".join(
+        f"{lo.get('case') or _case(lo)}: {lo['jax_ep_us']:.1f} µs vs {lo['rival']} "
+        f"{lo['rival_us']:.1f} µs"
+        for lo in c["losers"]
+    )
+    return (
+        f"\n\nCheck: jax_ep faster in {c['compared'] - len(c['losers'])} of {c['compared']} "
+        f"comparisons; losers: {losers or 'none'}{skipped}."
+    )

@@ -187,8 +187,8 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     import jax_ep
+    from jax_ep.bench import check, timing
     from jax_ep.bench import layer_fns as fns
-    from jax_ep.bench import timing
     from jax_ep.bench.cases import Setup
 
     env = timing.environment()
@@ -250,12 +250,19 @@ def main(argv=None) -> int:
         weights = fns.expert_weights(setup, shape, seed=10, dtype=run.dtype)
         for tokens in token_counts:
             record["results"] += run.tokens(setup, shape, tokens, paths, weights)
+            record["check"] = check.check(record["results"], check.layer_comparable)
             # written after every block: a run cut short still leaves its results
             path.write_text(json.dumps(record, indent=1))
             print(f"   ({time.perf_counter() - t_start:.0f} s so far)", flush=True)
         del weights
         gc.collect()
+    record["check"] = result = check.check(record["results"], check.layer_comparable)
     path.write_text(json.dumps(record, indent=1))
+    print(
+        f"== check: is jax_ep's layer ({result['jax_ep']}) faster than the {run.baseline} "
+        f"layer? {result['compared'] - len(result['losers'])} of {result['compared']} cases"
+    )
+    check.print_losers(result)
     print(f"wrote {path}", flush=True)
     return 0
 

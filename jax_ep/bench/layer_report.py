@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+
+from jax_ep.bench.check import check, check_text, layer_comparable
+
 GIB = float(1 << 30)
 
 
@@ -58,4 +62,12 @@ def table(record: dict, source: str) -> str:
         "local. Peak: XLA's memory analysis of the compiled program per device (arguments, "
         "outputs, temporaries)."
     )
-    return head + "\n\n" + "\n".join(lines) + "\n\n" + note
+    return head + "\n\n" + "\n".join(lines) + "\n\n" + note + check_text(_with_check(record))
+
+
+def _with_check(record: dict) -> dict:
+    """The record with its check; files from before the layer run had one get it computed
+    from their own medians (on a copy: the check marks the rows it compares)."""
+    if "check" in record:
+        return record
+    return dict(record, check=check(copy.deepcopy(record["results"]), layer_comparable))

@@ -15,6 +15,8 @@ import argparse
 import json
 import pathlib
 
+from jax_ep.bench.check import check_text
+
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -66,31 +68,7 @@ def table(record: dict, source: str) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     rows += [_fmt_row(r) for r in record["results"]]
-    return head + "\n\n" + "\n".join(rows) + _check_text(record)
-
-
-def _check_text(record: dict) -> str:
-    """The run's check (files from before the check have none)."""
-    c = record.get("check")
-    if not c:
-        return ""
-    skipped = "".join(
-        f"; {s['baseline']} skipped: {s['reason']}"
-        for s in {s["baseline"]: s for s in record.get("skipped", [])}.values()
-    )
-    if c["jax_ep"] == "n/a":
-        return f"\n\nCheck: n/a (no CUDA backend in this run){skipped}."
-    if not c["compared"]:  # e.g. the empty ops, timed for the CUDA backend alone
-        return f"\n\nCheck: nothing to compare (only jax_ep was timed in this run){skipped}."
-    losers = "; ".join(
-        f"{lo['op']} {lo['layout'] or 'll'} {'fp8' if lo['fp8'] else 'bf16'} T={lo['tokens']}: "
-        f"{lo['jax_ep_us']:.1f} µs vs {lo['rival']} {lo['rival_us']:.1f} µs"
-        for lo in c["losers"]
-    )
-    return (
-        f"\n\nCheck: jax_ep faster in {c['compared'] - len(c['losers'])} of {c['compared']} "
-        f"comparisons; losers: {losers or 'none'}{skipped}."
-    )
+    return head + "\n\n" + "\n".join(rows) + check_text(record)
 
 
 def render(directory: pathlib.Path) -> str:
