@@ -63,8 +63,8 @@ struct HtCombineArgs {
 };
 
 cudaError_t launch_ht_dispatch(const HtDispatchArgs& args, cudaStream_t stream);
-// The dispatch of a group that runs whole in this launch (EP=1, loopback) as one
-// launch (dispatch_here.cu), where its counts fit a block's shared memory.
+// The dispatch of a one-rank group (EP=1) with a small batch as one launch
+// (dispatch_here.cu: which sizes, and why only those).
 bool ht_dispatch_here_applies(const HtDispatchArgs& args);
 cudaError_t launch_ht_dispatch_here(const HtDispatchArgs& args, cudaStream_t stream);
 // The send phase alone: token rows into the destinations' [source][token] slots,
