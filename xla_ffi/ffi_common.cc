@@ -61,7 +61,8 @@ ffi::Error refuse_closed(ExecState* exec) {
   return ffi::Error::Success();
 }
 
-ffi::Error GroupCall::open(ExecState* exec, int32_t device, cudaStream_t stream) {
+ffi::Error GroupCall::open(ExecState* exec, int32_t device, cudaStream_t stream, const ffi::AnyBuffer& order_in,
+                           const ffi::AnyBuffer& order_out) {
   GroupControl& group = *exec->group;
   lock_ = std::shared_lock<std::shared_mutex>(group.launch_mutex());
   if (group.closed()) return closed_error(group);
@@ -69,7 +70,8 @@ ffi::Error GroupCall::open(ExecState* exec, int32_t device, cudaStream_t stream)
   if (state_ == nullptr)
     return invalid("the Group '" + group.key() + "' has no rank on device " + std::to_string(device) +
                    " (create it with a mesh that contains this device)");
-  return take_pending(state_, stream);
+  JAX_EP_CHECK(take_pending(state_, stream));
+  return check_order(order_in, order_out, state_->num_local_ranks);
 }
 
 ffi::Error open_default(int32_t device, cudaStream_t stream, DeviceState** out) {

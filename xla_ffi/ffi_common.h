@@ -54,10 +54,13 @@ ffi::ErrorOr<std::unique_ptr<ExecState>> bind_group(ffi::Dictionary attrs);
 ffi::Error refuse_closed(ExecState* exec);
 
 // One execute-stage call of a group op: the group is open and has ranks on this
-// device; holds the group's launch lock (shared) until the launches are enqueued.
+// device, and the op's ordering token in (`order_in`) and out (`order_out`) is
+// well-formed (check_order); holds the group's launch lock (shared) until the
+// launches are enqueued.
 class GroupCall {
  public:
-  ffi::Error open(ExecState* exec, int32_t device, cudaStream_t stream);
+  ffi::Error open(ExecState* exec, int32_t device, cudaStream_t stream, const ffi::AnyBuffer& order_in,
+                  const ffi::AnyBuffer& order_out);
   DeviceState* state() const { return state_; }
 
  private:

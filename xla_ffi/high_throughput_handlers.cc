@@ -55,10 +55,9 @@ ffi::Error HtDispatch(cudaStream_t stream, int32_t device, ExecState* exec, HtDi
                       ffi::Result<ffi::AnyBuffer> recv_rows, ffi::Result<ffi::AnyBuffer> recv_weights,
                       ffi::Result<ffi::AnyBuffer> num_recv, ffi::Result<ffi::AnyBuffer> order_out) {
   GroupCall call;
-  JAX_EP_CHECK(call.open(exec, device, stream));
+  JAX_EP_CHECK(call.open(exec, device, stream, order_in, *order_out));
   DeviceState* state = call.state();
   const int num_local = state->num_local_ranks;
-  JAX_EP_CHECK(check_order(order_in, *order_out, num_local));
   ffi::Span<const int64_t> xd, id, wd;
   JAX_EP_CHECK(per_rank_dims(x, "x", 2, num_local, &xd));
   JAX_EP_CHECK(per_rank_dims(topk_idx, "topk_idx", 2, num_local, &id));
@@ -120,10 +119,9 @@ ffi::Error HtCombine(cudaStream_t stream, int32_t device, ExecState* exec, HtCom
                      ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> out_extra,
                      ffi::Result<ffi::AnyBuffer> order_out) {
   GroupCall call;
-  JAX_EP_CHECK(call.open(exec, device, stream));
+  JAX_EP_CHECK(call.open(exec, device, stream, order_in, *order_out));
   DeviceState* state = call.state();
   const int num_local = state->num_local_ranks;
-  JAX_EP_CHECK(check_order(order_in, *order_out, num_local));
   ffi::Span<const int64_t> yd, sd, rd, wd, num_recv_dims, id;
   JAX_EP_CHECK(per_rank_dims(y, "y", 2, num_local, &yd));
   JAX_EP_CHECK(per_rank_dims(recv_src, "recv_src", 1, num_local, &sd));
@@ -172,10 +170,9 @@ ffi::Error HtCachedDispatch(cudaStream_t stream, int32_t device, ExecState* exec
                             ffi::AnyBuffer x, ffi::AnyBuffer topk_idx, ffi::AnyBuffer recv_src, ffi::AnyBuffer order_in,
                             ffi::Result<ffi::AnyBuffer> rows, ffi::Result<ffi::AnyBuffer> order_out) {
   GroupCall call;
-  JAX_EP_CHECK(call.open(exec, device, stream));
+  JAX_EP_CHECK(call.open(exec, device, stream, order_in, *order_out));
   DeviceState* state = call.state();
   const int num_local = state->num_local_ranks;
-  JAX_EP_CHECK(check_order(order_in, *order_out, num_local));
   ffi::Span<const int64_t> xd, id;
   JAX_EP_CHECK(per_rank_dims(x, "x", 2, num_local, &xd));
   JAX_EP_CHECK(per_rank_dims(topk_idx, "topk_idx", 2, num_local, &id));

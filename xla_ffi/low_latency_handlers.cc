@@ -76,9 +76,8 @@ int64_t recv_rows(const DeviceState* state) {
 // low-latency buffers for this expert count, and the ordering tokens have their shape.
 ffi::Error open_after_dispatch(GroupCall& call, ExecState* exec, int32_t device, cudaStream_t stream,
                                int64_t num_experts, const ffi::AnyBuffer& order_in, const ffi::AnyBuffer& order_out) {
-  JAX_EP_CHECK(call.open(exec, device, stream));
-  JAX_EP_CHECK(check_group(call.state(), num_experts));
-  return check_order(order_in, order_out, call.state()->num_local_ranks);
+  JAX_EP_CHECK(call.open(exec, device, stream, order_in, order_out));
+  return check_group(call.state(), num_experts);
 }
 
 // The dispatch send's operands checked and its launch parameters filled (`ticket`: where
@@ -226,9 +225,8 @@ ffi::Error LlDispatchSend(cudaStream_t stream, int32_t device, ExecState* exec, 
                           ffi::AnyBuffer order_in, ffi::Result<ffi::AnyBuffer> ticket,
                           ffi::Result<ffi::AnyBuffer> num_dropped) {
   GroupCall call;
-  JAX_EP_CHECK(call.open(exec, device, stream));
+  JAX_EP_CHECK(call.open(exec, device, stream, order_in, *ticket));
   DeviceState* state = call.state();
-  JAX_EP_CHECK(check_order(order_in, *ticket, state->num_local_ranks));
   LlDispatchSendArgs a;
   JAX_EP_CHECK(dispatch_send_args(state, attrs, x, topk_idx, active_ranks, *num_dropped, ticket->untyped_data(), &a));
   return finish(stream, state, launch_ll_dispatch_send(a, stream), kSync);
@@ -262,9 +260,8 @@ ffi::Error LlDispatch(cudaStream_t stream, int32_t device, ExecState* exec, LlDi
                       ffi::Result<ffi::AnyBuffer> topk_slot, ffi::Result<ffi::AnyBuffer> layout_range,
                       ffi::Result<ffi::AnyBuffer> num_dropped, ffi::Result<ffi::AnyBuffer> order_out) {
   GroupCall call;
-  JAX_EP_CHECK(call.open(exec, device, stream));
+  JAX_EP_CHECK(call.open(exec, device, stream, order_in, *order_out));
   DeviceState* state = call.state();
-  JAX_EP_CHECK(check_order(order_in, *order_out, state->num_local_ranks));
   void* order = order_out->untyped_data();
   LlDispatchSendArgs send;
   JAX_EP_CHECK(dispatch_send_args(state, attrs, x, topk_idx, active_ranks, *num_dropped, order, &send));
