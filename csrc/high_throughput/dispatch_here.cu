@@ -68,9 +68,8 @@ struct Runs {
 // count: warp = 32 / K whole candidates, lane = (candidate, k), over all R * T of them.
 // A candidate is received when one of its experts is local; an expert's bucket counts
 // a candidate once (its first k choosing it: lanes of one candidate share a warp).
-// Block 0 records the expert ids of this rank's own routing outside [-1, E).
 __device__ __forceinline__ void count_candidates(const HtDispatchArgs& a, const Shape& shape, const RankCtx& r,
-                                                 int block, const Runs& runs, const HereSmem& s) {
+                                                 const Runs& runs, const HereSmem& s) {
   const int K = shape.K, nb = shape.num_buckets, RT = shape.R * shape.T;
   const int lane = lane_id(), per_warp = 32 / K, cand_in_warp = lane / K, k = lane - cand_in_warp * K;
   const auto add = [&](int p, int bucket) {
@@ -85,8 +84,6 @@ __device__ __forceinline__ void count_candidates(const HtDispatchArgs& a, const 
     const bool in = cand_in_warp < per_warp && p < RT;
     const int e = in ? __ldg(a.topk_idx + size_t(p) * K + k) : -1;  // [R, T, K]: the whole group's routing
     const bool valid = e >= 0 && e < shape.E;
-    if (in && !valid && e != -1 && block == 0 && p / shape.T == r.rank)
-      record_error(a.c.err, kErrBadExpert, r.rank, p % shape.T, k, shape.E, e, 0);
     const int le = valid ? local_id(e, r.rank, shape.E_loc) : -1;
     const unsigned here = __ballot_sync(kFullMask, le >= 0);
     const unsigned mask_of_k = K == 32 ? kFullMask : (1u << K) - 1u;
@@ -139,8 +136,9 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_here(HtDispatchArgs
   runs.p0 = int((long long)RT * block / c.copy_blocks);
   runs.p1 = int((long long)RT * (block + 1) / c.copy_blocks);
   runs.per_warp = max(1, (runs.p1 - runs.p0 + kHtWarps - 1) / kHtWarps);
-  if (__syncthreads_and(!aborted(c, r))) {  // block-uniform: the phases have barriers
-    count_candidates(a, shape, r, block, runs, s);
+  report_bad_ids(a, shape, r, block, c.copy_blocks);  // as the bitmap kernel does
+  if (__syncthreads_and(!aborted(c, r))) {            // block-uniform: the phases have barriers
+    count_candidates(a, shape, r, runs, s);
     __syncthreads();
     for (int b = threadIdx.x; b < nb; b += kHtThreads) {  // each run's start: before + earlier runs
       int start = s.before[b];
@@ -165,8 +163,10 @@ cudaError_t prepare_ht_dispatch_here_kernels() {
   return load_kernels(ht_dispatch_here);
 }
 
-static int here_buckets(const HtDispatchArgs& a) {
-  return a.layout_kind == kPerRank ? 1 : a.num_experts / a.c.num_ranks + 1;
+// The dynamic shared memory of a launch for `a`'s layout and local experts.
+static size_t here_smem_bytes(const HtDispatchArgs& a) {
+  const int e_loc = a.num_experts / a.c.num_ranks;
+  return here_smem_bytes(a.layout_kind == kPerRank ? 1 : e_loc + 1, e_loc);
 }
 
 // Where the one launch applies: a group of one rank, few routing ids, and a block's
@@ -177,13 +177,12 @@ bool ht_dispatch_here_applies(const HtDispatchArgs& a) {
     return cudaFuncGetAttributes(&attr, ht_dispatch_here) == cudaSuccess ? attr.sharedSizeBytes : size_t(48 * 1024);
   }();
   const long long ids = (long long)a.c.num_ranks * a.num_tokens * a.num_topk;
-  const size_t smem = here_smem_bytes(here_buckets(a), a.num_experts / a.c.num_ranks);
+  const size_t smem = here_smem_bytes(a);
   return whole_group_here(a.c) && a.c.num_ranks == 1 && ids <= kHereMaxEntries && smem + static_smem <= 48 * 1024;
 }
 
 cudaError_t launch_ht_dispatch_here(const HtDispatchArgs& a, cudaStream_t stream) {
-  const size_t smem = here_smem_bytes(here_buckets(a), a.num_experts / a.c.num_ranks);
-  ht_dispatch_here<<<a.c.num_local_ranks * a.c.copy_blocks, kHtThreads, smem, stream>>>(a);
+  ht_dispatch_here<<<a.c.num_local_ranks * a.c.copy_blocks, kHtThreads, here_smem_bytes(a), stream>>>(a);
   return cudaGetLastError();
 }
 

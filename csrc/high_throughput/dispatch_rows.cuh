@@ -42,6 +42,18 @@ __device__ inline int routing_id(const HtDispatchArgs& a, const Shape& shape, co
   return __ldcg(meta + k);
 }
 
+// Records the first expert id of this rank's own routing outside [-1, E) (the kernels
+// treat it as masked; the error reaches the caller at the group's next check). Before
+// any wait: a peer's timeout must not hide it. Grid-stride over the rank's T * K ids.
+__device__ inline void report_bad_ids(const HtDispatchArgs& a, const Shape& shape, const RankCtx& r, int block,
+                                      int blocks) {
+  const int* ids = a.topk_idx + size_t(r.local) * shape.T * shape.K;
+  for (int i = block * blockDim.x + threadIdx.x; i < shape.T * shape.K; i += blocks * blockDim.x) {
+    const int e = ids[i];
+    if (e < -1 || e >= shape.E) record_error(a.c.err, kErrBadExpert, r.rank, i / shape.K, i % shape.K, shape.E, e, 0);
+  }
+}
+
 __device__ inline float routing_weight(const HtDispatchArgs& a, const Shape& shape, const RankCtx& r, int src, int t,
                                        int k) {
   if (reads_operands(a.c, r.rank, src))
