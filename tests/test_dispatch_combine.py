@@ -186,9 +186,9 @@ def test_rows_of_several_units_with_few_tokens(runner, dtype, hidden):
 @pytest.mark.parametrize("runner", runner_params(RUNNERS, "reference-shard_map-R4", "cuda"))
 def test_many_tokens_in_one_launch_group(runner):
     """A group that runs whole in one launch (EP=1, loopback) reads every source's routing
-    and rows from its operands; EP=1 with few ids runs one launch (csrc/high_throughput/
-    dispatch_here.cu), and with more than 8 K ids (R * T * K), like every loopback group,
-    the bitmap, scan and copy kernels: the same results either way."""
+    and rows from its operands; EP=1 with few ids and loopback groups run one launch
+    (csrc/high_throughput/dispatch_here.cu), EP=1 with more than 8 K ids (R * T * K) the
+    bitmap, scan and copy kernels: the same results either way."""
     num_tokens = 8 * 1024 // (runner.num_ranks * K) + 3
     for layout in ("expert_major", "ragged", "per_rank"):
         _, idx, _, out, y, combined, want = run_case(

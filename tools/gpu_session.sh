@@ -6,6 +6,7 @@
 #
 #   tools/gpu_session.sh tests            # GPU tests only
 #   tools/gpu_session.sh tests bench      # and the default benchmarks
+#   tools/gpu_session.sh forms            # dispatch tests under each HT dispatch form
 #   tools/gpu_session.sh llprof           # low-latency kernel breakdown (profiler)
 #   tools/gpu_session.sh internode        # NVSHMEM path: 2 processes on GPU 0 as 2 virtual nodes
 #   tools/gpu_session.sh layer            # MoE layer benchmark (expert paths, exchange share)
@@ -40,6 +41,15 @@ for stage in "$@"; do
       JAX_EP_TEST_REPORT=$OUT/report.txt JAX_EP_TIMEOUT_S=${JAX_EP_TIMEOUT_S:-20} python3 -m pytest -v -rs ${PYTEST_ARGS:-} --timeout 90 --timeout-method=thread -k "${PYTEST_K:-cuda or kernel or share_one_gpu or command_buffer or nvshmem or internode or ordering}" tests \
         2>&1 | tee "$OUT/tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout" | tail -80
       status=$(( status | ${PIPESTATUS[0]} )) ;;
+    forms)  # the dispatch tests with each HT dispatch form forced where it can run
+      # (JAX_EP_HT_DISPATCH_FORM, csrc/high_throughput/dispatch_here.cu: identical results)
+      for form in ${HT_FORMS:-bitmap here wave}; do
+        echo "form $form:"
+        JAX_EP_HT_DISPATCH_FORM=$form JAX_EP_TIMEOUT_S=${JAX_EP_TIMEOUT_S:-20} python3 -m pytest -q --timeout 90 \
+          --timeout-method=thread -k "cuda" tests/test_dispatch_combine.py tests/test_vjp.py 2>&1 \
+          | tee "$OUT/forms-$form.log" | grep -E "FAILED|ERROR|passed|failed|Timeout" | tail -20
+        status=$(( status | ${PIPESTATUS[0]} ))
+      done ;;
     bench)
       # sized to fit one device call (600 s) with the build; ht runs rewrite their JSON after
       # every case: a run cut by a timeout keeps what it measured

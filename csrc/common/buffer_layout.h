@@ -107,7 +107,9 @@ enum Counter : int {
   kAbortFlag = 6,
   kDoneBlocks = 7,      // blocks of the running op that finished (see finish_op)
   kDoneRecvBlocks = 8,  // the same for the receive phase of a one-launch low-latency op
-  kNumCounters = 9,
+  kBarrierArrived = 9,  // blocks at the running barrier of a one-wave dispatch (see rank_barrier)
+  kBarrierRound = 10,   // barriers completed (the waiting blocks watch it)
+  kNumCounters = 11,
 };
 
 JAX_EP_HD inline BufferLayout make_layout(const BufferSizes& sizes) {

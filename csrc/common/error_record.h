@@ -27,6 +27,7 @@ enum Phase : int {
   kPhaseLlCombineReuse = 6,
   kPhaseNetDispatchArrival = 7,  // a relay waits for a source node's tokens (NVSHMEM)
   kPhaseNetCombineArrival = 8,   // a home rank waits for a node's summed expert outputs
+  kPhaseHtDispatchBarrier = 9,   // a one-wave dispatch's block waits for the rank's other blocks
 };
 
 // Where kernels report: the host-mapped record plus a claim word in device memory.
@@ -66,6 +67,8 @@ inline const char* phase_name(int phase) {
       return "internode dispatch: waiting for the tokens of the peer's node (NVSHMEM)";
     case kPhaseNetCombineArrival:
       return "internode combine: waiting for the summed expert outputs of the peer's node (NVSHMEM)";
+    case kPhaseHtDispatchBarrier:
+      return "high-throughput dispatch: waiting for the rank's other blocks (token counts)";
     default:
       return "unknown phase";
   }

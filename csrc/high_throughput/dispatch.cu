@@ -2,8 +2,8 @@
 //
 // Four launches per call, each serving all ranks of this launch (one rank, or all
 // virtual ranks in loopback). When the whole group runs in this launch (EP=1, loopback:
-// whole_group_here) nothing is sent; a group of one rank with a small batch runs the
-// other three as one launch (high_throughput/dispatch_here.cu).
+// whole_group_here) nothing is sent, and where it measured faster the other three run
+// as one launch (high_throughput/dispatch_here.cu: which kernel, and where).
 //   send     push routing rows to every peer and token rows to their destination
 //            ranks ([source][token] slots: no queues, no count exchange), then add
 //            one to each peer's arrival word per block;
@@ -250,7 +250,7 @@ cudaError_t launch_ht_dispatch_send(const HtDispatchArgs& a, cudaStream_t stream
 }
 
 cudaError_t launch_ht_dispatch(const HtDispatchArgs& a, cudaStream_t stream) {
-  if (ht_dispatch_here_applies(a)) return launch_ht_dispatch_here(a, stream);
+  if (cudaError_t err; launch_ht_dispatch_whole(a, stream, &err)) return err;
   const CommContext& c = a.c;
   const int L = c.num_local_ranks;
   const int e_loc = a.num_experts / c.num_ranks;

@@ -2,8 +2,8 @@
 // shape, the routing as the receiving rank sees it, the summary counts, the handle
 // entries, the output rows and the copy of each token to them. Shared by the copy
 // kernel (slots from the bitmaps and prefixes: high_throughput/dispatch.cu) and the
-// one-launch dispatch of a one-rank group's small batches (slots counted by each block:
-// high_throughput/dispatch_here.cu).
+// one-launch dispatch of a group that runs whole in one launch (slots counted per run
+// of candidates: high_throughput/dispatch_here.cu).
 #pragma once
 
 #include "common/rows.cuh"

@@ -63,10 +63,10 @@ struct HtCombineArgs {
 };
 
 cudaError_t launch_ht_dispatch(const HtDispatchArgs& args, cudaStream_t stream);
-// The dispatch of a one-rank group (EP=1) with a small batch as one launch
-// (dispatch_here.cu: which sizes, and why only those).
-bool ht_dispatch_here_applies(const HtDispatchArgs& args);
-cudaError_t launch_ht_dispatch_here(const HtDispatchArgs& args, cudaStream_t stream);
+// The dispatch of a group that runs whole in this launch (EP=1, loopback) as one
+// kernel (dispatch_here.cu: which kernel, and where); false where none applies (the
+// caller launches the bitmap form), `*err` the launch's error otherwise.
+bool launch_ht_dispatch_whole(const HtDispatchArgs& args, cudaStream_t stream, cudaError_t* err);
 // The send phase alone: token rows into the destinations' [source][token] slots,
 // arrival words bumped (intranode send, or the two internode hops).
 cudaError_t launch_ht_dispatch_send(const HtDispatchArgs& args, cudaStream_t stream);

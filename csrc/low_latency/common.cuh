@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "common/one_wave.h"
 #include "common/rank.cuh"
 #include "common/rows.cuh"
 #include "low_latency/params.h"
@@ -319,25 +320,6 @@ __device__ __forceinline__ void run_both_phases(const SendArgs& send, const Recv
   if (!send_phase(send, local, block, peers, active, &r)) return;
   __syncthreads();  // the phases may share the dynamic shared memory
   recv_phase(recv, local, block, r, active, kDoneRecvBlocks);
-}
-
-// A cooperative launch: the driver starts the grid only with every block resident
-// (or fails the launch), so blocks that wait for other blocks of the grid cannot wait
-// for one of them that never gets an SM (what else runs on the GPU: one_wave_blocks).
-template <typename... Params, typename... Args>
-cudaError_t launch_one_wave(void (*kernel)(Params...), int grid, int threads, size_t smem, cudaStream_t stream,
-                            Args&&... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeCooperative;
-  attr[0].val.cooperative = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
 // A one-call op: both phases in one cooperative launch of `kernel` (blocks per rank: the
