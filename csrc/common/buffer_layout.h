@@ -85,7 +85,7 @@ struct BufferLayout {
   size_t ll_stage_dispatch = 0;    // [T_ll][K][ll_message_bytes] (low-latency + internode)
   size_t ll_stage_combine = 0;     // [R*T_ll*min(K, E_loc)][combine_row_bytes]
   // --- private to the owning rank ---------------------------------------------
-  size_t counters = 0;  // u64 [kNumCounters]: per-op sequence numbers, abort flag
+  size_t counters = 0;  // u64 [kNumCounters]: per-op sequence numbers, abort flag, ... (enum Counter)
   size_t bitmaps = 0;   // u32 [E_loc + 1][bitmap_words]
   size_t prefixes = 0;  // u32 [E_loc + 1][bitmap_words] exclusive popcount prefix
   size_t totals = 0;    // int32 [E_loc + 1]

@@ -305,14 +305,15 @@ static size_t here_smem_bytes(const HtDispatchArgs& a) {
   return here_smem_bytes(a.layout_kind == kPerRank ? 1 : e_loc + 1, e_loc);
 }
 
-// Whether a block of `kernel` with `smem` bytes of dynamic shared memory fits the default
-// 48 KB with the kernel's own (read once per kernel). Then one block fits an SM: 512
-// threads of at most 128 registers (__launch_bounds__(kHtThreads, 1)).
-template <typename Kernel>
-static bool fits(Kernel kernel, size_t smem) {
-  static const size_t own = [kernel] {
+// Whether a block of `Kernel` with `smem` bytes of dynamic shared memory fits the default
+// 48 KB with the kernel's own (read once per kernel: the template is keyed on the kernel
+// itself, as both kernels have one type). Then one block fits an SM: 512 threads of at
+// most 128 registers (__launch_bounds__(kHtThreads, 1)).
+template <auto Kernel>
+static bool fits(size_t smem) {
+  static const size_t own = [] {
     cudaFuncAttributes attr = {};
-    return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess ? attr.sharedSizeBytes : size_t(48 * 1024);
+    return cudaFuncGetAttributes(&attr, Kernel) == cudaSuccess ? attr.sharedSizeBytes : size_t(48 * 1024);
   }();
   return smem + own <= 48 * 1024;
 }
@@ -355,10 +356,11 @@ static Form forced_form() {
 //           49 / 49 against 51 / 48: what its count and barriers save, its copy-out,
 //           whose warps take contiguous runs instead of interleaved tokens, loses
 //           again), and would wait for every SM;
-//   wave    loopback groups (2 ranks, 4096 tokens: ragged 352 / 234 against 351 / 240
-//           in the bitmap form, per_rank 131 / 134 against 147 / 139), where the group's
-//           batch has a bitmap word per block: the blocks' counts live in the bitmap
-//           region (exchange_counts), and a wave of fewer blocks copies slowly.
+//   wave    loopback groups (2 ranks, 4096 tokens, one run per form: ragged 347 / 232
+//           against 351 / 240 in the bitmap form, per_rank 130 / 137 against 147 /
+//           139) whose buffer has a bitmap word (R * T_max / 32 of them) per block of
+//           the wave: the blocks' counts live in the bitmap region (exchange_counts),
+//           and a wave of fewer blocks copies slowly (the 512-token figures above).
 static Form default_form(const HtDispatchArgs& a, int wave_blocks) {
   const long long ids = (long long)a.c.num_ranks * a.num_tokens * a.num_topk;
   if (a.c.num_ranks == 1) return ids <= kHereMaxEntries ? kHere : kBitmap;
@@ -372,14 +374,14 @@ bool launch_ht_dispatch_whole(const HtDispatchArgs& a, cudaStream_t stream, cuda
   const int L = a.c.num_local_ranks;
   const int wave_blocks = std::min(a.c.copy_blocks, a.c.num_sms / L);  // every rank's blocks resident at once
   const Form form = forced_form() != kDefault ? forced_form() : default_form(a, wave_blocks);
-  if (form == kHere && fits(ht_dispatch_here, smem)) {
+  if (form == kHere && fits<ht_dispatch_here>(smem)) {
     ht_dispatch_here<<<L * a.c.copy_blocks, kHtThreads, smem, stream>>>(a);
     *err = cudaGetLastError();
     return true;
   }
   // at most one block per bitmap word (where the blocks' counts live: exchange_counts)
   const int blocks = std::min(wave_blocks, int(a.c.layout.bitmap_words));
-  if (form != kWave || blocks < 1 || !fits(ht_dispatch_wave, smem) || !cooperative_device()) return false;
+  if (form != kWave || blocks < 1 || !fits<ht_dispatch_wave>(smem) || !cooperative_device()) return false;
   HtDispatchArgs w = a;
   w.c.copy_blocks = blocks;
   *err = launch_one_wave(ht_dispatch_wave, L * blocks, kHtThreads, smem, stream, w);
