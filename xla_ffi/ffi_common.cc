@@ -108,6 +108,7 @@ CommContext comm_of(const DeviceState* state) {
   c.sys_scope = state->num_local_ranks < state->num_ranks;
   c.ll_one_launch = state->ll_one_launch;
   c.num_sms = state->num_sms;
+  c.cooperative = state->cooperative;
   c.net = state->net;
   return c;
 }

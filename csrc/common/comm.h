@@ -35,7 +35,8 @@ struct CommContext {
   int sys_scope = 1;
   // 1: the low-latency ops may run send and receive in one launch (DeviceStateConfig).
   int ll_one_launch = 0;
-  int num_sms = 1;  // the device's SMs (host side: sizes a one-launch op's grid)
+  int num_sms = 1;      // the device's SMs (host side: sizes a one-launch op's grid)
+  int cooperative = 0;  // 1: the device takes cooperative launches (host side: the one-wave dispatch)
   // Host-side table of the launchers that use NVSHMEM (set when layout.sizes.num_nodes
   // > 1); kernels never read it.
   const NetOps* net = nullptr;

@@ -197,27 +197,23 @@ __global__ void __launch_bounds__(kHtThreads, 1) ht_dispatch_here(HtDispatchArgs
 // ---------------------------------------------------------------------------
 
 // Waits until all `blocks` blocks of rank r have got here (their earlier stores are
-// visible to the blocks after it: fence, arrival; round, fence), as cooperative
-// groups' grid sync does, with the rank's counters: the last to arrive resets the
-// arrivals and releases the next round. Bounded: a block that never comes (one that saw
-// the group closed at its start while the others did not, a close() during the launch)
-// ends in a timeout error naming the rank, and false in every thread.
+// visible to the blocks after it), as cooperative groups' grid sync does: the rank's
+// last block to arrive (last_block, on the barrier's own arrivals counter, which it
+// resets) releases the next round, which the others wait for. Bounded: a block that
+// never comes (one that saw the group closed at its start while the others did not, a
+// close() during the launch) ends in a timeout error naming the rank, and false in
+// every thread.
 __device__ inline bool rank_barrier(const CommContext& c, const RankCtx& r, int blocks) {
+  __shared__ uint64_t round;
   __shared__ int ok;
-  __syncthreads();
+  uint64_t* ctr = counters_of(c, r.self);
+  // read before our arrival (last_block's fence orders it): the round cannot move on before
+  if (threadIdx.x == 0) round = *reinterpret_cast<volatile uint64_t*>(ctr + kBarrierRound);
+  const bool last = last_block(c, r, blocks, kBarrierArrived);
   if (blocks == 1) return true;  // the block barrier orders it all
   if (threadIdx.x == 0) {
-    uint64_t* ctr = counters_of(c, r.self);
-    const uint64_t round = *reinterpret_cast<volatile uint64_t*>(ctr + kBarrierRound);
-    __threadfence();  // the round read before our arrival: the release below comes after it
-    const unsigned long long arrived = atomicAdd(reinterpret_cast<unsigned long long*>(ctr + kBarrierArrived), 1ull);
-    if (arrived + 1 == uint64_t(blocks)) {
-      ctr[kBarrierArrived] = 0;
-      st_release(ctr + kBarrierRound, round + 1, false);
-      ok = 1;
-    } else {
-      ok = wait_geq(ctr + kBarrierRound, round + 1, r.rank, wait_ctx(c, r, kPhaseHtDispatchBarrier));
-    }
+    if (last) st_release(ctr + kBarrierRound, round + 1, false);
+    ok = last || wait_geq(ctr + kBarrierRound, round + 1, r.rank, wait_ctx(c, r, kPhaseHtDispatchBarrier));
     __threadfence();
   }
   __syncthreads();
@@ -318,18 +314,6 @@ static bool fits(size_t smem) {
   return smem + own <= 48 * 1024;
 }
 
-// Whether the current device takes cooperative launches (read once per device).
-static bool cooperative_device() {
-  static int known[64] = {};  // 0 unknown, 1 yes, 2 no
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
-  if (known[device] == 0) {
-    int v = 0;
-    known[device] = cudaDeviceGetAttribute(&v, cudaDevAttrCooperativeLaunch, device) == cudaSuccess && v ? 1 : 2;
-  }
-  return known[device] == 1;
-}
-
 // Testing and benchmarking: JAX_EP_HT_DISPATCH_FORM=bitmap|here|wave forces a form (the
 // bitmap form where the one asked for cannot run); the forms give identical results,
 // this only picks the kernels. Any other value is reported once and ignored.
@@ -381,7 +365,7 @@ bool launch_ht_dispatch_whole(const HtDispatchArgs& a, cudaStream_t stream, cuda
   }
   // at most one block per bitmap word (where the blocks' counts live: exchange_counts)
   const int blocks = std::min(wave_blocks, int(a.c.layout.bitmap_words));
-  if (form != kWave || blocks < 1 || !fits<ht_dispatch_wave>(smem) || !cooperative_device()) return false;
+  if (form != kWave || blocks < 1 || !fits<ht_dispatch_wave>(smem) || !a.c.cooperative) return false;
   HtDispatchArgs w = a;
   w.c.copy_blocks = blocks;
   *err = launch_one_wave(ht_dispatch_wave, L * blocks, kHtThreads, smem, stream, w);

@@ -11,7 +11,7 @@
 namespace jax_ep {
 
 // Bumped whenever a parameter struct or this table changes: both modules must agree.
-constexpr int kNetOpsAbi = 1;
+constexpr int kNetOpsAbi = 2;
 
 struct NetOps {
   int abi = kNetOpsAbi;

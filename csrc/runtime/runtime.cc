@@ -191,6 +191,7 @@ void register_state(GroupControl& group, const DeviceStateConfig& cfg) {
   state->net = N > 1 ? net : nullptr;
   state->device = cfg.device;
   state->num_sms = num_sms(cfg.device);
+  state->cooperative = cooperative_launches(cfg.device);
   state->layout = make_layout(cfg.sizes);
   state->num_ranks = cfg.sizes.num_ranks;
   state->first_rank = cfg.first_rank;
@@ -366,6 +367,12 @@ int num_sms(int device) {
   int n = 0;
   check_cuda(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
   return n;
+}
+
+bool cooperative_launches(int device) {
+  int v = 0;
+  check_cuda(cudaDeviceGetAttribute(&v, cudaDevAttrCooperativeLaunch, device), "cudaDeviceGetAttribute");
+  return v != 0;
 }
 
 std::string device_uuid(int device) {

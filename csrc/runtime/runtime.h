@@ -56,6 +56,7 @@ struct DeviceState {
   int fault_inject_rank = -1;
   int ll_one_launch = 0;              // see DeviceStateConfig
   int num_sms = 0;                    // the device's SMs (looked up once, when the state is made)
+  int cooperative = 0;                // 1: the device takes cooperative launches (looked up with num_sms)
   std::vector<uint8_t*> peers;        // [num_ranks] buffer bases (null: another node), copied into each launch
   const NetOps* net = nullptr;        // the NVSHMEM module's launchers (groups spanning nodes)
   ErrorRecord* err_host = nullptr;    // pinned, mapped
@@ -164,6 +165,8 @@ uint64_t ipc_open(int device, const std::string& handle);
 void ipc_close(int device, uint64_t ptr);
 void enable_peer_access(int device, int peer);
 int num_sms(int device);
+// Whether `device` takes cooperative launches (every block of the grid resident at once).
+bool cooperative_launches(int device);
 // The GPU's UUID (hex): ranks of different processes compare them to find a shared GPU.
 std::string device_uuid(int device);
 // (free, total) bytes of device memory (tests: nothing leaks across groups).
