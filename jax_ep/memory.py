@@ -25,7 +25,7 @@ from jax_ep.capacity import DEFAULT_CAPACITY_FACTOR, dispatch_capacity
 ALIGN = 128  # kAlign: every region starts on a 128-byte boundary
 FP8_GROUP = 128  # channels per FP8 scale
 LOW_LATENCY_HEADER_BYTES = 16  # kLowLatencyHeaderBytes: (source token, first k) per message
-NUM_COUNTERS = 11  # kNumCounters
+NUM_COUNTERS = 13  # kNumCounters
 
 GIB = float(1 << 30)
 

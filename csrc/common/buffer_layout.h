@@ -101,16 +101,19 @@ enum Counter : int {
   kHtDispatchSeq = 0,
   kHtCombineSeq = 1,
   kLlDispatchSendSeq = 2,
-  kLlDispatchRecvSeq = 3,
-  kLlCombineSendSeq = 4,
-  kLlCombineRecvSeq = 5,
-  kAbortFlag = 6,
-  kDoneBlocks = 7,      // blocks of the running op that finished (see finish_op)
-  kDoneRecvBlocks = 8,  // the same for the receive phase of a one-launch low-latency op
-  kBarrierArrived = 9,  // blocks at the running barrier of a one-wave dispatch (see rank_barrier)
-  kBarrierRound = 10,   // barriers completed (the waiting blocks watch it)
-  kNumCounters = 11,
+  kLlCombineSendSeq = 3,
+  // [2], by buffer half: the last op whose receive finished there (see finish_recv)
+  kLlDispatchRecvDone = 4,
+  kLlCombineRecvDone = 6,
+  kAbortFlag = 8,
+  kDoneBlocks = 9,       // blocks of the running op that finished (see finish_op)
+  kDoneRecvBlocks = 10,  // the same for the receive phase of a one-launch low-latency op
+  kBarrierArrived = 11,  // blocks at the running barrier of a one-wave dispatch (see rank_barrier)
+  kBarrierRound = 12,    // barriers completed (the waiting blocks watch it)
+  kNumCounters = 13,
 };
+// a record's two halves are read in one 16-byte load (peer_received)
+static_assert(kLlDispatchRecvDone % 2 == 0 && kLlCombineRecvDone % 2 == 0, "records must be 16-byte aligned");
 
 JAX_EP_HD inline BufferLayout make_layout(const BufferSizes& sizes) {
   BufferLayout layout;

@@ -49,6 +49,15 @@ __device__ __forceinline__ uint64_t ld_acquire(const uint64_t* ptr, bool sys) {
   return v;
 }
 
+// Two adjacent words (16-byte aligned) in one acquire load: an acquire load holds back
+// the loads after it until it returns, so two of them would cost two round trips.
+__device__ __forceinline__ void ld_acquire_pair(const uint64_t* ptr, bool sys, uint64_t* v) {
+  if (sys)
+    asm volatile("ld.acquire.sys.global.v2.u64 {%0, %1}, [%2];" : "=l"(v[0]), "=l"(v[1]) : "l"(ptr) : "memory");
+  else
+    asm volatile("ld.acquire.gpu.global.v2.u64 {%0, %1}, [%2];" : "=l"(v[0]), "=l"(v[1]) : "l"(ptr) : "memory");
+}
+
 __device__ __forceinline__ void st_release(uint64_t* ptr, uint64_t v, bool sys) {
   if (sys)
     st_release_sys(ptr, v);
@@ -61,6 +70,15 @@ __device__ __forceinline__ void add_release(uint64_t* ptr, uint64_t v, bool sys)
     add_release_sys(ptr, v);
   else
     asm volatile("red.release.gpu.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(v) : "memory");
+}
+
+// *ptr = max(*ptr, v), published with release semantics: a record that only grows,
+// written without reading it first (no round trip before the store leaves).
+__device__ __forceinline__ void max_release(uint64_t* ptr, uint64_t v, bool sys) {
+  if (sys)
+    asm volatile("red.release.sys.global.max.u64 [%0], %1;" ::"l"(ptr), "l"(v) : "memory");
+  else
+    asm volatile("red.release.gpu.global.max.u64 [%0], %1;" ::"l"(ptr), "l"(v) : "memory");
 }
 
 __device__ __forceinline__ void fence(bool sys) {

@@ -24,7 +24,7 @@ cudaError_t launch_one_wave(void (*kernel)(Params...), int grid, int threads, si
   attr[0].id = cudaLaunchAttributeCooperative;
   attr[0].val.cooperative = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cfg.numAttrs = grid > 1 ? 1 : 0;  // one block waits for no other: a plain launch
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 

@@ -16,9 +16,9 @@ namespace {
 
 // The receive phase, run by block `block` of rank `local` (c.copy_blocks per rank):
 // the ll_combine_recv kernel, or the second half of ll_combine (arguments as in
-// dispatch_recv_phase).
+// dispatch_recv_phase; `self_here`: this rank's rows to itself are written, no flag).
 __device__ __forceinline__ void combine_recv_phase(const LlCombineRecvArgs& a, int local, int block, const RankCtx& r,
-                                                   const int* live, int done) {
+                                                   const int* live, int done, bool self_here) {
   const CommContext& c = a.c;
   const BufferLayout& layout = c.layout;
   const int R = c.num_ranks, T = a.num_tokens, K = a.num_topk, H = a.hidden, E = a.num_experts, e_loc = E / R;
@@ -27,7 +27,7 @@ __device__ __forceinline__ void combine_recv_phase(const LlCombineRecvArgs& a, i
 
   bool ok = true;
   const int peer = threadIdx.x;
-  if (me_active && peer < R && live[peer]) {
+  if (me_active && peer < R && live[peer] && !(self_here && peer == r.rank)) {
     uint64_t v = 0;
     ok = wait_tag(ll_combine_signal(layout, r.self, r.parity, peer), uint32_t(r.seq), peer,
                   wait_ctx(c, r, kPhaseLlCombineSignal), &v);
@@ -52,7 +52,7 @@ __device__ __forceinline__ void combine_recv_phase(const LlCombineRecvArgs& a, i
       weighted_sum_rows(my_row, w, K, true, a.dtype, int((b.end - b.begin) / esize), out + t * row_bytes + b.begin);
     });
   }
-  finish_recv(c, r, kLlCombineRecvSeq, c.copy_blocks, a.order, done);
+  finish_recv(c, r, kLlCombineRecvDone, c.copy_blocks, a.order, done);
 }
 
 __global__ void __launch_bounds__(kLlRecvThreads) ll_combine_recv(LlCombineRecvArgs a) {

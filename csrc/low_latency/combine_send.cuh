@@ -13,10 +13,11 @@ namespace {
 // The send phase, run by block `block` of rank `local` (c.send_blocks per rank): the
 // ll_combine_send kernel, or the first half of the one-launch ll_combine. `peers` and
 // `active` are the kernel's shared tables (filled here); `*rank` gets the op's
-// context. False when the group is closed: nothing was touched.
+// context; `*self_here`: see run_both_phases. False when the group is closed: nothing
+// was touched.
 template <class Net>
 __device__ __forceinline__ bool combine_send_phase(const LlCombineSendArgs& a, int local, int block, uint8_t** peers,
-                                                   int* active, RankCtx* rank) {
+                                                   int* active, RankCtx* rank, bool* self_here) {
   extern __shared__ int smem[];
   const CommContext& c = a.c;
   const BufferLayout& layout = c.layout;
@@ -30,12 +31,14 @@ __device__ __forceinline__ bool combine_send_phase(const LlCombineSendArgs& a, i
     counts[e] = min(max(a.recv_count[size_t(local) * e_loc + e], 0), int(RT));
   load_peer_table(c, a.active_ranks, local, peers, active);
   if (returns_closed(c)) return false;  // docs/protocol.md, "Ordering and lifetime"
+  // group memory in one round trip, as the dispatch send reads it
   const RankCtx r = rank_ctx(c, local, kLlCombineSendSeq);
   *rank = r;
+  const bool gave_up = aborted(c, r);
   const bool sends = active[r.rank] && r.rank != c.fault_inject_rank;
-  bool ok = !sends || peer_received<Net>(c, r, active, kLlCombineRecvSeq, kPhaseLlCombineReuse);
+  bool ok = !sends || peer_received<Net>(c, r, active, kLlCombineRecvDone, kPhaseLlCombineReuse);
   block_exclusive_scan(counts, offsets, e_loc);
-  ok = __syncthreads_and(ok);
+  ok = __syncthreads_and(ok && !gave_up);
   if (block == 0 && threadIdx.x == 0) write_seq(a.ticket, r.local, r.seq);
 
   if (sends && ok) {
@@ -68,13 +71,13 @@ __device__ __forceinline__ bool combine_send_phase(const LlCombineSendArgs& a, i
 
   // --- one flag per live home rank, after every block's rows (and puts)
   Net::quiet();
-  if (finish_send(c, r, kLlCombineSendSeq, c.send_blocks) && sends && !aborted(c, r)) {
-    const int peer = threadIdx.x;
-    if (peer < R && active[peer])
-      publish_signal<Net>(
-          c, r, peers, peer, [&](uint8_t* base) { return ll_combine_signal(layout, base, r.parity, r.rank); },
-          ll_signal(r.seq, 1));
-  }
+  const bool publish = finish_send(c, r, kLlCombineSendSeq, c.send_blocks, sends, ok);
+  const int peer = threadIdx.x;
+  if (publish && peer < R && active[peer] && !(*self_here && peer == r.rank))
+    publish_signal<Net>(
+        c, r, peers, peer, [&](uint8_t* base) { return ll_combine_signal(layout, base, r.parity, r.rank); },
+        ll_signal(r.seq, 1));
+  *self_here = *self_here && publish;
   return true;
 }
 

@@ -197,40 +197,31 @@ __device__ inline RankCtx ll_recv_ctx(const CommContext& c, int local, const int
   return r;
 }
 
-// The receive record (private counter kLl*RecvSeq) is 2 * W + b: every receive up to
-// op W has finished, and b = 1 when op W + 2 has too (W + 1 still running). It only
-// grows, so a sender can wait for "op n done" as record >= 2 * n.
-__device__ __forceinline__ uint64_t received_record(uint64_t record, uint64_t seq) {
-  const uint64_t done = record >> 1;
-  if (seq == done + 1) return 2 * (done + 1 + (record & 1));
-  if (seq == done + 2) return record | 1;
-  return record;  // a repeated receive: nothing new
-}
-
 // Buffer reuse: op `seq` overwrites the half that op seq-2 used in every destination,
 // so each live rank (ourselves included: XLA orders our own receive only by data)
-// must have finished its receive of op seq-2. Thread i < R checks rank i (a
+// must have finished its receive of op seq-2: its record of that half (private
+// counters recv_done + half, finish_recv) is >= seq - 2. Thread i < R checks rank i (a
 // remote read for a rank on another node); returns this thread's verdict (combine
 // with __syncthreads_and, so the read overlaps the caller's own work).
 template <class Net>
-__device__ inline bool peer_received(const CommContext& c, const RankCtx& r, const int* active, int recv_counter,
+__device__ inline bool peer_received(const CommContext& c, const RankCtx& r, const int* active, int recv_done,
                                      int phase) {
   const int peer = threadIdx.x;
   if (peer >= c.num_ranks || !active[peer]) return true;
   if (is_far<Net>(c, r, peer)) {
     if (r.seq <= 2) return true;
-    const uint64_t* word = counters_of(c, r.self) + recv_counter;  // symmetric: p's copy
+    const uint64_t* word = counters_of(c, r.self) + recv_done + r.parity;  // symmetric: p's copy
     uint64_t seen;
-    return wait_word([&] { return Net::get_u64(word, peer); }, 2 * (r.seq - 2), false, peer, wait_ctx(c, r, phase),
-                     &seen);
+    return wait_word([&] { return Net::get_u64(word, peer); }, r.seq - 2, false, peer, wait_ctx(c, r, phase), &seen);
   }
-  // read before r.seq is looked at: the load leaves with rank_ctx's read of the op
-  // counter, and both come back in one round trip
-  const uint64_t* word = counters_of(c, c.peers[peer]) + recv_counter;
-  const uint64_t first = ld_acquire(word, c.sys_scope != 0);
+  // both halves' records in one load, before r.seq is looked at: it leaves with
+  // rank_ctx's read of the op counter, and both come back in one round trip
+  const uint64_t* words = counters_of(c, c.peers[peer]) + recv_done;
+  uint64_t first[2];
+  ld_acquire_pair(words, c.sys_scope != 0, first);
   if (r.seq <= 2) return true;
-  const uint64_t target = 2 * (r.seq - 2);
-  return first >= target || wait_geq(word, target, peer, wait_ctx(c, r, phase));
+  const uint64_t target = r.seq - 2;
+  return first[r.parity] >= target || wait_geq(words + r.parity, target, peer, wait_ctx(c, r, phase));
 }
 
 // End of a send kernel's data phase. The last block to get here publishes the op's
@@ -240,21 +231,29 @@ __device__ inline bool peer_received(const CommContext& c, const RankCtx& r, con
 // signal stores are releases at the group's scope, which is cumulative over all of
 // that. One release per signal instead of a system fence per thread or block: a
 // system-scope fence costs microseconds. That block also bumps the op counter (every
-// block has read the sequence number by then).
-__device__ inline bool finish_send(const CommContext& c, const RankCtx& r, int counter, int blocks_per_rank) {
+// block has read the sequence number by then). Returns whether this block publishes:
+// the last one, of a rank that sends, when no wait of the op failed. `ok` holds this
+// block's waits and the abort flag as the op began: the whole answer for a rank of one
+// block (only its own waits raise its flag meanwhile), so the flag is read again, a
+// round trip, only for the other blocks' waits.
+__device__ inline bool finish_send(const CommContext& c, const RankCtx& r, int counter, int blocks_per_rank, bool sends,
+                                   bool ok) {
   const bool last = last_block(c, r, blocks_per_rank);
   if (last && threadIdx.x == 0) counters_of(c, r.self)[counter] = r.seq;
-  return last;
+  return last && sends && ok && (blocks_per_rank == 1 || !aborted(c, r));
 }
 
-// End of a receive phase: the last block publishes the receive record with a release
-// store, after every block's reads of the half (peers wait for it before reusing it),
-// and writes the op's ordering token `order` ([L, 2] int32). `done`: see last_block.
-__device__ inline void finish_recv(const CommContext& c, const RankCtx& r, int counter, int blocks_per_rank, int* order,
-                                   int done) {
+// End of a receive phase: the last block raises the record of the half it read
+// (private counters recv_done + half) to the op's sequence number with a release,
+// after every block's reads of the half (peers wait for it before reusing it), and
+// writes the op's ordering token `order` ([L, 2] int32). A maximum, not a store of
+// the next value: it needs no read of the record first, and receives may finish out of
+// order (XLA runs the receives of two outstanding sends in either order), which the
+// two halves' records absorb. `done`: see last_block.
+__device__ inline void finish_recv(const CommContext& c, const RankCtx& r, int recv_done, int blocks_per_rank,
+                                   int* order, int done) {
   if (last_block(c, r, blocks_per_rank, done) && threadIdx.x == 0) {
-    uint64_t* word = counters_of(c, r.self) + counter;
-    st_release(word, received_record(*word, r.seq), c.sys_scope != 0);
+    max_release(counters_of(c, r.self) + recv_done + r.parity, r.seq, c.sys_scope != 0);
     write_seq(order, r.local, r.seq);
   }
 }
@@ -265,11 +264,11 @@ __device__ inline void finish_recv(const CommContext& c, const RankCtx& r, int c
 
 // Whether an op may run as one launch: its receive phase waits inside the kernel for
 // the send phases of every rank, so every rank's kernel must be resident as a whole
-// (no other process's ranks on this GPU, CommContext::ll_one_launch, and a block per
-// rank must fit one wave); ranks on other nodes are reached by the NVSHMEM module's
-// send kernels, which this module does not build into one launch.
+// (no other process's ranks on this GPU, CommContext::ll_one_launch, a device that
+// takes cooperative launches, and a block per rank must fit one wave); ranks on other nodes are reached by the NVSHMEM
+// module's send kernels, which this module does not build into one launch.
 inline bool one_launch(const CommContext& c) {
-  return c.ll_one_launch != 0 && c.layout.sizes.num_nodes == 1 && c.num_local_ranks <= c.num_sms;
+  return c.ll_one_launch != 0 && c.cooperative != 0 && c.layout.sizes.num_nodes == 1 && c.num_local_ranks <= c.num_sms;
 }
 
 // Blocks per rank of a one-launch op: `want`, at most what lets every block of the
@@ -285,13 +284,15 @@ inline int one_wave_blocks(const CommContext& c, int want) {
 }
 
 // The body of a send kernel: `phase` (dispatch_send_phase or combine_send_phase) on
-// this block, with the kernel's shared peer and live-rank tables.
+// this block, with the kernel's shared peer and live-rank tables; it signals every
+// live rank, its own included (self_here false: see run_both_phases).
 template <typename Args, typename Phase>
 __device__ __forceinline__ void run_send_kernel(const Args& a, Phase phase) {
   __shared__ uint8_t* peers[kMaxRanks];
   __shared__ int active[kMaxRanks];
   RankCtx r;
-  phase(a, int(blockIdx.x) / a.c.send_blocks, int(blockIdx.x) % a.c.send_blocks, peers, active, &r);
+  bool self_here = false;
+  phase(a, int(blockIdx.x) / a.c.send_blocks, int(blockIdx.x) % a.c.send_blocks, peers, active, &r, &self_here);
 }
 
 // The body of a receive kernel: the op's context from its ticket and the live ranks
@@ -304,11 +305,19 @@ __device__ __forceinline__ void run_recv_kernel(const Args& a, Phase phase) {
   __shared__ int live[kMaxRanks];
   load_live_ranks(a.c, a.active_ranks, local, live);
   if (returns_closed(a.c)) return;  // docs/protocol.md, "Ordering and lifetime"
-  phase(a, local, int(blockIdx.x) % a.c.copy_blocks, r, live, kDoneBlocks);
+  phase(a, local, int(blockIdx.x) % a.c.copy_blocks, r, live, kDoneBlocks, false);
 }
 
 // The body of a one-launch kernel: the send phase, then the receive phase of the op it
 // numbered (no ticket needed), on every block (c.send_blocks == c.copy_blocks).
+// A rank served by one block does not signal itself: that block wrote the rows it is
+// about to receive from itself, and its barrier orders them before its reads, so the
+// send phase's release of its own signal and the receive phase's acquire of it would
+// be two round trips for nothing (most of an EP=1 decode op). `self_here` goes in as
+// "skip the own signal" and comes out as "the rows to myself are written" (the send
+// phase would have signalled); when they are not (a failed rank, a failed wait, an
+// aborted group) the receive waits for the signal that never comes and fails as the
+// split form does.
 static_assert(kLlSendThreads == kLlRecvThreads, "a one-launch kernel runs the receive phase with the send's threads");
 template <typename SendArgs, typename RecvArgs, typename SendPhase, typename RecvPhase>
 __device__ __forceinline__ void run_both_phases(const SendArgs& send, const RecvArgs& recv, SendPhase send_phase,
@@ -317,9 +326,10 @@ __device__ __forceinline__ void run_both_phases(const SendArgs& send, const Recv
   __shared__ int active[kMaxRanks];
   const int local = int(blockIdx.x) / send.c.send_blocks, block = int(blockIdx.x) % send.c.send_blocks;
   RankCtx r;
-  if (!send_phase(send, local, block, peers, active, &r)) return;
+  bool self_here = send.c.send_blocks == 1;
+  if (!send_phase(send, local, block, peers, active, &r, &self_here)) return;
   __syncthreads();  // the phases may share the dynamic shared memory
-  recv_phase(recv, local, block, r, active, kDoneRecvBlocks);
+  recv_phase(recv, local, block, r, active, kDoneRecvBlocks, self_here);
 }
 
 // A one-call op: both phases in one cooperative launch of `kernel` (blocks per rank: the

@@ -20,9 +20,12 @@ namespace {
 
 // The receive phase, run by block `block` of rank `local` (c.copy_blocks per rank):
 // the ll_dispatch_recv kernel, or the second half of ll_dispatch. `live`: the rank's
-// active_ranks in shared memory; `done`: the arrival counter of its last block.
+// active_ranks in shared memory; `done`: the arrival counter of its last block;
+// `self_here` (run_both_phases): the counts of this rank's own rows are the send
+// phase's totals, still in dynamic shared memory past the E words this phase's counts
+// take (dispatch_send_phase's expert_counts[E + global expert]), not a signal.
 __device__ __forceinline__ void dispatch_recv_phase(const LlDispatchRecvArgs& a, int local, int block, const RankCtx& r,
-                                                    const int* live, int done) {
+                                                    const int* live, int done, bool self_here) {
   extern __shared__ int smem[];
   const CommContext& c = a.c;
   const BufferLayout& layout = c.layout;
@@ -37,7 +40,9 @@ __device__ __forceinline__ void dispatch_recv_phase(const LlDispatchRecvArgs& a,
   for (int i = threadIdx.x; i < E; i += kLlRecvThreads) {
     const int s = i % R;
     uint32_t n = 0;
-    if (ok && me_active && live[s]) {
+    if (self_here && s == r.rank) {
+      n = min(uint32_t(smem[E + r.rank * e_loc + i / R]), uint32_t(T_max));
+    } else if (ok && me_active && live[s]) {
       uint64_t v = 0;
       ok = wait_tag(ll_dispatch_signal(layout, r.self, r.parity, i / R, s), uint32_t(r.seq), s,
                     wait_ctx(c, r, kPhaseLlDispatchSignal), &v);
@@ -96,7 +101,7 @@ __device__ __forceinline__ void dispatch_recv_phase(const LlDispatchRecvArgs& a,
                    out_x + out_row * payload_bytes + b.begin, 1);
     });
   }
-  finish_recv(c, r, kLlDispatchRecvSeq, c.copy_blocks, a.order, done);
+  finish_recv(c, r, kLlDispatchRecvDone, c.copy_blocks, a.order, done);
 }
 
 __global__ void __launch_bounds__(kLlRecvThreads) ll_dispatch_recv(LlDispatchRecvArgs a) {

@@ -34,23 +34,37 @@ __device__ __forceinline__ LlDispatchShape dispatch_send_shape(const LlDispatchS
   return LlDispatchShape{a.num_tokens, a.num_topk, a.hidden, E, E / a.c.num_ranks, dtype_bytes(a.dtype)};
 }
 
+// The expert of routing entry (row, k) for lane row * K + k of a warp that covers the
+// 32 / K whole rows from t0; -1 for lanes past T or past the whole rows.
+__device__ __forceinline__ int routing_entry(const int* topk, int T, int K, int t0) {
+  const int row = lane_id() / K, t = t0 + row;
+  return row < 32 / K && t < T ? __ldg(topk + size_t(t) * K + lane_id() - row * K) : -1;
+}
+
+// The first rows a warp of count_routing takes.
+__device__ __forceinline__ int first_routed_row(int K) {
+  return warp_id() * (32 / K);
+}
+
 // Counts: every block scans all T*K routing entries (cheap), so each knows the slots
 // before its own tokens [t_begin, ...) (`before`) and the last one knows the totals to
 // publish (`total`). On the way it records bad expert ids (block 0 only, so once),
 // adds the selections of failed ranks to `dropped` (per selection, as the reference
 // counts) and stages the experts of its first chunk of tokens ([t_begin, chunk_end)).
-// Warp = 32/K whole rows, lane = (row, k); every thread of the block calls it.
+// Warp = 32/K whole rows, lane = (row, k); every thread of the block calls it. `first`:
+// the thread's entry of its warp's first rows (routing_entry at first_routed_row),
+// loaded by the caller before the closed check so that both reads share a round trip.
 __device__ __forceinline__ void count_routing(const CommContext& c, const RankCtx& r, const LlDispatchShape& shape,
                                               const int* topk, const int* active, int block, int t_begin, int chunk_end,
-                                              int* before, int* total, int* chunk_expert, int* dropped) {
+                                              int first, int* before, int* total, int* chunk_expert, int* dropped) {
   const int T = shape.T, K = shape.K, E = shape.E;
   const int lane = lane_id(), warp = warp_id();
   const int rows_per_warp = 32 / K, row_in_warp = lane / K, k = lane - row_in_warp * K;
   int my_dropped = 0;
-  for (int t0 = warp * rows_per_warp; t0 < T; t0 += kLlSendWarps * rows_per_warp) {
+  for (int t0 = first_routed_row(K); t0 < T; t0 += kLlSendWarps * rows_per_warp) {
     const int t = t0 + row_in_warp;
     const bool in = row_in_warp < rows_per_warp && t < T;
-    const int e = in ? __ldg(topk + size_t(t) * K + k) : -1;
+    const int e = t0 == first_routed_row(K) ? first : routing_entry(topk, T, K, t0);
     if (in && (e < -1 || e >= E) && block == 0) record_error(c.err, kErrBadExpert, r.rank, t, k, E, e, 0);
     const bool valid = in && e >= 0 && e < E;
     // a token counts once per expert: the first k choosing it (rows are whole in the warp).
@@ -169,13 +183,14 @@ __device__ __forceinline__ void put_far_piece(const CommContext& c, const RankCt
 }
 
 // The last block: each live destination's count of every one of its local experts,
-// (seq << 32) | total (docs/protocol.md, "LL dispatch").
+// (seq << 32) | total (docs/protocol.md, "LL dispatch"); none to rank `skip` (this rank
+// when its receive phase reads the counts here: run_both_phases).
 template <class Net>
 __device__ __forceinline__ void publish_counts(const CommContext& c, const RankCtx& r, uint8_t* const* peers,
-                                               const int* active, const int* total, int E, int e_loc) {
+                                               const int* active, const int* total, int E, int e_loc, int skip) {
   for (int e = threadIdx.x; e < E; e += kLlSendThreads) {
     const int dest = e / e_loc;
-    if (active[dest])
+    if (active[dest] && dest != skip)
       publish_signal<Net>(
           c, r, peers, dest,
           [&](uint8_t* base) { return ll_dispatch_signal(c.layout, base, r.parity, e - dest * e_loc, r.rank); },
@@ -186,11 +201,11 @@ __device__ __forceinline__ void publish_counts(const CommContext& c, const RankC
 // The send phase, run by block `block` of rank `local` (c.send_blocks per rank): the
 // ll_dispatch_send kernel, or the first half of the one-launch ll_dispatch. `peers`
 // and `active` are the kernel's shared tables (filled here; the receive phase reads
-// `active` too); `*rank` gets the op's context. False when the group is closed:
-// nothing was touched and the kernel returns.
+// `active` too); `*rank` gets the op's context; `*self_here`: see run_both_phases.
+// False when the group is closed: nothing was touched and the kernel returns.
 template <class Net>
 __device__ __forceinline__ bool dispatch_send_phase(const LlDispatchSendArgs& a, int local, int block, uint8_t** peers,
-                                                    int* active, RankCtx* rank) {
+                                                    int* active, RankCtx* rank, bool* self_here) {
   extern __shared__ int expert_counts[];       // [2][E]: before this block's tokens, in all tokens
   __shared__ int chunk_expert[kChunkEntries];  // [token][k] expert id, -1 when invalid
   __shared__ int chunk_slot[kChunkEntries];    // [token][k] slot j, -1 when nothing is sent
@@ -203,25 +218,29 @@ __device__ __forceinline__ bool dispatch_send_phase(const LlDispatchSendArgs& a,
   int* total = expert_counts + E;
   const int* topk = a.topk_idx + size_t(local) * T * K;
 
-  // shared state and XLA operands first: the closed check's barrier publishes them, and
-  // the operand reads share its round trip
+  // shared state and XLA operands (the routing's first rows too) first: the closed
+  // check's barrier publishes them, and the operand reads share its round trip
   for (int e = threadIdx.x; e < 2 * E; e += kLlSendThreads) expert_counts[e] = 0;
   load_peer_table(c, a.active_ranks, local, peers, active);
+  const int first_entry = routing_entry(topk, T, K, first_routed_row(K));
   if (threadIdx.x == 0) dropped = 0;
   if (returns_closed(c)) return false;  // docs/protocol.md, "Ordering and lifetime"
+  // group memory next, in one round trip: the op counter, the peers' receive records and
+  // the abort flag (a group that gave up sends nothing more)
   const RankCtx r = rank_ctx(c, local, kLlDispatchSendSeq);
   *rank = r;
+  const bool gave_up = aborted(c, r);
   // a failed rank sends nothing; fault injection (testing) makes a peer that never arrives
   const bool sends = active[r.rank] && r.rank != c.fault_inject_rank;
-  bool ok = !sends || peer_received<Net>(c, r, active, kLlDispatchRecvSeq, kPhaseLlDispatchReuse);
+  bool ok = !sends || peer_received<Net>(c, r, active, kLlDispatchRecvDone, kPhaseLlDispatchReuse);
 
   // --- counts (and the first chunk's experts)
   const int per_block = (T + c.send_blocks - 1) / c.send_blocks;
   const int t_begin = min(T, block * per_block), t_end = min(T, t_begin + per_block);
   const int chunk_tokens = kChunkEntries / K;
-  count_routing(c, r, shape, topk, active, block, t_begin, min(t_end, t_begin + chunk_tokens), before, total,
-                chunk_expert, &dropped);
-  ok = __syncthreads_and(ok);  // also publishes the counts and the first chunk
+  count_routing(c, r, shape, topk, active, block, t_begin, min(t_end, t_begin + chunk_tokens), first_entry, before,
+                total, chunk_expert, &dropped);
+  ok = __syncthreads_and(ok && !gave_up);  // also publishes the counts and the first chunk
   if (block == 0 && threadIdx.x == 0) {
     a.num_dropped[local] = dropped;
     write_seq(a.ticket, r.local, r.seq);
@@ -260,8 +279,9 @@ __device__ __forceinline__ bool dispatch_send_phase(const LlDispatchSendArgs& a,
 
   // --- counts to every live destination, after every block's messages (and puts)
   Net::quiet();
-  if (finish_send(c, r, kLlDispatchSendSeq, c.send_blocks) && sends && !aborted(c, r))
-    publish_counts<Net>(c, r, peers, active, total, E, e_loc);
+  const bool publish = finish_send(c, r, kLlDispatchSendSeq, c.send_blocks, sends, ok);
+  if (publish) publish_counts<Net>(c, r, peers, active, total, E, e_loc, *self_here ? r.rank : -1);
+  *self_here = *self_here && publish;
   return true;
 }
 

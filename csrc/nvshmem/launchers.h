@@ -10,8 +10,9 @@
 
 namespace jax_ep {
 
-// Bumped whenever a parameter struct or this table changes: both modules must agree.
-constexpr int kNetOpsAbi = 2;
+// Bumped whenever a parameter struct, the buffer layout (common/buffer_layout.h, its
+// counters included) or this table changes: both modules must agree.
+constexpr int kNetOpsAbi = 3;
 
 struct NetOps {
   int abi = kNetOpsAbi;
