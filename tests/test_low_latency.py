@@ -5,7 +5,7 @@ rows exact; FP8 payload and scales exact against jax_ep.fp8.quantize of the
 source tokens; combine in float32 k order (bit-exact for bf16 outputs). Rows
 past ``counts[e]`` are undefined and never compared. Also: the split
 send/receive forms with work and a second dispatch in between, T < T_max,
-and ranks marked failed in ``active_ranks``.
+ranks marked failed in ``active_ranks``, and ranks served by one block.
 """
 
 from __future__ import annotations
@@ -111,6 +111,42 @@ def test_dispatch_and_combine(runner, fp8, routing, num_tokens, one_launch=True)
     check_rows(out, want, fp8, x)
     assert_equal(out.num_dropped, np.array(dropped, np.int32), "num_dropped")
     check_combine(runner, combined, oracle_low_latency_combine(y, idx, w, E, T_MAX, jnp.bfloat16))
+
+
+@pytest.mark.parametrize(
+    "runner",
+    runner_params(RUNNERS, "reference-shard_map-R2", "cuda-shard_map-R1", "cuda-loopback-R2"),
+)
+@pytest.mark.parametrize("fp8", [False, True])
+def test_one_block_per_rank(runner, fp8):
+    """Config.num_copy_sms = the launch's ranks: one block per rank, where the one-launch
+    ops skip a rank's signal to itself (its receive reads the rows its own send wrote, in
+    the same block). Three dependent rounds of different routings, so both buffer halves
+    are reused and their receive records waited on."""
+    R = runner.num_ranks
+    group = ll_group(runner, num_copy_sms=R if runner.mode == "loopback" else 1)
+    cases = [("random", T_MAX), ("masked", 5), ("duplicates", 1)]
+    inputs = []
+    for i, (routing, n) in enumerate(cases):
+        idx, w = make_routing(routing, R, n, K, E, seed=20 + i)
+        inputs.append((make_tokens(R, n, H, seed=30 + i), idx, w))
+
+    def fn(*args):
+        rounds = []
+        for x, idx, w in zip(args[0::3], args[1::3], args[2::3], strict=True):
+            out = jax_ep.low_latency_dispatch(x, idx, group=group, fp8=fp8)
+            rows = out.x if not fp8 else jax_ep.dequantize_fp8(out.x, out.scales)
+            y = (rows.astype(jnp.float32) * 0.5 + 1).astype(jnp.bfloat16)  # stand-in expert
+            rounds.append((out, y, jax_ep.low_latency_combine(y, idx, w, out.handle, group=group)))
+        return rounds
+
+    results = runner.run(fn, *[a for case in inputs for a in case])
+    for (x, idx, w), (out, y, combined) in zip(inputs, results, strict=True):
+        want, dropped = oracle_low_latency(x, idx, E, T_MAX)
+        check_rows(out, want, fp8, x)
+        assert_equal(out.num_dropped, np.array(dropped, np.int32), "num_dropped")
+        want_y = oracle_low_latency_combine(y, idx, w, E, T_MAX, jnp.bfloat16)
+        check_combine(runner, combined, want_y)
 
 
 @pytest.mark.parametrize("runner", runner_params(RUNNERS, "cuda-shard_map-R1", "cuda-loopback-R4"))

@@ -112,7 +112,9 @@ enum Counter : int {
   kBarrierRound = 12,    // barriers completed (the waiting blocks watch it)
   kNumCounters = 13,
 };
-// a record's two halves are read in one 16-byte load (peer_received)
+// a record's two halves are read in one 16-byte load (peer_received): even slots of the
+// counters region, which starts on a kAlign boundary of a buffer whose base is at
+// least 256-byte aligned (cudaMalloc, IPC mappings, the NVSHMEM symmetric heap)
 static_assert(kLlDispatchRecvDone % 2 == 0 && kLlCombineRecvDone % 2 == 0, "records must be 16-byte aligned");
 
 JAX_EP_HD inline BufferLayout make_layout(const BufferSizes& sizes) {

@@ -36,7 +36,7 @@ struct CommContext {
   // 1: the low-latency ops may run send and receive in one launch (DeviceStateConfig).
   int ll_one_launch = 0;
   int num_sms = 1;      // the device's SMs (host side: sizes a one-launch op's grid)
-  int cooperative = 0;  // 1: the device takes cooperative launches (host side: the one-wave dispatch)
+  int cooperative = 0;  // 1: the device takes cooperative launches (host side: one-wave dispatch, one-launch LL ops)
   // Host-side table of the launchers that use NVSHMEM (set when layout.sizes.num_nodes
   // > 1); kernels never read it.
   const NetOps* net = nullptr;

@@ -51,11 +51,11 @@ __device__ __forceinline__ uint64_t ld_acquire(const uint64_t* ptr, bool sys) {
 
 // Two adjacent words (16-byte aligned) in one acquire load: an acquire load holds back
 // the loads after it until it returns, so two of them would cost two round trips.
-__device__ __forceinline__ void ld_acquire_pair(const uint64_t* ptr, bool sys, uint64_t* v) {
+__device__ __forceinline__ void ld_acquire_pair(const uint64_t* ptr, bool sys, uint64_t& v0, uint64_t& v1) {
   if (sys)
-    asm volatile("ld.acquire.sys.global.v2.u64 {%0, %1}, [%2];" : "=l"(v[0]), "=l"(v[1]) : "l"(ptr) : "memory");
+    asm volatile("ld.acquire.sys.global.v2.u64 {%0, %1}, [%2];" : "=l"(v0), "=l"(v1) : "l"(ptr) : "memory");
   else
-    asm volatile("ld.acquire.gpu.global.v2.u64 {%0, %1}, [%2];" : "=l"(v[0]), "=l"(v[1]) : "l"(ptr) : "memory");
+    asm volatile("ld.acquire.gpu.global.v2.u64 {%0, %1}, [%2];" : "=l"(v0), "=l"(v1) : "l"(ptr) : "memory");
 }
 
 __device__ __forceinline__ void st_release(uint64_t* ptr, uint64_t v, bool sys) {

@@ -11,7 +11,7 @@ namespace jax_ep {
 // A cooperative launch: the driver starts the grid only with every block resident
 // (or fails the launch), so blocks that wait for other blocks of the grid cannot wait
 // for one of them that never gets an SM (what else runs on the GPU: one_wave_blocks in
-// low_latency/common.cuh).
+// low_latency/common.cuh). A grid of one block waits for no other: a plain launch.
 template <typename... Params, typename... Args>
 cudaError_t launch_one_wave(void (*kernel)(Params...), int grid, int threads, size_t smem, cudaStream_t stream,
                             Args&&... args) {
@@ -24,7 +24,7 @@ cudaError_t launch_one_wave(void (*kernel)(Params...), int grid, int threads, si
   attr[0].id = cudaLaunchAttributeCooperative;
   attr[0].val.cooperative = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = grid > 1 ? 1 : 0;  // one block waits for no other: a plain launch
+  cfg.numAttrs = grid > 1 ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 

@@ -217,11 +217,11 @@ __device__ inline bool peer_received(const CommContext& c, const RankCtx& r, con
   // both halves' records in one load, before r.seq is looked at: it leaves with
   // rank_ctx's read of the op counter, and both come back in one round trip
   const uint64_t* words = counters_of(c, c.peers[peer]) + recv_done;
-  uint64_t first[2];
-  ld_acquire_pair(words, c.sys_scope != 0, first);
+  uint64_t half0, half1;
+  ld_acquire_pair(words, c.sys_scope != 0, half0, half1);
   if (r.seq <= 2) return true;
-  const uint64_t target = r.seq - 2;
-  return first[r.parity] >= target || wait_geq(words + r.parity, target, peer, wait_ctx(c, r, phase));
+  const uint64_t target = r.seq - 2, seen = r.parity ? half1 : half0;
+  return seen >= target || wait_geq(words + r.parity, target, peer, wait_ctx(c, r, phase));
 }
 
 // End of a send kernel's data phase. The last block to get here publishes the op's
@@ -235,12 +235,14 @@ __device__ inline bool peer_received(const CommContext& c, const RankCtx& r, con
 // the last one, of a rank that sends, when no wait of the op failed. `ok` holds this
 // block's waits and the abort flag as the op began: the whole answer for a rank of one
 // block (only its own waits raise its flag meanwhile), so the flag is read again, a
-// round trip, only for the other blocks' waits.
+// round trip, only for the other blocks' waits. The same in every thread of the block
+// (`sends` and `ok` are; the flag is read by one thread and handed to all).
 __device__ inline bool finish_send(const CommContext& c, const RankCtx& r, int counter, int blocks_per_rank, bool sends,
                                    bool ok) {
   const bool last = last_block(c, r, blocks_per_rank);
   if (last && threadIdx.x == 0) counters_of(c, r.self)[counter] = r.seq;
-  return last && sends && ok && (blocks_per_rank == 1 || !aborted(c, r));
+  if (!last || !sends || !ok) return false;
+  return blocks_per_rank == 1 || !__syncthreads_or(threadIdx.x == 0 && aborted(c, r));
 }
 
 // End of a receive phase: the last block raises the record of the half it read
@@ -313,11 +315,14 @@ __device__ __forceinline__ void run_recv_kernel(const Args& a, Phase phase) {
 // A rank served by one block does not signal itself: that block wrote the rows it is
 // about to receive from itself, and its barrier orders them before its reads, so the
 // send phase's release of its own signal and the receive phase's acquire of it would
-// be two round trips for nothing (most of an EP=1 decode op). `self_here` goes in as
-// "skip the own signal" and comes out as "the rows to myself are written" (the send
-// phase would have signalled); when they are not (a failed rank, a failed wait, an
-// aborted group) the receive waits for the signal that never comes and fails as the
-// split form does.
+// be two round trips for nothing. Whether a rank gets one block depends on the buffer
+// (the receive is sized to the most rows the group's buffer holds: ll_max_recv_rows),
+// not on the batch: groups made for a few tokens per rank, or Config.num_copy_sms = the
+// launch's ranks. `self_here` goes in as "skip the own signal" and comes out as "the
+// rows to myself are written" (the send phase would have signalled); when they are not
+// (a failed wait, an aborted group, a fault-injected rank that never sends) the receive
+// waits for the signal that never comes and fails as the split form does. A rank
+// marked failed in active_ranks sends nothing and waits for nobody, as before.
 static_assert(kLlSendThreads == kLlRecvThreads, "a one-launch kernel runs the receive phase with the send's threads");
 template <typename SendArgs, typename RecvArgs, typename SendPhase, typename RecvPhase>
 __device__ __forceinline__ void run_both_phases(const SendArgs& send, const RecvArgs& recv, SendPhase send_phase,
@@ -332,9 +337,9 @@ __device__ __forceinline__ void run_both_phases(const SendArgs& send, const Recv
   recv_phase(recv, local, block, r, active, kDoneRecvBlocks, self_here);
 }
 
-// A one-call op: both phases in one cooperative launch of `kernel` (blocks per rank: the
-// larger of the phases' counts, within one wave) where the group allows it, else the
-// split form's two launches.
+// A one-call op: both phases in one launch of `kernel` (launch_one_wave: cooperative
+// unless it is one block; blocks per rank: the larger of the phases' counts, within one
+// wave) where the group allows it, else the split form's two launches.
 template <typename Send, typename Recv, typename... Params>
 cudaError_t launch_one_call(void (*kernel)(Params...), Send send, Recv recv, int send_blocks, int recv_blocks,
                             size_t smem, cudaStream_t stream, cudaError_t (*launch_send)(const Send&, cudaStream_t),

@@ -51,12 +51,12 @@ __device__ __forceinline__ int first_routed_row(int K) {
 // publish (`total`). On the way it records bad expert ids (block 0 only, so once),
 // adds the selections of failed ranks to `dropped` (per selection, as the reference
 // counts) and stages the experts of its first chunk of tokens ([t_begin, chunk_end)).
-// Warp = 32/K whole rows, lane = (row, k); every thread of the block calls it. `first`:
+// Warp = 32/K whole rows, lane = (row, k); every thread of the block calls it. `first_e`:
 // the thread's entry of its warp's first rows (routing_entry at first_routed_row),
 // loaded by the caller before the closed check so that both reads share a round trip.
 __device__ __forceinline__ void count_routing(const CommContext& c, const RankCtx& r, const LlDispatchShape& shape,
                                               const int* topk, const int* active, int block, int t_begin, int chunk_end,
-                                              int first, int* before, int* total, int* chunk_expert, int* dropped) {
+                                              int first_e, int* before, int* total, int* chunk_expert, int* dropped) {
   const int T = shape.T, K = shape.K, E = shape.E;
   const int lane = lane_id(), warp = warp_id();
   const int rows_per_warp = 32 / K, row_in_warp = lane / K, k = lane - row_in_warp * K;
@@ -64,7 +64,7 @@ __device__ __forceinline__ void count_routing(const CommContext& c, const RankCt
   for (int t0 = first_routed_row(K); t0 < T; t0 += kLlSendWarps * rows_per_warp) {
     const int t = t0 + row_in_warp;
     const bool in = row_in_warp < rows_per_warp && t < T;
-    const int e = t0 == first_routed_row(K) ? first : routing_entry(topk, T, K, t0);
+    const int e = t0 == first_routed_row(K) ? first_e : routing_entry(topk, T, K, t0);
     if (in && (e < -1 || e >= E) && block == 0) record_error(c.err, kErrBadExpert, r.rank, t, k, E, e, 0);
     const bool valid = in && e >= 0 && e < E;
     // a token counts once per expert: the first k choosing it (rows are whole in the warp).
