@@ -4,7 +4,8 @@
   regions and must stay exact;
 * a rank that never sends (fault injection) makes its peers time out with an
   error naming rank, peer and phase: at once with ``sync_errors``, otherwise at
-  the next call and from ``Group.check()``; the group refuses further work.
+  the next call and from ``Group.check()``; the group refuses further work (the
+  low-latency dispatch too, with ranks of one block or several).
 """
 
 from __future__ import annotations
@@ -73,11 +74,16 @@ def test_repeated_calls_in_one_jit_and_across_jits():
     group.close()
 
 
-def _faulty_group(sync: bool):
+def _faulty_group(sync: bool, low_latency: bool = False, **config):
     runner = Runner("cuda", 2, "loopback", "gpu")
-    cfg = jax_ep.Config(timeout_s=0.5, fault_inject_rank=1, sync_errors=sync)
+    cfg = jax_ep.Config(timeout_s=0.5, fault_inject_rank=1, sync_errors=sync, **config)
     return runner, runner.group(
-        num_experts=E, num_topk=K, hidden=H, num_max_tokens_per_rank=T, config=cfg
+        num_experts=E,
+        num_topk=K,
+        hidden=H,
+        num_max_tokens_per_rank=T,
+        low_latency=low_latency,
+        config=cfg,
     )
 
 
@@ -128,6 +134,29 @@ def test_process_survives_a_peer_timeout():
     assert_equal(counts, np.stack([o["counts"] for o in want]), "counts of the new group")
     fresh.check()
     fresh.close()
+
+
+LL_PATTERN = (
+    r"rank [01] timed out after 0\.\d+ s waiting for rank 1 in phase "
+    r"'low-latency dispatch receive: waiting for the peer's token count'"
+)
+
+
+@pytest.mark.parametrize("copy_sms", [2, 0], ids=["one-block-per-rank", "default-blocks"])
+def test_missing_peer_in_low_latency_dispatch(copy_sms):
+    """A low-latency rank that never sends makes every receive that waits for it time out
+    (rank 0's, and its own): also when each rank is served by one block, where a rank's
+    receive takes its own rows' counts without a signal once its send wrote them, and
+    otherwise waits for the signal as the split form's does."""
+    runner, group = _faulty_group(sync=True, low_latency=True, num_copy_sms=copy_sms)
+    idx, _ = make_routing("random", 2, T, K, E)
+
+    def fn(x, idx):
+        return jax_ep.low_latency_dispatch(x, idx, group=group, fp8=False).counts
+
+    with pytest.raises(jax.errors.JaxRuntimeError, match=LL_PATTERN):
+        runner.run(fn, make_tokens(2, T, H), idx)
+    group.close()
 
 
 def test_bad_expert_id_is_reported():

@@ -91,8 +91,11 @@ cudaError_t launch_ll_combine_recv(const LlCombineRecvArgs& args, cudaStream_t s
 }
 
 cudaError_t launch_ll_combine(const LlCombineSendArgs& send, const LlCombineRecvArgs& recv, cudaStream_t stream) {
-  return launch_one_call(ll_combine, send, recv, ll_combine_send_blocks(send), ll_combine_recv_blocks(recv),
-                         ll_combine_send_smem(send), stream, launch_ll_combine_send, launch_ll_combine_recv);
+  // the send phase sized to the rows a dispatch of this call's shape delivered (as
+  // launch_ll_dispatch sizes its receive)
+  return launch_one_call(ll_combine, send, recv, ll_combine_send_blocks(send, recv.num_tokens),
+                         ll_combine_recv_blocks(recv), ll_combine_send_smem(send), stream, launch_ll_combine_send,
+                         launch_ll_combine_recv);
 }
 
 }  // namespace jax_ep

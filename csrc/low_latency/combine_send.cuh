@@ -86,11 +86,12 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_combine_send(LlCombineSe
   run_send_kernel(a, [](auto&&... p) { return combine_send_phase<Net>(p...); });
 }
 
-// Blocks per rank of a combine send: the most rows a dispatch can deliver here, spread
-// over every warp (as the dispatch send: launch_ll_dispatch_send_with says why).
-inline int ll_combine_send_blocks(const LlCombineSendArgs& a) {
+// Blocks per rank of a combine send: the most rows a dispatch can deliver here (of
+// `tokens` per source when known: ll_max_recv_rows), spread over every warp (as the
+// dispatch send: launch_ll_dispatch_send_with says why).
+inline int ll_combine_send_blocks(const LlCombineSendArgs& a, long long tokens = -1) {
   const size_t row_bytes = size_t(a.hidden) * dtype_bytes(a.dtype);
-  return blocks_for(ll_max_recv_rows(a.c.layout) * row_units(row_bytes, kCopyUnitBytes), kLlSendWarps,
+  return blocks_for(ll_max_recv_rows(a.c.layout, tokens) * row_units(row_bytes, kCopyUnitBytes), kLlSendWarps,
                     ll_block_limit(a.c));
 }
 

@@ -102,10 +102,14 @@ __device__ __forceinline__ void load_peer_table(const CommContext& c, const int*
 
 // Most rows one rank can receive in a low-latency dispatch: each source token sends
 // once per distinct expert, and at most num_topk (or all local experts) live here.
-JAX_EP_HD inline long long ll_max_recv_rows(const BufferLayout& layout) {
+// `tokens`: the sources' tokens per rank when the launch knows them (a one-call op:
+// every rank runs the same shapes), else the buffer's T_max. Only launch sizes follow
+// it: the kernels stride over whatever blocks they get.
+JAX_EP_HD inline long long ll_max_recv_rows(const BufferLayout& layout, long long tokens = -1) {
   const int k =
       layout.sizes.num_topk < layout.sizes.num_local_experts ? layout.sizes.num_topk : layout.sizes.num_local_experts;
-  return (long long)layout.sizes.num_ranks * layout.sizes.ll_max_tokens * k;
+  const long long t_max = layout.sizes.ll_max_tokens;
+  return (long long)layout.sizes.num_ranks * (tokens >= 0 && tokens < t_max ? tokens : t_max) * k;
 }
 
 // Calls f(item, u0, u1) for each item's units [u0, u1) in worker's share of
@@ -315,10 +319,10 @@ __device__ __forceinline__ void run_recv_kernel(const Args& a, Phase phase) {
 // A rank served by one block does not signal itself: that block wrote the rows it is
 // about to receive from itself, and its barrier orders them before its reads, so the
 // send phase's release of its own signal and the receive phase's acquire of it would
-// be two round trips for nothing. Whether a rank gets one block depends on the buffer
-// (the receive is sized to the most rows the group's buffer holds: ll_max_recv_rows),
-// not on the batch: groups made for a few tokens per rank, or Config.num_copy_sms = the
-// launch's ranks. `self_here` goes in as "skip the own signal" and comes out as "the
+// be two round trips for nothing. A rank gets one block when the call's rows need no
+// more (the launch is sized to the rows num_tokens per source can make:
+// ll_max_recv_rows; a token or two of a narrow model), or with Config.num_copy_sms =
+// the launch's ranks. `self_here` goes in as "skip the own signal" and comes out as "the
 // rows to myself are written" (the send phase would have signalled); when they are not
 // (a failed wait, an aborted group, a fault-injected rank that never sends) the receive
 // waits for the signal that never comes and fails as the split form does. A rank

@@ -115,9 +115,10 @@ __global__ void __launch_bounds__(kLlSendThreads, 1) ll_dispatch(LlDispatchSendA
       [](auto&&... p) { dispatch_recv_phase(p...); });
 }
 
-int ll_dispatch_recv_blocks(const LlDispatchRecvArgs& a) {
+// `tokens`: see ll_max_recv_rows (the split receive does not know the send's count).
+int ll_dispatch_recv_blocks(const LlDispatchRecvArgs& a, long long tokens = -1) {
   const size_t payload = a.fp8 ? size_t(a.hidden) : size_t(a.hidden) * dtype_bytes(a.dtype);
-  return blocks_for(ll_max_recv_rows(a.c.layout) * row_units(payload, kCopyUnitBytes), kLlRecvWarps,
+  return blocks_for(ll_max_recv_rows(a.c.layout, tokens) * row_units(payload, kCopyUnitBytes), kLlRecvWarps,
                     ll_block_limit(a.c));
 }
 
@@ -144,7 +145,10 @@ cudaError_t launch_ll_dispatch_recv(const LlDispatchRecvArgs& args, cudaStream_t
 }
 
 cudaError_t launch_ll_dispatch(const LlDispatchSendArgs& send, const LlDispatchRecvArgs& recv, cudaStream_t stream) {
-  return launch_one_call(ll_dispatch, send, recv, ll_dispatch_send_blocks(send), ll_dispatch_recv_blocks(recv),
+  // the receive phase sized to the rows this call can deliver (num_tokens per source),
+  // not to the buffer: a decode batch below T_max gets the blocks its rows need
+  return launch_one_call(ll_dispatch, send, recv, ll_dispatch_send_blocks(send),
+                         ll_dispatch_recv_blocks(recv, send.num_tokens),
                          std::max(ll_dispatch_send_smem(send), ll_dispatch_recv_smem(recv)), stream,
                          launch_ll_dispatch_send, launch_ll_dispatch_recv);
 }
