@@ -52,7 +52,8 @@ class Config:
     num_copy_sms: thread blocks per rank of the local copy-out/reduce kernels, which
       are HBM-bound and short, and of every low-latency kernel (a decode step has no
       compute to leave SMs to); 0 = every SM of the device. The low-latency kernels
-      use fewer when their buffers cannot hold enough rows to need them, and in loopback
+      use fewer when the rows they can move need fewer (the call's tokens for the
+      one-call ops, the buffer's capacity for a split receive), and in loopback
       the virtual ranks of a launch share them (one wave). Lower it when several
       processes share one GPU (CUDA MPS), so spinning receivers leave SMs to senders.
     low_latency_one_launch: ``low_latency_dispatch`` / ``low_latency_combine`` run their

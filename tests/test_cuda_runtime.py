@@ -74,9 +74,11 @@ def test_repeated_calls_in_one_jit_and_across_jits():
     group.close()
 
 
-def _faulty_group(sync: bool, low_latency: bool = False, **config):
-    runner = Runner("cuda", 2, "loopback", "gpu")
-    cfg = jax_ep.Config(timeout_s=0.5, fault_inject_rank=1, sync_errors=sync, **config)
+def _faulty_group(sync: bool, low_latency: bool = False, ranks: int = 2, **config):
+    """A group whose rank ``fault_inject_rank`` (default 1) never sends; one GPU: loopback
+    for several ranks, EP=1 for one."""
+    runner = Runner("cuda", ranks, "loopback" if ranks > 1 else "shard_map", "gpu")
+    cfg = jax_ep.Config(**{"timeout_s": 0.5, "fault_inject_rank": 1, "sync_errors": sync, **config})
     return runner, runner.group(
         num_experts=E,
         num_topk=K,
@@ -136,26 +138,31 @@ def test_process_survives_a_peer_timeout():
     fresh.close()
 
 
-LL_PATTERN = (
-    r"rank [01] timed out after 0\.\d+ s waiting for rank 1 in phase "
-    r"'low-latency dispatch receive: waiting for the peer's token count'"
+@pytest.mark.parametrize(
+    "ranks,copy_sms",
+    [(1, 1), (2, 2), (2, 0)],
+    ids=["ep1-one-block", "loopback2-one-block-per-rank", "loopback2-default-blocks"],
 )
-
-
-@pytest.mark.parametrize("copy_sms", [2, 0], ids=["one-block-per-rank", "default-blocks"])
-def test_missing_peer_in_low_latency_dispatch(copy_sms):
-    """A low-latency rank that never sends makes every receive that waits for it time out
-    (rank 0's, and its own): also when each rank is served by one block, where a rank's
-    receive takes its own rows' counts without a signal once its send wrote them, and
-    otherwise waits for the signal as the split form's does."""
-    runner, group = _faulty_group(sync=True, low_latency=True, num_copy_sms=copy_sms)
-    idx, _ = make_routing("random", 2, T, K, E)
+def test_missing_peer_in_low_latency_dispatch(ranks, copy_sms):
+    """A low-latency rank that never sends makes every receive that waits for it time out.
+    With one block per rank its own receive takes its own rows' counts without a signal
+    only once its send wrote them; this one never does, so it waits for the signal and
+    times out too: at EP=1 that is the only rank, and the error must name it twice."""
+    fault = ranks - 1
+    runner, group = _faulty_group(
+        sync=True, low_latency=True, ranks=ranks, fault_inject_rank=fault, num_copy_sms=copy_sms
+    )
+    idx, _ = make_routing("random", ranks, T, K, E)
 
     def fn(x, idx):
         return jax_ep.low_latency_dispatch(x, idx, group=group, fp8=False).counts
 
-    with pytest.raises(jax.errors.JaxRuntimeError, match=LL_PATTERN):
-        runner.run(fn, make_tokens(2, T, H), idx)
+    pattern = (
+        rf"rank \d timed out after 0\.\d+ s waiting for rank {fault} in phase "
+        r"'low-latency dispatch receive: waiting for the peer's token count'"
+    )
+    with pytest.raises(jax.errors.JaxRuntimeError, match=pattern):
+        runner.run(fn, make_tokens(ranks, T, H), idx)
     group.close()
 
 

@@ -121,11 +121,14 @@ def test_dispatch_and_combine(runner, fp8, routing, num_tokens, one_launch=True)
 def test_one_block_per_rank(runner, fp8):
     """Config.num_copy_sms = the launch's ranks: one block per rank, where the one-launch
     ops skip a rank's signal to itself (its receive reads the rows its own send wrote, in
-    the same block). Three dependent rounds of different routings, so both buffer halves
-    are reused and their receive records waited on."""
+    the same block). Four rounds of different routings in order, so each buffer half is
+    reused and its receive record waited on. A short timeout and synchronous errors: a
+    receive that waited for a signal never sent fails in seconds, naming the phase."""
     R = runner.num_ranks
-    group = ll_group(runner, num_copy_sms=R if runner.mode == "loopback" else 1)
-    cases = [("random", T_MAX), ("masked", 5), ("duplicates", 1)]
+    group = ll_group(
+        runner, num_copy_sms=R if runner.mode == "loopback" else 1, timeout_s=5.0, sync_errors=True
+    )
+    cases = [("random", T_MAX), ("masked", 5), ("duplicates", 1), ("skewed", T_MAX)]
     inputs = []
     for i, (routing, n) in enumerate(cases):
         idx, w = make_routing(routing, R, n, K, E, seed=20 + i)

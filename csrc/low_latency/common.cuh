@@ -70,7 +70,8 @@ constexpr int kQuantUnitChannels = 2 * kFp8Group;  // quantize_row_multi<16, 1>:
 // high-throughput combine)
 
 // Blocks per rank for `pieces` (row, unit) pairs spread over warps of `warps_per_block`,
-// at most `limit`: a launch sized to the most rows its buffers can hold, so a small
+// at most `limit`: a launch sized to the most rows it can move (the call's tokens where
+// the launch knows them, else what its buffers hold: ll_max_recv_rows), so a small
 // decode batch does not pay for starting and retiring a block on every SM.
 inline int blocks_for(long long pieces, int warps_per_block, int limit) {
   const long long need = (pieces + warps_per_block - 1) / warps_per_block;
