@@ -31,14 +31,12 @@ __device__ __forceinline__ bool combine_send_phase(const LlCombineSendArgs& a, i
     counts[e] = min(max(a.recv_count[size_t(local) * e_loc + e], 0), int(RT));
   load_peer_table(c, a.active_ranks, local, peers, active);
   if (returns_closed(c)) return false;  // docs/protocol.md, "Ordering and lifetime"
-  // group memory in one round trip, as the dispatch send reads it
-  const RankCtx r = rank_ctx(c, local, kLlCombineSendSeq);
-  *rank = r;
-  const bool gave_up = aborted(c, r);
-  const bool sends = active[r.rank] && r.rank != c.fault_inject_rank;
-  bool ok = !sends || peer_received<Net>(c, r, active, kLlCombineRecvDone, kPhaseLlCombineReuse);
+  bool sends;
+  bool ok =
+      begin_send<Net>(c, local, kLlCombineSendSeq, kLlCombineRecvDone, kPhaseLlCombineReuse, active, rank, &sends);
+  const RankCtx r = *rank;
   block_exclusive_scan(counts, offsets, e_loc);
-  ok = __syncthreads_and(ok && !gave_up);
+  ok = __syncthreads_and(ok);
   if (block == 0 && threadIdx.x == 0) write_seq(a.ticket, r.local, r.seq);
 
   if (sends && ok) {

@@ -229,6 +229,24 @@ __device__ inline bool peer_received(const CommContext& c, const RankCtx& r, con
   return seen >= target || wait_geq(words + r.parity, target, peer, wait_ctx(c, r, phase));
 }
 
+// The start of a send phase, right after its closed check: the op's context (*rank),
+// whether this rank sends (*sends: a failed rank sends nothing; fault injection, for
+// testing, makes a peer that never arrives) and this thread's verdict on going on, to be
+// combined with __syncthreads_and after the caller's own work. The verdict holds the
+// peers' receive records of the half (peer_received) and the abort flag as the op
+// begins (read by one thread: a group that gave up sends nothing more). The op counter,
+// the flag and the records are read before any of them is looked at: one round trip.
+template <class Net>
+__device__ __forceinline__ bool begin_send(const CommContext& c, int local, int send_counter, int recv_done,
+                                           int reuse_phase, const int* active, RankCtx* rank, bool* sends) {
+  const RankCtx r = rank_ctx(c, local, send_counter);
+  *rank = r;
+  const bool gave_up = threadIdx.x == 0 && aborted(c, r);
+  *sends = active[r.rank] && r.rank != c.fault_inject_rank;
+  const bool received = !*sends || peer_received<Net>(c, r, active, recv_done, reuse_phase);
+  return received && !gave_up;
+}
+
 // End of a send kernel's data phase. The last block to get here publishes the op's
 // signals, and they must cover every block's peer stores: each block's stores are
 // ordered before its arrival by the barrier and fence in last_block (the pattern of

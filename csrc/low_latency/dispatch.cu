@@ -22,8 +22,8 @@ namespace {
 // the ll_dispatch_recv kernel, or the second half of ll_dispatch. `live`: the rank's
 // active_ranks in shared memory; `done`: the arrival counter of its last block;
 // `self_here` (run_both_phases): the counts of this rank's own rows are the send
-// phase's totals, still in dynamic shared memory past the E words this phase's counts
-// take (dispatch_send_phase's expert_counts[E + global expert]), not a signal.
+// phase's totals, still in dynamic shared memory (send_counts_total, past the E words
+// this phase's counts take), not a signal.
 __device__ __forceinline__ void dispatch_recv_phase(const LlDispatchRecvArgs& a, int local, int block, const RankCtx& r,
                                                     const int* live, int done, bool self_here) {
   extern __shared__ int smem[];
@@ -41,7 +41,7 @@ __device__ __forceinline__ void dispatch_recv_phase(const LlDispatchRecvArgs& a,
     const int s = i % R;
     uint32_t n = 0;
     if (self_here && s == r.rank) {
-      n = min(uint32_t(smem[E + r.rank * e_loc + i / R]), uint32_t(T_max));
+      n = min(uint32_t(send_counts_total(smem, E)[r.rank * e_loc + i / R]), uint32_t(T_max));
     } else if (ok && me_active && live[s]) {
       uint64_t v = 0;
       ok = wait_tag(ll_dispatch_signal(layout, r.self, r.parity, i / R, s), uint32_t(r.seq), s,

@@ -24,6 +24,16 @@ constexpr int kChunkEntries = 1024;
 // send: the phases of ll_dispatch_send, in the order it runs them
 // ---------------------------------------------------------------------------
 
+// The send phase's per-expert counts in dynamic shared memory, [2][E]: before this
+// block's tokens, then in all tokens (the totals it publishes). The one-launch receive
+// phase reads its own rank's totals here (dispatch_recv_phase, self_here).
+__device__ __forceinline__ int* send_counts_before(int* smem) {
+  return smem;
+}
+__device__ __forceinline__ int* send_counts_total(int* smem, int E) {
+  return smem + E;
+}
+
 // The sizes of one dispatch send, as every phase reads them.
 struct LlDispatchShape {
   int T, K, H, E, e_loc, esize;
@@ -206,7 +216,7 @@ __device__ __forceinline__ void publish_counts(const CommContext& c, const RankC
 template <class Net>
 __device__ __forceinline__ bool dispatch_send_phase(const LlDispatchSendArgs& a, int local, int block, uint8_t** peers,
                                                     int* active, RankCtx* rank, bool* self_here) {
-  extern __shared__ int expert_counts[];       // [2][E]: before this block's tokens, in all tokens
+  extern __shared__ int expert_counts[];       // [2][E]: send_counts_before, send_counts_total
   __shared__ int chunk_expert[kChunkEntries];  // [token][k] expert id, -1 when invalid
   __shared__ int chunk_slot[kChunkEntries];    // [token][k] slot j, -1 when nothing is sent
   __shared__ int dropped;
@@ -214,8 +224,8 @@ __device__ __forceinline__ bool dispatch_send_phase(const LlDispatchSendArgs& a,
   const LlDispatchShape shape = dispatch_send_shape(a);
   const int T = shape.T, K = shape.K, E = shape.E, e_loc = shape.e_loc;
   const int lane = lane_id(), warp = warp_id();
-  int* before = expert_counts;
-  int* total = expert_counts + E;
+  int* before = send_counts_before(expert_counts);
+  int* total = send_counts_total(expert_counts, E);
   const int* topk = a.topk_idx + size_t(local) * T * K;
 
   // shared state and XLA operands (the routing's first rows too) first: the closed
@@ -225,14 +235,10 @@ __device__ __forceinline__ bool dispatch_send_phase(const LlDispatchSendArgs& a,
   const int first_entry = routing_entry(topk, T, K, first_routed_row(K));
   if (threadIdx.x == 0) dropped = 0;
   if (returns_closed(c)) return false;  // docs/protocol.md, "Ordering and lifetime"
-  // group memory next, in one round trip: the op counter, the peers' receive records and
-  // the abort flag (a group that gave up sends nothing more)
-  const RankCtx r = rank_ctx(c, local, kLlDispatchSendSeq);
-  *rank = r;
-  const bool gave_up = aborted(c, r);
-  // a failed rank sends nothing; fault injection (testing) makes a peer that never arrives
-  const bool sends = active[r.rank] && r.rank != c.fault_inject_rank;
-  bool ok = !sends || peer_received<Net>(c, r, active, kLlDispatchRecvDone, kPhaseLlDispatchReuse);
+  bool sends;
+  bool ok =
+      begin_send<Net>(c, local, kLlDispatchSendSeq, kLlDispatchRecvDone, kPhaseLlDispatchReuse, active, rank, &sends);
+  const RankCtx r = *rank;
 
   // --- counts (and the first chunk's experts)
   const int per_block = (T + c.send_blocks - 1) / c.send_blocks;
@@ -240,7 +246,7 @@ __device__ __forceinline__ bool dispatch_send_phase(const LlDispatchSendArgs& a,
   const int chunk_tokens = kChunkEntries / K;
   count_routing(c, r, shape, topk, active, block, t_begin, min(t_end, t_begin + chunk_tokens), first_entry, before,
                 total, chunk_expert, &dropped);
-  ok = __syncthreads_and(ok && !gave_up);  // also publishes the counts and the first chunk
+  ok = __syncthreads_and(ok);  // also publishes the counts and the first chunk
   if (block == 0 && threadIdx.x == 0) {
     a.num_dropped[local] = dropped;
     write_seq(a.ticket, r.local, r.seq);
