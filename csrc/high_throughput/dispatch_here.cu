@@ -323,7 +323,9 @@ static Form forced_form() {
     const char* v = std::getenv("JAX_EP_HT_DISPATCH_FORM");
     if (!v) return kDefault;
     const std::string s(v);
-    if (s == "bitmap" || s == "here" || s == "wave") return s == "bitmap" ? kBitmap : s == "here" ? kHere : kWave;
+    if (s == "bitmap") return kBitmap;
+    if (s == "here") return kHere;
+    if (s == "wave") return kWave;
     std::fprintf(stderr, "jax_ep: JAX_EP_HT_DISPATCH_FORM=%s ignored (bitmap, here or wave)\n", v);
     return kDefault;
   }();
